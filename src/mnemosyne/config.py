@@ -1,0 +1,218 @@
+"""Frozen configuration: the model's architecture and the engine's user-facing settings.
+
+Values discovered at run time (KV blocks that fit in memory, the resolved device) live in
+`RuntimeInfo`, never written back into a config.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Long-context RoPE extension, as in HF's `rope_scaling` dict."""
+
+    rope_type: str = "default"
+    """One of default, linear, dynamic, yarn, llama3."""
+    factor: float = 1.0
+    """Context extension factor."""
+    original_max_position_embeddings: int | None = None
+    """Trained context length (dynamic, yarn and llama3 need it)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_len / low_freq_factor are scaled fully."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_len / high_freq_factor are left alone."""
+    beta_fast: float = 32.0
+    """yarn: rotations above which a dimension is left alone."""
+    beta_slow: float = 1.0
+    """yarn: rotations below which a dimension is interpolated fully."""
+    mscale: float = 1.0
+    """yarn: attention-temperature multiplier."""
+    mscale_all_dim: float = 0.0
+    """yarn: attention-temperature divisor exponent (DeepSeek style); 0 disables it."""
+    attention_factor: float | None = None
+    """yarn: explicit attention scaling; derived from factor when None."""
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not one of {ROPE_SCALING_TYPES}")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be positive, got {self.factor}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any] | None) -> RopeScaling:
+        """Build from an HF config's `rope_scaling` (or transformers 5 `rope_parameters`) dict."""
+        if not d:
+            return cls()
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        known = {f.name for f in fields(cls)} - {"rope_type"}
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        return cls(rope_type=rope_type, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2)."""
+
+    vocab_size: int
+    """Rows of the embedding table."""
+    hidden_size: int
+    """Residual stream width."""
+    intermediate_size: int
+    """MLP inner width."""
+    num_layers: int
+    """Decoder layers."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (GQA when fewer than num_heads)."""
+    head_dim: int
+    """Width of one head."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    """Long-context RoPE extension."""
+    max_position_embeddings: int = 4096
+    """Trained (or extended) context length."""
+    tie_word_embeddings: bool = False
+    """Whether the LM head shares the embedding table."""
+    attention_bias: bool = False
+    """Bias on q/k/v projections (Qwen2)."""
+    architecture: str = "llama"
+    """Family name, for messages only."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence token."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end generation."""
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def num_params_non_embedding(self) -> int:
+        """Parameters outside the embedding and LM head; the P of the FLOP floor."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from the dict in an HF `config.json`."""
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        model_type = cfg.get("model_type", "llama")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=RopeScaling.from_hf(rope),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            architecture=model_type,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a user chooses about one engine instance. Validated here, never mutated."""
+
+    model: str = "smollm2-135m"
+    """Model: smollm2-135m, an HF folder, a .gguf file, or dummy:<preset>."""
+    dtype: str = "auto"
+    """Weights and activations: auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    max_model_len: int | None = None
+    """Longest prompt plus output, in tokens; defaults to the model's trained length."""
+    tensor_parallel_size: int = 1
+    """TP ranks per pipeline stage."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages (sequence pipeline parallelism)."""
+    kv_parallel_size: int = 1
+    """KV-parallel groups, each a full replica of the model."""
+    kvp_group_max_tokens: int | None = None
+    """Most tokens of one request held in one KVP group; defaults to a group's KV capacity."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory: float | None = None
+    """KV-cache size in GiB per device; defaults to a fraction of free memory."""
+    kv_cache_memory_fraction: float = 0.9
+    """Fraction of the memory left after weights and activations given to the KV cache."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (prefill chunks plus decodes)."""
+    max_num_seqs: int = 256
+    """Most requests in one step."""
+    seed: int = 0
+    """Seed for dummy weights and for requests that bring no seed of their own."""
+    attention_backend: str = "auto"
+    """auto, reference or sdpa."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "tensor_parallel_size", "pipeline_parallel_size", "kv_parallel_size",
+                  "block_size", "max_num_batched_tokens", "max_num_seqs")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.kvp_group_max_tokens is not None and self.kvp_group_max_tokens <= 0:
+            raise ValueError(f"--kvp-group-max-tokens must be positive, got {self.kvp_group_max_tokens}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"--kv-cache-memory must be positive GiB, got {self.kv_cache_memory}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("--kv-cache-memory-fraction must be in (0, 1]")
+        if self.attention_backend not in ("auto", "reference", "sdpa"):
+            raise ValueError(f"--attention-backend must be auto, reference or sdpa, got {self.attention_backend!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.kv_parallel_size * self.pipeline_parallel_size * self.tensor_parallel_size
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field, for generated CLI help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
