@@ -66,7 +66,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
@@ -116,6 +116,8 @@ class Request:
         self.block_ids: list[int] = []
         self.num_synced_tokens = 0
         """Tokens whose ids the workers already hold (prompt sent once, then sampled ids)."""
+        self.num_synced_blocks = 0
+        """Blocks of block_ids the workers already hold."""
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(eos_token_ids)

@@ -1,0 +1,3 @@
+from mnemosyne.cli import main
+
+raise SystemExit(main())

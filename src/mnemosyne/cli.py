@@ -1,0 +1,134 @@
+"""The `mnemosyne` command: serve | generate | bench | profile | plan.
+
+Engine flags are generated from `EngineConfig`'s fields and their docstrings, so the help text
+and the config can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from mnemosyne.config import EngineConfig, field_docs
+
+_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "kv_parallel_size": "-kvp"}
+_PROGRESS_MIN_PROMPT_TOKENS = 2048
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add [MODEL] and one --flag per EngineConfig field (except model, the positional)."""
+    docs = field_docs(EngineConfig)
+    hints = typing.get_type_hints(EngineConfig)
+    parser.add_argument("model", nargs="?", default=EngineConfig.model, help=docs["model"])
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model":
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"] + ([_SHORT_FLAGS[f.name]] if f.name in _SHORT_FLAGS else [])
+        kind = _scalar_type(hints[f.name])
+        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default,
+                            help=f"{docs.get(f.name, '')} (default: {f.default})")
+
+
+def _scalar_type(hint: Any) -> type:
+    if isinstance(hint, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """An EngineConfig from parsed flags; raises ValueError naming a bad flag."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**{**values, **overrides})
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mnemosyne.engine.llm_engine import LLMEngine
+    from mnemosyne.request import SamplingParams
+
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        text = sys.stdin.read()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed_sampling, stop=args.stop or None)
+    engine = LLMEngine(engine_config(args))
+    tokenizer = engine.tokenizer
+    if not args.raw and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    request_id = engine.add_request(text, params)
+    num_prompt = engine.scheduler.requests[request_id].num_prompt_tokens
+    bar = tqdm(total=num_prompt, desc="prefill", unit="tok", file=sys.stderr,
+               disable=num_prompt < _PROGRESS_MIN_PROMPT_TOKENS)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        request = engine.scheduler.requests.get(request_id)
+        if request is not None and bar.n < num_prompt:
+            bar.update(min(request.num_computed_tokens, num_prompt) - bar.n)
+        for out in outputs:
+            if bar.total and not bar.disable and bar.n < num_prompt:
+                bar.update(num_prompt - bar.n)
+            bar.close()
+            sys.stdout.write(out.outputs[0].new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    engine.shutdown()
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a completion of one prompt to the terminal")
+    add_engine_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: read standard input)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: 1)")
+    p.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: -1)")
+    p.add_argument("--seed-sampling", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    p.set_defaults(func=_generate)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from mnemosyne.server import launch
+
+    p = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_engine_args(p)
+    launch.add_arguments(p)
+    p.set_defaults(func=launch.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnemosyne", description="Exact long-context LLM inference.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"mnemosyne: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

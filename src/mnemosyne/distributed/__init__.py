@@ -1,0 +1,1 @@
+"""Rank grid and the only calls into torch.distributed."""

@@ -1,0 +1,1 @@
+"""The engine core: the step loop, output processing, and the LLM API on top."""

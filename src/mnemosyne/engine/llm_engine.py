@@ -1,0 +1,125 @@
+"""LLMEngine: the synchronous step loop. One step = schedule, execute, update, emit."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.detokenizer import IncrementalDetokenizer
+from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
+from mnemosyne.kv.block_pool import BlockPool
+from mnemosyne.models.loaders import resolve_model
+from mnemosyne.plan import TokenLogprobs
+from mnemosyne.request import FinishReason, Request, SamplingParams
+from mnemosyne.scheduler.policy import make_policy
+from mnemosyne.scheduler.scheduler import Scheduler, SchedulerLimits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    """Engine-side view of a request beyond the scheduler's: prompt text, detokenizer, logprobs."""
+
+    request: Request
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    prompt_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loader = resolve_model(config.model, seed=config.seed)
+        self.model_name = loader.name
+        self.model_config = loader.load_config()
+        self.tokenizer = loader.load_tokenizer()
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.executor = _make_executor(config, self.model_config, loader)
+        info = self.executor.info
+        self.scheduler = Scheduler(
+            SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
+            BlockPool(info.num_kv_blocks, config.block_size), make_policy("fcfs"))
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    # -- requests --------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.model_name} has no tokenizer: give prompts as token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None, arrival_s: float | None = None) -> str:
+        """Tokenize and queue a request. Raises ValueError (and queues nothing) if it can never run."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        token_ids = self.tokenize(prompt)
+        request = Request(request_id, token_ids, params, self.eos_token_ids, arrival_s)
+        seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}".encode())
+        self.scheduler.add_request(request, seed)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+        logprobs = [] if params.logprobs is not None else None
+        self._tracked[request_id] = _Tracked(request, prompt if isinstance(prompt, str) else None, detok,
+                                             token_ids, logprobs)
+        return request_id
+
+    def abort_request(self, request_ids: Sequence[str]) -> None:
+        """Free the requests' blocks at once; their next output says finish_reason 'abort'."""
+        for request in self.scheduler.abort(request_ids):
+            self._tracked.pop(request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        result = self.executor.execute(plan)
+        updated = self.scheduler.update(plan, result)
+        for request_id, lp in zip(result.request_ids, result.logprobs, strict=True):
+            tracked = self._tracked.get(request_id)
+            if tracked is not None and tracked.logprobs is not None and lp is not None:
+                tracked.logprobs.append(lp)
+        return [self._emit(request) for request in updated]
+
+    def _emit(self, request: Request) -> RequestOutput:
+        tracked = self._tracked[request.request_id]
+        new_ids = list(request.token_ids[request.num_prompt_tokens + len(tracked.output_token_ids):])
+        tracked.output_token_ids.extend(new_ids)
+        if tracked.detokenizer.add(new_ids) and not request.is_finished:
+            self.scheduler.finish(request.request_id, FinishReason.STOP)
+        finished = request.is_finished
+        completion = CompletionOutput(
+            index=0, text=tracked.detokenizer.text, token_ids=tracked.output_token_ids,
+            finish_reason=request.finish_reason.value if finished else None,
+            logprobs=tracked.logprobs, new_text=tracked.detokenizer.release(finished), new_token_ids=new_ids)
+        if finished:
+            del self._tracked[request.request_id]
+        return RequestOutput(request.request_id, tracked.prompt, tracked.prompt_token_ids,
+                             [completion], finished, request.metrics, request.num_computed_tokens)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _make_executor(config: EngineConfig, model_config, loader):
+    if config.world_size == 1:
+        from mnemosyne.executor.inprocess import InProcessExecutor
+
+        return InProcessExecutor(config, model_config, loader)
+    raise ValueError("multi-device layouts (tp/pp/kvp > 1) need the multi-process executor, not built yet")

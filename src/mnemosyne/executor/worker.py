@@ -1,0 +1,113 @@
+"""One device's worker: resolve device and dtype, build this rank's model shard, load weights,
+size and allocate the KV cache, and run steps through the model runner."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from mnemosyne.attention.backend import select_backend
+from mnemosyne.config import EngineConfig, ModelConfig
+from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.models.llama import LlamaForCausalLM
+from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
+from mnemosyne.plan import StepPlan, StepResult
+from mnemosyne.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_KV_CAP_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a worker found at start-up; the engine sizes the scheduler from it."""
+
+    device: str
+    dtype: str
+    num_kv_blocks: int
+    kv_bytes_per_token: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created directly in the target dtype, so an 8B model never exists in fp32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader,
+                 tp_group: Group = SINGLE, layer_range: tuple[int, int] | None = None,
+                 device: torch.device | None = None):
+        self.config = config
+        self.device = device or resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = LlamaForCausalLM(model_config, tp_group, layer_range)
+        num_tensors = len(expected_weight_shapes(model_config))
+        weights = loader.iter_weights(self.device, self.dtype)
+        show = tp_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")
+        self.model.load_weights(tqdm(weights, desc="loading weights", unit="tensor", leave=False,
+                                     disable=not show, total=num_tensors))
+        self.model.eval()
+        attn = self.model.layers[0].self_attn
+        self.kv_bytes_per_token = (2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim
+                                   * self.dtype.itemsize)
+        num_blocks = self._num_kv_blocks()
+        num_slots = num_blocks * config.block_size
+        kv = torch.zeros(len(self.model.layers), 2, num_slots, attn.num_kv_heads, attn.head_dim,
+                         dtype=self.dtype, device=self.device)
+        self.runner = ModelRunner(self.model, list(kv.unbind(0)), config.block_size,
+                                  select_backend(config.attention_backend, self.device), self.device)
+        self.info = RuntimeInfo(str(self.device), str(self.dtype).removeprefix("torch."), num_blocks,
+                                self.kv_bytes_per_token)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
+                    num_slots * self.kv_bytes_per_token / 2**30)
+
+    def _num_kv_blocks(self) -> int:
+        block_bytes = self.kv_bytes_per_token * self.config.block_size
+        if self.config.kv_cache_memory is not None:
+            budget = self.config.kv_cache_memory * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.kv_cache_memory_fraction
+        else:
+            budget = min(_CPU_KV_CAP_BYTES, _available_host_bytes() * 0.25)
+        return int(budget // block_bytes)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)
+
+
+def _available_host_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30

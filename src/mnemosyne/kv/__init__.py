@@ -1,0 +1,1 @@
+"""KV-cache block accounting. The scheduler sees block ids only; tensors live in the workers."""

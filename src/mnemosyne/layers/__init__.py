@@ -1,0 +1,1 @@
+"""Building blocks of the model: TP-sharded linears and embeddings, rotary, norm, sampler."""

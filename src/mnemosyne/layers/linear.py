@@ -1,0 +1,101 @@
+"""Megatron-style linears. Column-parallel shards output features, row-parallel shards input
+features and all-reduces; fused QKV and gate-up keep each part's shard contiguous per rank.
+
+Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's slice of
+a full HF tensor, so loaders stay ignorant of the parallel layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnemosyne.distributed.comm import SINGLE, Group
+
+
+def _param(shape: Sequence[int], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    p.weight_loader = loader  # type: ignore[attr-defined]
+    return p
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b), W split by rows (output features) across the tp group; no communication.
+
+    `output_sizes` lists the fused parts (e.g. gate and up); each is sharded on its own so a rank
+    holds [gate_shard; up_shard].
+    """
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False, group: Group = SINGLE):
+        super().__init__()
+        self.group = group
+        self.shard_sizes = [_divide(n, group.size, "output features") for n in output_sizes]
+        self.weight = _param((sum(self.shard_sizes), input_size), self._load)
+        self.bias = _param((sum(self.shard_sizes),), self._load) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        size = self.shard_sizes[shard_id]
+        offset = sum(self.shard_sizes[:shard_id])
+        rows = loaded.narrow(0, self.group.rank * size, size)
+        param.data.narrow(0, offset, size).copy_(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(nn.Module):
+    """Fused q/k/v projection sharded by heads. With fewer kv heads than tp ranks, each kv head is
+    replicated on tp_size / num_kv_heads consecutive ranks (the ranks whose q heads use it)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, group: Group = SINGLE):
+        super().__init__()
+        self.group = group
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, group.size, "attention heads")
+        if num_kv_heads >= group.size:
+            self.num_kv_heads = _divide(num_kv_heads, group.size, "kv heads")
+            self.kv_head_start = group.rank * self.num_kv_heads
+        else:
+            _divide(group.size, num_kv_heads, "tensor-parallel size over kv heads")
+            self.num_kv_heads = 1
+            self.kv_head_start = group.rank * num_kv_heads // group.size
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.sizes = (q, kv, kv)
+        self.weight = _param((q + 2 * kv, hidden_size), self._load)
+        self.bias = _param((q + 2 * kv,), self._load) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        index = "qkv".index(shard_id)
+        size, offset = self.sizes[index], sum(self.sizes[:index])
+        head_start = self.group.rank * self.num_heads if shard_id == "q" else self.kv_head_start
+        rows = loaded.narrow(0, head_start * self.head_dim, size)
+        param.data.narrow(0, offset, size).copy_(rows)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T: W split by columns (input features), all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, group: Group = SINGLE):
+        super().__init__()
+        self.group = group
+        self.shard_size = _divide(input_size, group.size, "input features")
+        self.weight = _param((output_size, self.shard_size), self._load)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        param.data.copy_(loaded.narrow(1, self.group.rank * self.shard_size, self.shard_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(F.linear(x, self.weight))

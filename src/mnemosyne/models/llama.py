@@ -1,0 +1,149 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) over a flat batch of tokens from
+many requests: no padding, positions and attention metadata say where each token belongs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata, store_kv
+from mnemosyne.config import ModelConfig
+from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from mnemosyne.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from mnemosyne.layers.norm import RMSNorm
+from mnemosyne.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias, group=group)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group=group)
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """x [T, hidden]; kv_cache [2, num_slots, kv_heads, head_dim] of this layer."""
+        q, k, v = self.qkv_proj(x)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out, _ = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: Group):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group=group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, group)
+        self.mlp = LlamaMLP(cfg, group)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# HF checkpoint name fragment -> (our fused parameter, shard id)
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Layers [layer_start, layer_end) of the model; the first stage embeds, the last one has
+    the final norm and LM head (pipeline stages hold a slice, a single process holds all)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group: Group = SINGLE,
+                 layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.config = cfg
+        self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
+        self.is_first_pp_stage = self.layer_start == 0
+        self.is_last_pp_stage = self.layer_end == cfg.num_layers
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group) \
+            if self.is_first_pp_stage else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group)
+                                    for _ in range(self.layer_start, self.layer_end))
+        if self.is_last_pp_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata, backend: AttentionBackend,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids, positions [T] int64 -> hidden [T, hidden] after this stage's layers.
+
+        kv_caches[i] is layer (layer_start + i)'s [2, num_slots, kv_heads, head_dim] cache.
+        Later pipeline stages pass the previous stage's `hidden` instead of embedding tokens.
+        """
+        h = self.embed_tokens(token_ids) if self.is_first_pp_stage else hidden
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(positions, h, kv_cache, meta, backend)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, hidden] of the positions to sample -> logits [B, vocab] float32 (last stage only)."""
+        return self.lm_head.logits(self.norm(hidden))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy this rank's shard of each HF-named tensor; raises ValueError on a missing or unknown one."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "model.embed_tokens.weight" and self.is_last_pp_stage and self.config.tie_word_embeddings:
+                self.lm_head.weight.weight_loader(self.lm_head.weight, tensor)
+                loaded.add("lm_head.weight")
+            target = self._param_name(name)
+            if target is None:
+                continue
+            target, shard = target
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target]
+            param.weight_loader(param, tensor, shard) if hasattr(param, "weight_loader") \
+                else param.data.copy_(tensor)
+            loaded.add(target)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _param_name(self, hf_name: str) -> tuple[str, int | str] | None:
+        """Our parameter and shard id for an HF tensor name, or None if this stage does not hold it."""
+        name = hf_name.removeprefix("model.")
+        if name.startswith("layers."):
+            index = int(name.split(".")[1])
+            if not self.layer_start <= index < self.layer_end:
+                return None
+            name = name.replace(f"layers.{index}.", f"layers.{index - self.layer_start}.", 1)
+        elif (name.startswith("embed_tokens") and self.embed_tokens is None) or (name.startswith(("norm.", "lm_head.")) and not self.is_last_pp_stage):
+            return None
+        for part, (fused, shard) in _FUSED.items():
+            if f".{part}." in name:
+                return name.replace(part, fused), shard
+        return name, 0

@@ -1,0 +1,1 @@
+"""Turns a step plan into model inputs, runs the forward pass and samples."""

@@ -1,0 +1,1 @@
+"""Decides, each step, which tokens of which requests to compute."""
