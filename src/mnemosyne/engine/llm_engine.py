@@ -13,7 +13,7 @@ from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
 from mnemosyne.kv.block_pool import BlockPool
 from mnemosyne.models.loaders import resolve_model
-from mnemosyne.plan import TokenLogprobs
+from mnemosyne.plan import StepPlan, TokenLogprobs
 from mnemosyne.request import FinishReason, Request, SamplingParams
 from mnemosyne.scheduler.policy import make_policy
 from mnemosyne.scheduler.scheduler import Scheduler, SchedulerLimits
@@ -49,6 +49,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self.last_plan: StepPlan | None = None
+        """The latest step's plan, for per-step stats (batch size) in the engine-core process."""
 
     # -- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -87,6 +89,7 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        self.last_plan = plan
         if not plan.chunks:
             return []
         result = self.executor.execute(plan)
