@@ -63,7 +63,9 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
     # Rows where every part is empty stay -inf; weight them 0 rather than NaN.
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(lse_stack - safe_lse)  # [parts, ...]
-    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))
+    # An empty part may carry NaN out (a 0/0 softmax); select rather than multiply by its 0 weight.
+    out = sum(torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * o.float(), 0.0)
+              for w, o in zip(weights, outs, strict=True))
     return out.to(outs[0].dtype), lse
 
 
