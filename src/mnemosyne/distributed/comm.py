@@ -1,15 +1,18 @@
-"""Collectives over one process group. The only module that calls torch.distributed.
-
-A `Group` of size 1 turns every collective into the identity, so single-process code paths are
-the same code with no branches at the call sites.
-"""
+"""Collectives over one process group, and process-group set-up. The only module that calls
+torch.distributed. A `Group` of size 1 turns every collective into the identity, so single-process
+code paths are the same code with no branches at the call sites."""
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 @dataclass(frozen=True)
@@ -17,14 +20,17 @@ class Group:
     """One process group as a layer sees it: its rank, its size, and the handle for collectives."""
 
     rank: int = 0
+    """This process's rank within the group."""
     size: int = 1
     handle: Any = None
     """torch.distributed ProcessGroup, or None for a group of one."""
+    ranks: tuple[int, ...] = (0,)
+    """Global ranks of the members, in group-rank order."""
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, in place; returns x."""
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce (sum, min or max) over the group, in place; returns x."""
         if self.size > 1:
-            torch.distributed.all_reduce(x, group=self.handle)
+            dist.all_reduce(x, op=_REDUCE_OPS[op], group=self.handle)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -32,8 +38,46 @@ class Group:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.handle)
+        dist.all_gather(parts, x.contiguous(), group=self.handle)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: Any, src_rank: int = 0, device: torch.device | None = None) -> Any:
+        """`obj` as held by group rank src_rank, on every member (pickled: for set-up only, never per step)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.ranks[src_rank], group=self.handle, device=device)
+        return box[0]
 
 
 SINGLE = Group()
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes; the rest of the code path is the same."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_world(backend: str, init_method: str, rank: int, world_size: int, timeout_s: float) -> Group:
+    """Join the global process group. Every collective (including this rendezvous) fails after
+    timeout_s instead of hanging on a dead peer."""
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return Group(rank, world_size, dist.group.WORLD, tuple(range(world_size)))
+
+
+def new_groups(partition: Sequence[Sequence[int]], rank: int) -> Group:
+    """Create one group per member list of `partition` (every rank must call this with the same
+    partition, in the same order) and return the one that contains `rank`."""
+    mine = SINGLE
+    for ranks in partition:
+        ranks = tuple(ranks)
+        handle = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = Group(ranks.index(rank), len(ranks), handle, ranks)
+    return mine
+
+
+def destroy_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -121,8 +121,19 @@ class LLMEngine:
 
 
 def _make_executor(config: EngineConfig, model_config, loader):
+    """In-process for one device; spawned workers for several on one node; under torchrun, the
+    launched processes (ranks other than 0 become workers here and never return)."""
+    from mnemosyne.executor.torchrun import torchrun_env
+
+    env = torchrun_env()
+    if env is not None and env.world_size > 1:
+        from mnemosyne.executor.torchrun import torchrun_executor
+
+        return torchrun_executor(config, model_config, env)
     if config.world_size == 1:
         from mnemosyne.executor.inprocess import InProcessExecutor
 
         return InProcessExecutor(config, model_config, loader)
-    raise ValueError("multi-device layouts (tp/pp/kvp > 1) need the multi-process executor, not built yet")
+    from mnemosyne.executor.multiproc import spawn_executor
+
+    return spawn_executor(config, model_config)

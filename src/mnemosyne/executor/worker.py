@@ -62,24 +62,28 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class Worker:
+    """Builds this rank's shard of the model and its KV cache. `world_group` is the group over which
+    the KV block count must agree (every rank takes the minimum, so no rank is over-committed)."""
+
     def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader,
                  tp_group: Group = SINGLE, layer_range: tuple[int, int] | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, world_group: Group = SINGLE):
         self.config = config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range)
-        num_tensors = len(expected_weight_shapes(model_config))
-        weights = loader.iter_weights(self.device, self.dtype)
-        show = tp_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")
+        names = stage_weight_names(model_config, self.model)
+        weights = loader.iter_weights(self.device, self.dtype, frozenset(names))
+        show = world_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")
         self.model.load_weights(tqdm(weights, desc="loading weights", unit="tensor", leave=False,
-                                     disable=not show, total=num_tensors))
+                                     disable=not show, total=len(names)))
         self.model.eval()
         attn = self.model.layers[0].self_attn
         self.kv_bytes_per_token = (2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim
                                    * self.dtype.itemsize)
-        num_blocks = self._num_kv_blocks()
+        local_blocks = torch.tensor([self._num_kv_blocks(world_group.size)], device=self.device)
+        num_blocks = int(world_group.all_reduce(local_blocks, op="min").item())
         num_slots = num_blocks * config.block_size
         kv = torch.zeros(len(self.model.layers), 2, num_slots, attn.num_kv_heads, attn.head_dim,
                          dtype=self.dtype, device=self.device)
@@ -90,19 +94,34 @@ class Worker:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_slots * self.kv_bytes_per_token / 2**30)
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, num_host_sharers: int = 1) -> int:
         block_bytes = self.kv_bytes_per_token * self.config.block_size
         if self.config.kv_cache_memory is not None:
             budget = self.config.kv_cache_memory * 2**30
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.kv_cache_memory_fraction
-        else:
-            budget = min(_CPU_KV_CAP_BYTES, _available_host_bytes() * 0.25)
+        else:  # CPU workers of one run share the host's memory
+            budget = min(_CPU_KV_CAP_BYTES, _available_host_bytes() * 0.25) / num_host_sharers
         return int(budget // block_bytes)
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+
+def stage_weight_names(config: ModelConfig, model: LlamaForCausalLM) -> list[str]:
+    """The checkpoint tensors this pipeline stage holds, so a rank never reads another stage's layers."""
+    names = []
+    for name in expected_weight_shapes(config):
+        if name.startswith("model.layers."):
+            keep = model.layer_start <= int(name.split(".")[2]) < model.layer_end
+        elif name == "model.embed_tokens.weight":  # tied: the last stage's LM head reads it too
+            keep = model.is_first_pp_stage or (model.is_last_pp_stage and config.tie_word_embeddings)
+        else:  # final norm and untied LM head
+            keep = model.is_last_pp_stage
+        if keep:
+            names.append(name)
+    return names
 
 
 def _available_host_bytes() -> int:

@@ -1,0 +1,226 @@
+"""World size > 1: one worker process per device. The engine publishes each plan over ZeroMQ,
+waits for the output rank's result, and watches every rank: a worker that raises, dies or falls
+silent ends the run with an error naming it, and the others are shut down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import replace
+
+from mnemosyne.config import EngineConfig, ModelConfig
+from mnemosyne.distributed.topology import ParallelLayout, check_shardable
+from mnemosyne.executor import wire
+from mnemosyne.executor.channel import EngineChannel
+from mnemosyne.executor.worker import RuntimeInfo
+from mnemosyne.executor.worker_process import WorkerSpec
+from mnemosyne.plan import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+DIST_TIMEOUT_S = float(os.environ.get("MNEMOSYNE_DIST_TIMEOUT_S", "600"))
+"""Rendezvous and collective timeout: a rank stuck on a dead peer fails instead of hanging."""
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("MNEMOSYNE_HEARTBEAT_TIMEOUT_S", "10"))
+"""A rank on another node (no process handle to watch) is declared dead after this much silence."""
+_POLL_S = 0.05
+_FAULT_GRACE_S = 0.5
+"""After the first fault, how long to keep listening so the report names the rank that failed first."""
+_STOP_TIMEOUT_S = 5.0
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker raised, died or fell silent; the message names its rank and why."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
+def layout_of(config: EngineConfig) -> ParallelLayout:
+    return ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size)
+
+
+def check_layout(config: EngineConfig, model_config: ModelConfig) -> ParallelLayout:
+    """The layout, or ValueError (before any process starts) if it cannot run yet or cannot be sharded."""
+    layout = layout_of(config)
+    if layout.pp_size > 1:
+        raise ValueError("--pipeline-parallel-size > 1 is not supported yet: it lands with the SPP issue")
+    if layout.kvp_size > 1:
+        raise ValueError("--kv-parallel-size > 1 is not supported yet: it lands with the KVP issue")
+    check_shardable(model_config, layout)
+    return layout
+
+
+class MultiprocExecutor:
+    """Drives `layout.world_size` workers. `local_procs` are the worker processes this engine
+    started (watched through their process handles); other ranks are watched by heartbeat."""
+
+    def __init__(self, layout: ParallelLayout, channel: EngineChannel, local_procs: dict[int, subprocess.Popen]):
+        self.layout = layout
+        self._channel = channel
+        self._procs = local_procs
+        self._last_seen_s: dict[int, float] = {}
+        self._errors: list[wire.WorkerError] = []
+        self._failure: WorkerFailedError | None = None
+        self._readies: dict[int, RuntimeInfo] = {}
+        # Stops the workers even if shutdown() is never called (the LLM object is dropped, or the
+        # interpreter exits); must not reference self.
+        self._stop = weakref.finalize(self, _stop_workers, channel, list(local_procs.values()))
+        try:
+            self.info = self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        """Global rank -> pid of the workers this process started."""
+        return {rank: proc.pid for rank, proc in self._procs.items()}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Publish the plan to every rank and return the output rank's result; raises
+        WorkerFailedError (and shuts every worker down) if any rank fails meanwhile."""
+        if self._failure is not None:
+            raise self._failure
+        self._channel.publish(wire.TOPIC_PLAN, wire.encode_plan(plan))
+        while True:
+            for kind, body in self._receive():
+                if kind == wire.KIND_RESULT:
+                    result = wire.DECODERS[kind].decode(body)
+                    if result.step_id == plan.step_id:
+                        return result
+
+    def shutdown(self) -> None:
+        self._stop()
+
+    # -- start-up and fault detection -----------------------------------------------------------
+    def _wait_ready(self) -> RuntimeInfo:
+        world_size = self.layout.world_size
+        while len(self._readies) < world_size or self._channel.num_subscribers < world_size:
+            for kind, body in self._receive():
+                if kind == wire.KIND_READY:
+                    ready = wire.DECODERS[kind].decode(body)
+                    self._readies[ready.rank] = ready.info
+        info = self._readies[self.layout.output_rank]
+        return replace(info, num_kv_blocks=min(i.num_kv_blocks for i in self._readies.values()))
+
+    def _receive(self) -> list[tuple[bytes, bytes]]:
+        """Messages other than heartbeats and errors; raises on a worker error or a dead rank."""
+        messages = self._collect(_POLL_S)
+        if self._errors or self._silent_ranks():
+            self._fail()
+        return messages
+
+    def _collect(self, timeout_s: float) -> list[tuple[bytes, bytes]]:
+        now = time.monotonic()
+        kept = []
+        for kind, body in self._channel.poll(timeout_s):
+            if kind == wire.KIND_HEARTBEAT:
+                self._last_seen_s[wire.DECODERS[kind].decode(body)] = now
+            elif kind == wire.KIND_ERROR:
+                self._errors.append(wire.DECODERS[kind].decode(body))
+            else:
+                kept.append((kind, body))
+        return kept
+
+    def _silent_ranks(self) -> list[tuple[int, str]]:
+        """(rank, why) of ranks that stopped without reporting an error."""
+        reported = {e.rank for e in self._errors}
+        silent = [(rank, _exit_reason(proc.returncode)) for rank, proc in self._procs.items()
+                  if proc.poll() is not None and rank not in reported]
+        now = time.monotonic()
+        silent += [(rank, f"sent no heartbeat for {now - seen:.1f} s")
+                   for rank, seen in self._last_seen_s.items()
+                   if rank not in self._procs and rank not in reported and now - seen > HEARTBEAT_TIMEOUT_S]
+        return silent
+
+    def _fail(self) -> None:
+        deadline = time.monotonic() + _FAULT_GRACE_S
+        while time.monotonic() < deadline:  # let the other ranks' reports arrive
+            self._collect(_POLL_S)
+        silent = self._silent_ranks()
+        if silent:
+            rank, why = silent[0]
+            message = f"worker rank {rank} {why}"
+        else:
+            first = self._errors[0]
+            rank, message = first.rank, f"worker rank {first.rank} raised {first.summary}\n{first.traceback}"
+        others = sorted(({r for r, _ in silent} | {e.rank for e in self._errors}) - {rank})
+        if others:
+            message += f"\n(ranks {others} failed too, most likely because of rank {rank})"
+        self._failure = WorkerFailedError(rank, message)
+        logger.error("%s; shutting the workers down", message.splitlines()[0])
+        self.shutdown()
+        raise self._failure
+
+
+def _exit_reason(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"died unexpectedly (killed by {signal.Signals(-exitcode).name})"
+    return f"exited unexpectedly with code {exitcode}"
+
+
+def _stop_workers(channel: EngineChannel, procs: list[subprocess.Popen]) -> None:
+    try:
+        channel.publish(wire.TOPIC_STOP)
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.poll() is None:  # stuck in a collective with a dead peer
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1.0)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        channel.close()
+
+
+# -- starting workers ---------------------------------------------------------------------------
+def spawn_executor(config: EngineConfig, model_config: ModelConfig) -> MultiprocExecutor:
+    """One node: spawn config.world_size workers, rendezvous on a free loopback port."""
+    layout = check_layout(config, model_config)
+    channel = EngineChannel("127.0.0.1")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    world_size = layout.world_size
+    specs = [WorkerSpec(config, rank, world_size, rank, world_size, init_method, channel.addresses,
+                        share_addresses=False, dist_timeout_s=DIST_TIMEOUT_S, log_level=engine_log_level())
+             for rank in range(world_size)]
+    return MultiprocExecutor(layout, channel, start_processes(specs))
+
+
+def start_processes(specs: list[WorkerSpec]) -> dict[int, subprocess.Popen]:
+    """Start each spec's worker in a fresh interpreter (spawn semantics: no fork, so CUDA and threads
+    are safe). Unlike multiprocessing's spawn it does not re-import the caller's __main__, so a
+    script that builds an LLM needs no `if __name__ == "__main__"` guard."""
+    # The child sees the parent's import path and inherits the rest of its env (NCCL_* included).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    procs = {}
+    for spec in specs:
+        proc = subprocess.Popen([sys.executable, "-m", "mnemosyne.executor.worker_process"],
+                                stdin=subprocess.PIPE, env=env)
+        with proc.stdin:  # type: ignore[union-attr]
+            pickle.dump(spec, proc.stdin)  # a local pipe from the parent: trusted
+        procs[spec.rank] = proc
+    return procs
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_log_level() -> int:
+    return logging.getLogger().getEffectiveLevel()

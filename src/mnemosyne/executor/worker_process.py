@@ -1,0 +1,132 @@
+"""The main loop of one worker process: join the process group, build the rank's groups and model
+shard, then run each plan the engine publishes until told to stop. Any exception goes back to the
+engine with its traceback, and the worker exits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.distributed import comm
+from mnemosyne.distributed.topology import ParallelLayout, build_topology
+from mnemosyne.executor import wire
+from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
+from mnemosyne.executor.worker import Worker
+from mnemosyne.models.loaders import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; small and picklable, so spawn can pass it."""
+
+    config: EngineConfig
+    rank: int
+    world_size: int
+    local_rank: int
+    """Index of this process on its node: picks the GPU."""
+    local_world_size: int
+    """Workers on this node: they share its CPU cores."""
+    init_method: str
+    """torch.distributed rendezvous: tcp://host:port for spawn, env:// under torchrun."""
+    addresses: ChannelAddresses | None
+    """Where the engine listens; None on ranks that learn it from rank 0 after joining."""
+    share_addresses: bool
+    """True under torchrun: rank 0 broadcasts the addresses over the new process group."""
+    dist_timeout_s: float
+    """Timeout of the rendezvous and of every collective."""
+    log_level: int = logging.WARNING
+
+
+def worker_device(config: EngineConfig, local_rank: int) -> torch.device:
+    """cuda:{local_rank} when CUDA is asked for (or auto and present), else the CPU."""
+    wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Process entry point; returns the exit code (0 after an orderly stop)."""
+    _configure_process(spec)
+    channel = WorkerChannel(spec.addresses, spec.rank) if spec.addresses else None
+    try:
+        device = worker_device(spec.config, spec.local_rank)
+        world = comm.init_world(comm.backend_for(device), spec.init_method, spec.rank, spec.world_size,
+                                spec.dist_timeout_s)
+        if spec.share_addresses:
+            addresses = world.broadcast_object(spec.addresses, 0, device)
+            channel = channel or WorkerChannel(addresses, spec.rank)
+        assert channel is not None  # spawn passes addresses to all ranks, torchrun to rank 0
+        _serve(spec, world, device, channel)
+        return 0
+    except BaseException as e:  # the engine must hear about any failure; then this worker exits
+        _report(channel, spec.rank, e)
+        return 1
+    finally:
+        if channel is not None:
+            channel.close()
+        comm.destroy_world()
+
+
+def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: WorkerChannel) -> None:
+    config = spec.config
+    layout = ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size)
+    topology = build_topology(layout, world)
+    loader = resolve_model(config.model, seed=config.seed)
+    model_config = loader.load_config()
+    layer_range = layout.layer_range(topology.pp_rank, model_config.num_layers)
+    worker = Worker(config, model_config, loader, topology.tp_group, layer_range, device, world)
+    channel.send(wire.KIND_READY, wire.encode(wire.WorkerReady(spec.rank, worker.info)))
+    logger.info("ready: kvp_rank %d, pp_rank %d, tp_rank %d, layers %s, %d KV blocks", topology.kvp_rank,
+                topology.pp_rank, topology.tp_rank, layer_range, worker.info.num_kv_blocks)
+    while True:
+        topic, payload = channel.recv()
+        if topic == wire.TOPIC_STOP:
+            channel.stopping.set()
+            return
+        result = worker.execute(wire.decode_plan(payload))
+        if topology.is_output_rank:  # every rank sampled the same tokens; one reply is enough
+            channel.send(wire.KIND_RESULT, wire.encode(result))
+
+
+def _report(channel: WorkerChannel | None, rank: int, error: BaseException) -> None:
+    summary = traceback.format_exception_only(error)[-1].strip()
+    logger.error("worker rank %d failed: %s", rank, summary)
+    if channel is not None:
+        message = wire.WorkerError(rank, summary, "".join(traceback.format_exception(error)))
+        channel.send(wire.KIND_ERROR, wire.encode(message))
+
+
+def _configure_process(spec: WorkerSpec) -> None:
+    # Rank-aware and quiet by default: the engine's level, each line tagged with its rank.
+    logging.basicConfig(level=spec.log_level, force=True,
+                        format=f"%(asctime)s %(levelname)s [rank {spec.rank}] %(name)s: %(message)s")
+    if spec.rank != 0:
+        os.environ["MNEMOSYNE_QUIET"] = "1"  # one progress bar per run, from rank 0
+    # Workers on one node share its cores; oversubscribed threads slow every collective down.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.local_world_size))
+
+
+def _main() -> None:
+    """`python -m mnemosyne.executor.worker_process`: the engine writes a pickled WorkerSpec to stdin."""
+    spec = pickle.load(sys.stdin.buffer)
+    # Ctrl-C reaches the whole process group: the engine handles it and stops the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(run_worker(spec))
+
+
+if __name__ == "__main__":
+    _main()
