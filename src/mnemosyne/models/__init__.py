@@ -1,0 +1,1 @@
+"""Model definitions (the Llama family) and the weight loaders that feed them."""
