@@ -22,7 +22,7 @@ from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
 from mnemosyne.executor.worker import Worker
 from mnemosyne.models.loaders import resolve_model
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mnemosyne.executor.worker_process")  # also when run as __main__
 
 
 @dataclass(frozen=True)

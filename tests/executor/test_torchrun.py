@@ -1,0 +1,51 @@
+"""A two-node torchrun launch (both nodes on this machine, 2 processes each, tp=4): global rank 0's
+output equals the single-process run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+DEMO = ["-m", "mnemosyne.executor.torchrun_demo", "dummy:tiny", "--kv-cache-memory", "0.01",
+        "--max-num-batched-tokens", "16", "--max-tokens", "32",
+        "--prompt-token-ids", "1,2,3,4,5", "--prompt-token-ids", ",".join(map(str, range(40))),
+        "--prompt-token-ids", "300,2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _token_ids(stdout: str) -> list[list[int]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])["token_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_node_torchrun_matches_single_process():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MNEMOSYNE_QUIET": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(node), *DEMO, "-tp", "4"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in (1, 0)]
+    try:
+        (out1, err1), (out0, err0) = (node.communicate(timeout=150) for node in nodes)
+    finally:
+        for node in nodes:
+            node.kill()
+    assert nodes[1].returncode == 0, err0[-3000:]
+    assert nodes[0].returncode == 0, err1[-3000:]
+    assert not [line for line in out1.splitlines() if line.startswith("{")]  # only global rank 0 reports
+    single = subprocess.run([sys.executable, *DEMO], env=env, text=True, capture_output=True, timeout=60)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _token_ids(out0) == _token_ids(single.stdout)
+    assert all(len(ids) == 32 for ids in _token_ids(out0))
