@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,3 +52,38 @@ def test_two_node_torchrun_matches_single_process():
     assert single.returncode == 0, single.stderr[-3000:]
     assert _token_ids(out0) == _token_ids(single.stdout)
     assert all(len(ids) == 32 for ids in _token_ids(out0))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_killing_a_remote_worker_fails_the_run_within_10s():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MNEMOSYNE_QUIET": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    long_run = [*DEMO, "-tp", "4", "--max-tokens", "3000"]
+    node1 = subprocess.Popen([*torchrun, "--node-rank", "1", *long_run], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node0 = subprocess.Popen([*torchrun, "--node-rank", "0", *long_run], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for line in node0.stderr:
+            if "engine ready" in line:
+                break
+        victim = max(_children(node1.pid))  # a worker process of the other node (global rank 2 or 3)
+        time.sleep(1.0)  # mid-generation
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        stderr = node0.stderr.read()
+        node0.wait(timeout=30)
+        elapsed_s = time.monotonic() - killed_at
+    finally:
+        node0.kill()
+        node1.kill()
+    assert node0.returncode != 0
+    assert re.search(r"WorkerFailedError: worker rank [23] ", stderr), stderr[-3000:]
+    assert elapsed_s < 10, elapsed_s

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -98,6 +99,15 @@ class WorkerChannel:
     def recv(self) -> tuple[bytes, bytes]:
         topic, payload = self.plans.recv_multipart()
         return topic, payload
+
+    def wait_for_stop(self, timeout_s: float) -> bool:
+        """Drop plans until the engine's stop arrives (True) or timeout_s passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            if self.plans.poll(left_s * 1000) and self.recv()[0] == wire.TOPIC_STOP:
+                self.stopping.set()
+                return True
+        return False
 
     def send(self, kind: bytes, body: bytes) -> None:
         self.results.send_multipart((kind, body))

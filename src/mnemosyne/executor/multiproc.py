@@ -19,7 +19,7 @@ from dataclasses import replace
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.topology import ParallelLayout, check_shardable
 from mnemosyne.executor import wire
-from mnemosyne.executor.channel import EngineChannel
+from mnemosyne.executor.channel import HEARTBEAT_INTERVAL_S, EngineChannel
 from mnemosyne.executor.worker import RuntimeInfo
 from mnemosyne.executor.worker_process import WorkerSpec
 from mnemosyne.plan import StepPlan, StepResult
@@ -33,6 +33,9 @@ HEARTBEAT_TIMEOUT_S = float(os.environ.get("MNEMOSYNE_HEARTBEAT_TIMEOUT_S", "10"
 _POLL_S = 0.05
 _FAULT_GRACE_S = 0.5
 """After the first fault, how long to keep listening so the report names the rank that failed first."""
+_REMOTE_FAULT_GRACE_S = 4 * HEARTBEAT_INTERVAL_S
+"""The same with ranks on other nodes: long enough to see which of them stopped beating, since a
+dead remote rank shows up first as connection errors on its peers."""
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -131,22 +134,24 @@ class MultiprocExecutor:
                 kept.append((kind, body))
         return kept
 
-    def _silent_ranks(self) -> list[tuple[int, str]]:
+    def _silent_ranks(self, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> list[tuple[int, str]]:
         """(rank, why) of ranks that stopped without reporting an error."""
         reported = {e.rank for e in self._errors}
         silent = [(rank, _exit_reason(proc.returncode)) for rank, proc in self._procs.items()
                   if proc.poll() is not None and rank not in reported]
         now = time.monotonic()
-        silent += [(rank, f"sent no heartbeat for {now - seen:.1f} s")
-                   for rank, seen in self._last_seen_s.items()
-                   if rank not in self._procs and rank not in reported and now - seen > HEARTBEAT_TIMEOUT_S]
+        silent += [(rank, f"stopped responding (no heartbeat for {now - seen:.1f} s; its process probably died)")
+                   for rank, seen in sorted(self._last_seen_s.items(), key=lambda item: item[1])
+                   if rank not in self._procs and rank not in reported and now - seen > heartbeat_timeout_s]
         return silent
 
     def _fail(self) -> None:
-        deadline = time.monotonic() + _FAULT_GRACE_S
+        has_remote = len(self._procs) < self.layout.world_size
+        deadline = time.monotonic() + (_REMOTE_FAULT_GRACE_S if has_remote else _FAULT_GRACE_S)
         while time.monotonic() < deadline:  # let the other ranks' reports arrive
             self._collect(_POLL_S)
-        silent = self._silent_ranks()
+        # Once something failed, a remote rank that skipped a few beats is the likeliest first cause.
+        silent = self._silent_ranks(min(HEARTBEAT_TIMEOUT_S, 2 * HEARTBEAT_INTERVAL_S))
         if silent:
             rank, why = silent[0]
             message = f"worker rank {rank} {why}"

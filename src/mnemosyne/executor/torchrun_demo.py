@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mnemosyne.request import SamplingParams
 
     engine = LLMEngine(engine_config(args))  # on ranks other than 0 this serves as a worker, then exits
+    print("torchrun_demo: engine ready", file=sys.stderr, flush=True)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     ids = [engine.add_request([int(t) for t in p.split(",")], params) for p in args.prompt_token_ids]
     outputs: dict[str, list[int]] = {}

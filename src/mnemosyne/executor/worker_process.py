@@ -25,6 +25,9 @@ from mnemosyne.models.loaders import resolve_model
 logger = logging.getLogger("mnemosyne.executor.worker_process")  # also when run as __main__
 
 
+_ERROR_EXIT_TIMEOUT_S = 30.0
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything a worker process needs; small and picklable, so spawn can pass it."""
@@ -74,7 +77,10 @@ def run_worker(spec: WorkerSpec) -> int:
         return 0
     except BaseException as e:  # the engine must hear about any failure; then this worker exits
         _report(channel, spec.rank, e)
-        return 1
+        # Exit only when the engine says so, and then with 0: the engine owns the failure report.
+        # Under torchrun a non-zero exit makes the agent kill its node's other processes, the engine
+        # among them, before it could name the rank that failed first.
+        return 0 if channel is not None and channel.wait_for_stop(_ERROR_EXIT_TIMEOUT_S) else 1
     finally:
         if channel is not None:
             channel.close()
