@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from mnemosyne.attention.backend import AttentionMetadata, select_backend
+from mnemosyne.attention.backend import build_metadata, select_backend
 from mnemosyne.models.llama import LlamaForCausalLM
 
 TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
@@ -39,10 +39,9 @@ def prefill_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tenso
     cfg = model.config
     n = len(token_ids)
     kv = [torch.zeros(2, n, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
-    slots = torch.arange(n)
-    meta = AttentionMetadata((0, n), (n,), slots, (slots,))
+    meta = build_metadata([(n, n, [0])], page_size=n)
     with torch.inference_mode():
-        hidden = model(torch.tensor(token_ids), torch.arange(n), kv, meta, select_backend("reference", slots.device))
+        hidden = model(torch.tensor(token_ids), torch.arange(n), kv, meta, select_backend("reference", "cpu"))
         return model.compute_logits(hidden)
 
 

@@ -112,12 +112,42 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=launch.run)
 
 
+def _bench_latency(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnemosyne.bench import latency
+
+    prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
+    decode_shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.decode.split(",") if shape]
+    longest = max(prefill_lens + [c for c, _ in decode_shapes]) + args.decode_steps + 8
+    config = engine_config(args, max_model_len=args.max_model_len or longest,
+                           max_num_seqs=max([args.max_num_seqs] + [b for _, b in decode_shapes]))
+    print(latency.run(config, prefill_lens, decode_shapes, args.decode_steps, args.compare == "hf",
+                      Path(args.output) if args.output else None))
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks against measured floors and peers (GPU)")
+    kinds = p.add_subparsers(dest="bench", required=True)
+    lat = kinds.add_parser("latency", help="TTFT of one prompt and TBT at a context, against floors and HF")
+    add_engine_args(lat)
+    lat.set_defaults(func=_bench_latency, model="dummy:llama-3-8b", max_num_batched_tokens=16384)
+    lat.add_argument("--prefill-lens", default="8192,32768,131072", help="prompt lengths to time (comma-separated)")
+    lat.add_argument("--decode", default="8192x1,32768x1,131072x1,4096x64",
+                     help="decode shapes CONTEXTxBATCH (comma-separated)")
+    lat.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per shape (median reported)")
+    lat.add_argument("--compare", choices=["hf", "none"], default="hf", help="peer measured in the same run")
+    lat.add_argument("-o", "--output", default=None, help="folder for latency.json, latency.txt and latency.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnemosyne", description="Exact long-context LLM inference.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 

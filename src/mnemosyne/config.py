@@ -173,8 +173,10 @@ class EngineConfig:
     """Most requests in one step."""
     seed: int = 0
     """Seed for dummy weights and for requests that bring no seed of their own."""
+    enforce_eager: bool = False
+    """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"
-    """auto, reference or sdpa."""
+    """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
 
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel_size", "pipeline_parallel_size", "kv_parallel_size",
@@ -191,8 +193,9 @@ class EngineConfig:
             raise ValueError(f"--kv-cache-memory must be positive GiB, got {self.kv_cache_memory}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError("--kv-cache-memory-fraction must be in (0, 1]")
-        if self.attention_backend not in ("auto", "reference", "sdpa"):
-            raise ValueError(f"--attention-backend must be auto, reference or sdpa, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "reference", "sdpa", "gpu"):
+            raise ValueError(
+                f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
 
     @property
     def world_size(self) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mnemosyne.attention.backend import AttentionMetadata, store_kv
+from mnemosyne.attention.backend import AttentionMetadata, build_metadata, store_kv
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 16
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
@@ -52,7 +52,7 @@ def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> t
 
 
 def build_paged_batch(requests: list[tuple[int, int, list[int]]], block_size: int = 4, num_blocks: int = 32,
-                      dtype: torch.dtype = torch.float32, seed: int = 0) -> PagedBatch:
+                      dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> PagedBatch:
     """requests: (seq_len, num_new, block_table). The prefix of each request is written straight
     into the cache (as earlier steps would have); the new tokens go through store_kv."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,8 +82,10 @@ def build_paged_batch(requests: list[tuple[int, int, list[int]]], block_size: in
         num_news.append(num_new)
     slot_mapping = torch.cat(new_slots)
     store_kv(torch.cat(new_k), torch.cat(new_v), k_cache, v_cache, slot_mapping)
-    meta = AttentionMetadata(tuple(query_start), tuple(seq_lens), slot_mapping, tuple(kv_slots))
-    return PagedBatch(torch.cat(qs), k_cache, v_cache, meta, keys, values, num_news)
+    meta = build_metadata(requests, block_size, device)
+    assert torch.equal(meta.slot_mapping.cpu(), slot_mapping)
+    return PagedBatch(torch.cat(qs).to(device), k_cache.to(device), v_cache.to(device), meta, keys, values,
+                      num_news)
 
 
 # Block tables are non-contiguous and out of order, and no two requests share a block.

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnemosyne.attention.backend import AttentionMetadata, merge_attention, select_backend, store_kv
+from mnemosyne.attention.backend import (
+    build_metadata,
+    merge_attention,
+    select_backend,
+    store_kv,
+)
 from mnemosyne.attention.reference import ReferenceBackend, attend
 from mnemosyne.attention.sdpa import SdpaBackend
 
@@ -171,9 +176,11 @@ def test_store_kv_overwrites_a_slot() -> None:
 
 
 def test_metadata_counts_requests() -> None:
-    meta = AttentionMetadata((0, 3, 4), (10, 6), torch.tensor([0, 1, 2, 9]),
-                             (torch.arange(10), torch.arange(6)))
-    assert meta.num_requests == 2
+    meta = build_metadata([(6, 1, [3, 1]), (10, 3, [0, 1, 2])], page_size=4)
+    assert meta.num_requests == 2 and meta.num_decodes == 1
+    assert meta.slot_mapping.tolist() == [5, 7, 8, 9]
+    assert meta.kv_slots[0].tolist() == [12, 13, 14, 15, 4, 5]
+    assert meta.prefix_runs == ((), ((0, 7),))
 
 
 def test_select_backend_by_name() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnemosyne.attention.backend import AttentionMetadata
+from mnemosyne.attention.backend import AttentionMetadata, build_metadata
 from mnemosyne.attention.reference import ReferenceBackend
 from mnemosyne.attention.sdpa import SdpaBackend
 
@@ -60,8 +60,8 @@ def test_sdpa_chunk_matches_float64() -> None:
 def _only(meta: AttentionMetadata, i: int) -> AttentionMetadata:
     """The metadata of request i as if it were the whole batch."""
     start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-    return AttentionMetadata((0, end - start), (meta.seq_lens[i],), meta.slot_mapping[start:end],
-                             (meta.kv_slots[i],))
+    pages = meta.block_tables[meta.host_rows[i]].tolist()
+    return build_metadata([(meta.seq_lens[i], end - start, pages)], meta.page_size)
 
 
 def test_sdpa_is_independent_of_batch_composition() -> None:
@@ -85,8 +85,9 @@ def test_sdpa_bf16_close_to_reference() -> None:
 
 def _to(batch: PagedBatch, device: torch.device) -> PagedBatch:
     meta = batch.meta
-    moved = AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.slot_mapping.to(device),
-                              tuple(s.to(device) for s in meta.kv_slots))
+    requests = [(seq_len, meta.query_start_loc[i + 1] - meta.query_start_loc[i],
+                 meta.block_tables[meta.host_rows[i]].tolist()) for i, seq_len in enumerate(meta.seq_lens)]
+    moved = build_metadata(requests, meta.page_size, device)
     return PagedBatch(batch.q.to(device), batch.k_cache.to(device), batch.v_cache.to(device), moved,
                       batch.keys, batch.values, batch.num_new)
 

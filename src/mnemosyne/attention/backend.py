@@ -3,6 +3,7 @@ and the fused KV write shared by all backends."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,7 +16,8 @@ class AttentionMetadata:
     """Where each request's new tokens sit in the flat batch, and where its KV lives.
 
     Request i owns query rows [query_start_loc[i], query_start_loc[i+1]); its new tokens are the
-    last rows of its sequence, so query row j sits at position seq_lens[i] - num_new + j.
+    last rows of its sequence, so query row j sits at position seq_lens[i] - num_new + j. The first
+    num_decodes requests have exactly one new token each.
     """
 
     query_start_loc: tuple[int, ...]
@@ -23,13 +25,75 @@ class AttentionMetadata:
     seq_lens: tuple[int, ...]
     """KV length of each request after this step's tokens are written."""
     slot_mapping: torch.Tensor
-    """[num_tokens] int64: cache slot (block_id * block_size + offset) of each new token."""
-    kv_slots: tuple[torch.Tensor, ...]
-    """Per request, [seq_len] int64: cache slots of all its tokens, in position order."""
+    """[num_tokens] int64: cache slot (page_id * page_size + offset) of each new token."""
+    block_tables: torch.Tensor
+    """[max_rows, max_pages] int32: page ids, one row per live request (shared, not per step)."""
+    rows: torch.Tensor
+    """[num_requests] int32: each request's row in block_tables."""
+    seq_lens_tensor: torch.Tensor
+    """[num_requests] int32: seq_lens on the device."""
+    page_size: int
+    num_decodes: int = 0
+    prefix_runs: tuple[tuple[tuple[int, int], ...], ...] = ()
+    """Per request, slot ranges [start, end) of its cached prefix (tokens before this step), for
+    backends that read contiguous stretches as views; empty for decodes."""
+    host_rows: tuple[int, ...] = ()
+    """rows on the host."""
+    decode_splits: int | None = None
+    """Fixed context splits for the decode kernel (CUDA graphs need a static grid); None picks per step."""
 
     @property
     def num_requests(self) -> int:
         return len(self.seq_lens)
+
+    @functools.cached_property
+    def kv_slots(self) -> tuple[torch.Tensor, ...]:
+        """Per request, [seq_len] int64 cache slots of all its tokens in position order (gather backends)."""
+        offsets = torch.arange(self.page_size, device=self.slot_mapping.device)
+        out = []
+        for row, seq_len in zip(self.host_rows, self.seq_lens, strict=True):
+            pages = self.block_tables[row, : -(-seq_len // self.page_size)].long()
+            out.append((pages.unsqueeze(1) * self.page_size + offsets).flatten()[:seq_len])
+        return tuple(out)
+
+
+def build_metadata(requests: Sequence[tuple[int, int, Sequence[int]]], page_size: int,
+                   device: torch.device | str = "cpu") -> AttentionMetadata:
+    """Metadata for a batch given as (seq_len, num_new, page_ids) per request, in batch order.
+
+    For tests, the profiler and other callers without a runner; the runner builds the same thing
+    incrementally from its persistent block tables.
+    """
+    max_pages = max(len(pages) for _, _, pages in requests)
+    tables = torch.zeros(len(requests), max(1, max_pages), dtype=torch.int32)
+    query_start, slots, runs = [0], [], []
+    for row, (seq_len, num_new, pages) in enumerate(requests):
+        if len(pages) * page_size < seq_len:
+            raise ValueError(f"request {row}: {len(pages)} pages cannot hold {seq_len} tokens")
+        tables[row, : len(pages)] = torch.tensor(list(pages), dtype=torch.int32)
+        positions = torch.arange(seq_len - num_new, seq_len)
+        slots.append(tables[row, positions // page_size].long() * page_size + positions % page_size)
+        query_start.append(query_start[-1] + num_new)
+        runs.append(_slot_runs(pages, seq_len - num_new, page_size) if num_new > 1 else ())
+    num_decodes = next((i for i, (_, n, _) in enumerate(requests) if n != 1), len(requests))
+    seq_lens = tuple(seq_len for seq_len, _, _ in requests)
+    return AttentionMetadata(
+        query_start_loc=tuple(query_start), seq_lens=seq_lens, slot_mapping=torch.cat(slots).to(device),
+        block_tables=tables.to(device), rows=torch.arange(len(requests), dtype=torch.int32, device=device),
+        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device), page_size=page_size,
+        num_decodes=num_decodes, prefix_runs=tuple(runs), host_rows=tuple(range(len(requests))))
+
+
+def _slot_runs(pages: Sequence[int], num_tokens: int, page_size: int) -> tuple[tuple[int, int], ...]:
+    runs: list[list[int]] = []
+    for page in pages[: -(-num_tokens // page_size)]:
+        if runs and runs[-1][1] == page * page_size:
+            runs[-1][1] += page_size
+        else:
+            runs.append([page * page_size, (page + 1) * page_size])
+    if runs:  # the last page may be partly filled
+        runs[-1][1] -= -(-num_tokens // page_size) * page_size - num_tokens
+    return tuple((a, b) for a, b in runs)
 
 
 class AttentionBackend(Protocol):
@@ -69,12 +133,22 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
     return out.to(outs[0].dtype), lse
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Backend by name; 'auto' picks the fastest exact one available for the device."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """Backend by name; 'auto' picks the fastest exact one for the device and dtype: the Triton and
+    cuDNN kernels on a GPU in bf16/fp16, torch's fused CPU kernel on CPU, the reference otherwise."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "gpu" if dtype in (torch.bfloat16, torch.float16) else "reference"
+        else:
+            name = "sdpa"
     if name == "reference":
         from mnemosyne.attention.reference import ReferenceBackend
 
         return ReferenceBackend()
+    if name == "gpu":
+        from mnemosyne.attention.gpu import GpuBackend
+
+        return GpuBackend()
     from mnemosyne.attention.sdpa import SdpaBackend
 
     return SdpaBackend()

@@ -18,6 +18,7 @@ from mnemosyne.distributed.comm import SINGLE, Group
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
+from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,22 @@ class Worker:
         local_blocks = torch.tensor([self._num_kv_blocks(world_group.size)], device=self.device)
         num_blocks = int(world_group.all_reduce(local_blocks, op="min").item())
         num_slots = num_blocks * config.block_size
-        kv = torch.zeros(len(self.model.layers), 2, num_slots, attn.num_kv_heads, attn.head_dim,
-                         dtype=self.dtype, device=self.device)
-        self.runner = ModelRunner(self.model, list(kv.unbind(0)), config.block_size,
-                                  select_backend(config.attention_backend, self.device), self.device)
+        # One page past the scheduler's blocks is scratch: CUDA-graph padding rows write there.
+        kv = torch.zeros(len(self.model.layers), 2, num_slots + config.block_size, attn.num_kv_heads,
+                         attn.head_dim, dtype=self.dtype, device=self.device)
+        max_len = min(config.max_model_len or model_config.max_position_embeddings, num_slots)
+        # The last row stays empty: CUDA-graph padding rows read it.
+        tables = BlockTables(config.max_num_seqs + 1, -(-max_len // config.block_size) + 1, config.block_size,
+                             self.device, reserved_rows=1)
+        backend = select_backend(config.attention_backend, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device)
+        if getattr(backend, "supports_cuda_graphs", False) and not config.enforce_eager:
+            from mnemosyne.runner.cuda_graphs import DecodeGraphs  # imports Triton
+
+            self.runner.graphs = DecodeGraphs(
+                self.model, self.runner.kv_caches, tables.ids, null_row=config.max_num_seqs,
+                scratch_slot=num_slots, page_size=config.block_size, backend=backend,
+                max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device)
         self.info = RuntimeInfo(str(self.device), str(self.dtype).removeprefix("torch."), num_blocks,
                                 self.kv_bytes_per_token)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,100 +15,114 @@ from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
 from mnemosyne.request import SamplingParams
 
-
-class BlockTable:
-    """A request's block ids on the device, grown by appends (amortised doubling), so building a
-    step never re-sends or rebuilds the whole table."""
-
-    def __init__(self, device: torch.device):
-        self.ids = torch.empty(16, dtype=torch.int64, device=device)
-        self.num_blocks = 0
-
-    def extend(self, block_ids: tuple[int, ...]) -> None:
-        if not block_ids:
-            return
-        end = self.num_blocks + len(block_ids)
-        if end > self.ids.numel():
-            grown = torch.empty(max(end, 2 * self.ids.numel()), dtype=torch.int64, device=self.ids.device)
-            grown[: self.num_blocks] = self.ids[: self.num_blocks]
-            self.ids = grown
-        self.ids[self.num_blocks:end] = torch.tensor(block_ids, dtype=torch.int64)
-        self.num_blocks = end
-
-    def slots(self, start: int, end: int, block_size: int) -> torch.Tensor:
-        """[end - start] int64 cache slots of positions [start, end)."""
-        positions = torch.arange(start, end, device=self.ids.device)
-        return self.ids[positions // block_size] * block_size + positions % block_size
+if TYPE_CHECKING:
+    from mnemosyne.runner.cuda_graphs import DecodeGraphs
+from mnemosyne.runner.block_tables import BlockTables
 
 
 @dataclass
 class CachedRequest:
     token_ids: array
     params: SamplingParams
-    block_table: BlockTable
     generator: torch.Generator | None
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    token_ids: torch.Tensor
+    """[num_tokens] int64"""
+    positions: torch.Tensor
+    """[num_tokens] int64"""
+    meta: AttentionMetadata
+    sample_rows: list[int]
+    """Rows of the flat batch whose logits are sampled, in the order of sample_ids."""
+    sample_ids: list[str]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_tables: BlockTables,
                  backend: AttentionBackend, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
         """Per layer of this stage: [2, num_slots, kv_heads, head_dim]."""
-        self.block_size = block_size
+        self.block_tables = block_tables
+        self.page_size = block_tables.page_size
         self.backend = backend
         self.device = device
         self.requests: dict[str, CachedRequest] = {}
+        self.graphs: DecodeGraphs | None = None
+        """Set by the worker on a GPU; replays decode-only steps."""
 
     def apply_plan(self, plan: StepPlan) -> None:
         """Bring the replicated request state up to date with the plan's diff."""
         for request_id in plan.freed_ids:
-            self.requests.pop(request_id, None)
+            if self.requests.pop(request_id, None) is not None:
+                self.block_tables.remove(request_id)
         for new in plan.new_requests:
             self.requests[new.request_id] = self._cached(new)
+            self.block_tables.add(new.request_id)
         for chunk in plan.chunks:
-            state = self.requests[chunk.request_id]
-            state.token_ids.extend(chunk.new_token_ids)
-            state.block_table.extend(chunk.new_block_ids)
+            self.requests[chunk.request_id].token_ids.extend(chunk.new_token_ids)
+            self.block_tables.append(chunk.request_id, chunk.new_block_ids)
 
     def _cached(self, new: NewRequest) -> CachedRequest:
         generator = None if new.params.is_greedy else make_generator(new.seed, self.device)
-        return CachedRequest(array("i", new.token_ids), new.params, BlockTable(self.device), generator)
+        return CachedRequest(array("i", new.token_ids), new.params, generator)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self.apply_plan(plan)
-        token_ids, positions, meta, sample_rows, sample_ids = self._prepare(plan)
-        hidden = self.model(token_ids, positions, self.kv_caches, meta, self.backend)
-        if not sample_ids:
-            return StepResult(plan.step_id, (), (), ())
-        logits = self.model.compute_logits(hidden[sample_rows])
-        states = [self.requests[r] for r in sample_ids]
+        inputs = self.prepare(plan)
+        meta = inputs.meta
+        if self.graphs is not None and meta.num_decodes == meta.num_requests and self.graphs.bucket(meta.num_decodes):
+            logits = self.graphs.run(inputs)  # decode-only: every row samples, in batch order
+        else:
+            hidden = self.model(inputs.token_ids, inputs.positions, self.kv_caches, meta, self.backend)
+            if not inputs.sample_ids:
+                return StepResult(plan.step_id, (), (), ())
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        states = [self.requests[r] for r in inputs.sample_ids]
         out = sample(logits, _sampling_batch(states))
-        return StepResult(plan.step_id, tuple(sample_ids), tuple(out.token_ids.tolist()),
+        return StepResult(plan.step_id, tuple(inputs.sample_ids), tuple(out.token_ids.tolist()),
                           _logprobs(out, [s.params.logprobs for s in states]))
 
-    def _prepare(self, plan: StepPlan):
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """Flat inputs and metadata for the plan's chunks, single-token chunks first. Host work is
+        proportional to the batch's new tokens, never to the requests' contexts."""
+        chunks = sorted(plan.chunks, key=lambda c: c.num_new_tokens != 1)
         tokens: list[int] = []
-        positions: list[torch.Tensor] = []
-        query_start, seq_lens, kv_slots, new_slots = [0], [], [], []
+        positions: list[int] = []
+        token_rows: list[int] = []
+        query_start, seq_lens, host_rows, prefix_runs = [0], [], [], []
         sample_rows, sample_ids = [], []
-        for chunk in plan.chunks:
+        for chunk in chunks:
             state = self.requests[chunk.request_id]
+            row = self.block_tables.row[chunk.request_id]
             end = chunk.start + chunk.num_new_tokens
             tokens.extend(state.token_ids[chunk.start:end])
-            positions.append(torch.arange(chunk.start, end))
-            slots = state.block_table.slots(0, end, self.block_size)
-            kv_slots.append(slots)
-            new_slots.append(slots[chunk.start:])
+            positions.extend(range(chunk.start, end))
+            token_rows.extend([row] * chunk.num_new_tokens)
             query_start.append(query_start[-1] + chunk.num_new_tokens)
             seq_lens.append(end)
+            host_rows.append(row)
+            prefix_runs.append(() if chunk.num_new_tokens == 1
+                               else self.block_tables.slot_runs(chunk.request_id, chunk.start))
             if end == len(state.token_ids):  # the chunk reaches the last known token: sample
                 sample_rows.append(query_start[-1] - 1)
                 sample_ids.append(chunk.request_id)
-        meta = AttentionMetadata(tuple(query_start), tuple(seq_lens), torch.cat(new_slots), tuple(kv_slots))
-        token_tensor = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-        return token_tensor, torch.cat(positions).to(self.device), meta, sample_rows, sample_ids
+        token_tensor = torch.tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
+        position_tensor = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
+        row_tensor = torch.tensor(token_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        pages = self.block_tables.ids[row_tensor, position_tensor // self.page_size].long()
+        meta = AttentionMetadata(
+            query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens),
+            slot_mapping=pages * self.page_size + position_tensor % self.page_size,
+            block_tables=self.block_tables.ids,
+            rows=torch.tensor(host_rows, dtype=torch.int32).to(self.device, non_blocking=True),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32).to(self.device, non_blocking=True),
+            page_size=self.page_size, num_decodes=sum(1 for c in chunks if c.num_new_tokens == 1),
+            prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows))
+        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids)
 
 
 def _sampling_batch(states: list[CachedRequest]) -> SamplingBatch:

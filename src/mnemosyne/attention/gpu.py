@@ -1,0 +1,84 @@
+"""GPU attention: single-token queries (decodes) go to the Triton paged kernel in one launch;
+chunks run cuDNN over their cached prefix, read as strided views of contiguous page runs, plus a
+causal pass over the chunk itself, all merged by LSE.
+
+cuDNN reads K/V per kv head; the q heads that share a kv head are folded into the query axis
+([1, kv_heads, group × C, D]), so GQA needs no K/V expansion over the prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mnemosyne.attention.backend import AttentionMetadata, merge_attention
+from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
+
+
+def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [1, H, Lq, D], k/v [1, H, Lk, D] (strided views allowed) -> out [1, H, Lq, D], lse [1, H, Lq]."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, is_causal, False, scale=scale)[:2]
+    return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]).float()
+
+
+def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, prefix_runs: tuple[tuple[int, int], ...],
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's chunk: q [C, Hq, D] with its own k/v [C, Hkv, D], over prefix runs in the cache.
+
+    Returns out [C, Hq, D], lse [C, Hq] float32.
+    """
+    num_new, num_heads, head_dim = q.shape
+    num_kv_heads = k_new.shape[1]
+    group = num_heads // num_kv_heads
+    # Causal part over the chunk itself; K/V expanded over heads (proportional to the chunk only).
+    qh = q.transpose(0, 1).unsqueeze(0)
+    kh = k_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    vh = v_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    out, lse = _cudnn(qh, kh, vh, scale, True)
+    outs, lses = [out[0].transpose(0, 1)], [lse[0].transpose(0, 1)]
+    if prefix_runs:
+        folded = q.view(num_new, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        folded = folded.reshape(1, num_kv_heads, group * num_new, head_dim)
+        for start, end in prefix_runs:
+            k = k_cache[start:end].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, L, D], a view
+            v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
+            o, lse_run = _cudnn(folded, k, v, scale, False)
+            outs.append(o[0].view(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
+                        .reshape(num_new, num_heads, head_dim))
+            lses.append(lse_run[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return merge_attention(outs, lses)
+
+
+class GpuBackend:
+    supports_cuda_graphs = True
+
+    def __init__(self) -> None:
+        self._num_sms: int | None = None
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._num_sms is None:
+            self._num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        outs, lses = [], []
+        nd = meta.num_decodes
+        if nd:
+            splits = meta.decode_splits or num_splits_for(nd, k_cache.shape[1], max(meta.seq_lens[:nd]),
+                                                          self._num_sms, 64)
+            o, lse = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd],
+                                meta.seq_lens_tensor[:nd], meta.page_size, scale, splits)
+            outs.append(o)
+            lses.append(lse)
+        for i in range(nd, meta.num_requests):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            new_slots = meta.slot_mapping[start:end]
+            o, lse = chunk_attention(q[start:end], k_cache[new_slots], v_cache[new_slots], k_cache, v_cache,
+                                   meta.prefix_runs[i], scale)
+            outs.append(o)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,100 @@
+"""Paged decode attention in Triton: one launch for a whole batch of single-token queries over
+each request's block table, split along the context (flash-decoding) so even one request keeps
+every SM busy. Returns (out, lse) like every backend; the splits are merged exactly by LSE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mnemosyne.attention.backend import merge_attention
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, rows_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    table = block_tables_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_bt
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g[:, None] < GROUP, other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        page = tl.load(table + t // PAGE, mask=valid, other=0)
+        slot = page.to(tl.int64) * PAGE + t % PAGE
+        k = tl.load(k_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                    mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_ptr + slot[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    keep = g < GROUP
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
+             mask=keep[:, None])
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
+    """Splits that give about four programs per SM without splits shorter than a few tiles."""
+    wanted = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
+    return max(1, min(wanted, 64, math.ceil(max_seq_len / (4 * block_n))))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float, num_splits: int,
+                 block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, D]; caches [num_slots, Hkv, D]; block_tables [max_rows, max_pages] int32 with request b's
+    pages in row rows[b]; seq_lens [B] int32 (0 for padding rows, which get out 0 and lse -inf).
+
+    Returns out [B, Hq, D] (q's dtype) and lse [B, Hq] float32. No host synchronisation.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, rows, seq_lens, o, lse, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page_size,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits,
+    )
+    if num_splits == 1:
+        return o[:, :, 0].to(q.dtype), lse[:, :, 0]
+    out, merged = merge_attention(o.unbind(2), lse.unbind(2))
+    return out.to(q.dtype), merged

@@ -1,0 +1,85 @@
+"""CUDA graphs for decode-only steps: the whole forward (embedding to logits) captured once per
+batch-size bucket, replayed with inputs copied into static buffers. Removes the per-kernel
+launch cost that dominates small decode batches.
+
+Padding rows of a bucket read a null block-table row with seq_len 0 (the kernel returns zeros for
+them) and write their K/V into a scratch page that no request owns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
+from mnemosyne.attention.triton_decode import num_splits_for
+from mnemosyne.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from mnemosyne.runner.model_runner import StepInputs
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_tables: torch.Tensor,
+                 null_row: int, scratch_slot: int, page_size: int, backend: AttentionBackend,
+                 max_batch: int, max_seq_len: int, device: torch.device):
+        self.model = model
+        self.device = device
+        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        n = self.buckets[-1]
+        self.token_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), scratch_slot, dtype=torch.int64, device=device)
+        self.rows = torch.full((n,), null_row, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.null_row, self.scratch_slot = null_row, scratch_slot
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        pool = torch.cuda.graph_pool_handle()
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_kv_heads = kv_caches[0].shape[2]
+        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            meta = AttentionMetadata(
+                query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
+                slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
+                seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
+                decode_splits=num_splits_for(b, num_kv_heads, max_seq_len, num_sms, 64))
+
+            def forward(b=b, meta=meta) -> torch.Tensor:
+                hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
+                return model.compute_logits(hidden)
+
+            forward()  # warm up: Triton compiles, cuBLAS picks algorithms
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[b] = forward()
+            self.graphs[b] = graph
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Replay the smallest graph that fits a decode-only batch; returns logits [batch, vocab] float32."""
+        meta = inputs.meta
+        batch = meta.num_requests
+        b = self.bucket(batch)
+        self.token_ids[:batch].copy_(inputs.token_ids)
+        self.positions[:batch].copy_(inputs.positions)
+        self.slot_mapping[:batch].copy_(meta.slot_mapping)
+        self.rows[:batch].copy_(meta.rows)
+        self.seq_lens[:batch].copy_(meta.seq_lens_tensor)
+        if b > batch:
+            self.token_ids[batch:b].zero_()
+            self.positions[batch:b].zero_()
+            self.slot_mapping[batch:b].fill_(self.scratch_slot)
+            self.rows[batch:b].fill_(self.null_row)
+            self.seq_lens[batch:b].zero_()
+        self.graphs[b].replay()
+        return self.logits[b][:batch]
