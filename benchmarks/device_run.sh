@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install the carried wheels, run the GPU tests, time the attention
+# kernels, and run `mnemosyne bench latency` against floors and HF transformers.
+#   device: bash benchmarks/device_run.sh [quick]      (carry .whl; logs and plots land in $OUT)
+set -uo pipefail
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MNEMOSYNE_QUIET=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:src:." || exit 1
+else
+  export PYTHONPATH="src:."
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "== GPU tests"
+python3 -m pytest -q -m gpu tests/attention/test_gpu.py tests/runner/test_gpu_numerics.py -p no:cacheprovider 2>&1 \
+  | tee "$out/gpu_tests.log" | tail -15
+echo "== attention kernels"
+python3 benchmarks/gpu_kernels.py 2>&1 | tee "$out/kernels.log"
+if [ "${1:-}" = quick ]; then exit 0; fi
+echo "== bench latency"
+python3 -m mnemosyne bench latency -o "$out/latency" 2>&1 | tee "$out/bench.log" | tail -30
