@@ -17,7 +17,7 @@ from mnemosyne import LLM, SamplingParams
 from mnemosyne.executor.multiproc import WorkerFailedError
 from mnemosyne.plan import ScheduledChunk, StepPlan
 
-ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=16, tensor_parallel_size=2)
+ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=16, tensor_parallel_size=2, device="cpu")
 
 
 def _gone(pid: int) -> bool:
@@ -81,7 +81,7 @@ def test_worker_exception_comes_back_with_its_traceback():
 _ENGINE_SCRIPT = """
 import json, sys, time
 from mnemosyne import LLM
-llm = LLM("dummy:tiny", kv_cache_memory=0.01, tensor_parallel_size=2)
+llm = LLM("dummy:tiny", kv_cache_memory=0.01, tensor_parallel_size=2, device="cpu")
 print(json.dumps(list(llm.engine.executor.worker_pids.values())), flush=True)
 time.sleep(600)
 """

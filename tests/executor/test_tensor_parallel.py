@@ -14,7 +14,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7] * 23, list(range(40)), [300, 2], list(range(100,
 GREEDY = SamplingParams(max_tokens=32, logprobs=3)
 SAMPLED = SamplingParams(max_tokens=32, temperature=0.8, seed=7)
 """Seeded sampling: every tp rank samples with the same generator from the same gathered logits."""
-ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=16, seed=0)
+ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=16, seed=0, device="cpu")
 
 
 def _generate(model: str, tp: int) -> list:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-DEMO = ["-m", "mnemosyne.executor.torchrun_demo", "dummy:tiny", "--kv-cache-memory", "0.01",
+DEMO = ["-m", "mnemosyne.executor.torchrun_demo", "dummy:tiny", "--device", "cpu", "--kv-cache-memory", "0.01",
         "--max-num-batched-tokens", "16", "--max-tokens", "32",
         "--prompt-token-ids", "1,2,3,4,5", "--prompt-token-ids", ",".join(map(str, range(40))),
         "--prompt-token-ids", "300,2"]

@@ -1,0 +1,61 @@
+"""The same multi-process path on GPUs: NCCL, one cuda:{local_rank} device per worker. Skipped
+without two CUDA devices (CI has none; the lead runs these on a GPU machine)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from mnemosyne import LLM, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
+]
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 23, list(range(40)), list(range(100, 161))]
+ENGINE = dict(device="cuda", dtype="float32", kv_cache_memory=0.05, max_num_batched_tokens=16,
+              attention_backend="reference")  # float32, for exact comparison; flash SDPA needs bf16
+
+
+def _greedy(tp: int) -> list[list[int]]:
+    llm = LLM("dummy:tiny", tensor_parallel_size=tp, **ENGINE)
+    try:
+        if tp > 1:
+            assert llm.engine.executor.info.device == "cuda:0"
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32), use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_nccl_tp2_matches_single_gpu():
+    assert _greedy(2) == _greedy(1)
+
+
+@pytest.mark.timeout(180)
+def test_nccl_killed_worker_fails_fast():
+    # NCCL peers do not notice a dead rank (they wait in the collective): the engine sees the death
+    # through the process handle and terminates the survivor.
+    llm = LLM("dummy:tiny", tensor_parallel_size=2, **ENGINE)
+    pids = llm.engine.executor.worker_pids
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Timer(2.0, kill)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="worker rank 1 died unexpectedly"):
+            llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=4000), use_tqdm=False)
+    finally:
+        killer.cancel()
+    assert killed_at and time.monotonic() - killed_at[0] < 10
