@@ -163,6 +163,10 @@ class MultiprocExecutor:
             message += f"\n(ranks {others} failed too, most likely because of rank {rank})"
         self._failure = WorkerFailedError(rank, message)
         logger.error("%s; shutting the workers down", message.splitlines()[0])
+        reported = {e.rank for e in self._errors}
+        for peer, proc in self._procs.items():
+            if peer not in reported and proc.poll() is None:
+                proc.terminate()  # silent after the grace period: stuck in a collective (NCCL waits)
         self.shutdown()
         raise self._failure
 
