@@ -19,5 +19,7 @@ python3 -m pytest -q -m gpu tests/attention/test_gpu.py tests/runner/test_gpu_nu
 echo "== attention kernels"
 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$out/kernels.log"
 if [ "${1:-}" = quick ]; then exit 0; fi
+echo "== profile"
+python3 benchmarks/profile_step.py 2>&1 | tee "$out/profile.log" | grep -v "^-" | cut -c1-150 | head -60
 echo "== bench latency"
 python3 -m mnemosyne bench latency -o "$out/latency" 2>&1 | tee "$out/bench.log" | tail -30

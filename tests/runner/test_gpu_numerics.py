@@ -19,11 +19,30 @@ pytestmark = pytest.mark.gpu
 LOGIT_ATOL = 0.1
 
 
+class CpuWeights:
+    """The dummy weights as generated on the CPU, moved to any device: dummy weights drawn on a GPU
+    come from its own random generator and would differ from the CPU reference's."""
+
+    def __init__(self, model: str):
+        self.inner = resolve_model(model)
+        self.name = self.inner.name
+
+    def load_config(self):
+        return self.inner.load_config()
+
+    def iter_weights(self, device, dtype, names=None):
+        for name, tensor in self.inner.iter_weights(torch.device("cpu"), torch.float32, names):
+            yield name, tensor.to(device, dtype)
+
+    def load_tokenizer(self):
+        return None
+
+
 def make_worker(device: str, dtype: str, eager: bool) -> Worker:
     config = EngineConfig(model="dummy:tiny", device=device, dtype=dtype, kv_cache_memory=0.05,
                           max_num_seqs=8, enforce_eager=eager, attention_backend="auto" if device == "cuda"
                           else "reference")
-    loader = resolve_model(config.model, seed=config.seed)
+    loader = CpuWeights(config.model)
     return Worker(config, loader.load_config(), loader)
 
 

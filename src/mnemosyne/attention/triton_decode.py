@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mnemosyne.attention.backend import merge_attention
-
 _LOG2E = 1.4426950408889634
 
 
@@ -96,5 +94,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     )
     if num_splits == 1:
         return o[:, :, 0].to(q.dtype), lse[:, :, 0]
-    out, merged = merge_attention(o.unbind(2), lse.unbind(2))
-    return out.to(q.dtype), merged
+    return merge_splits(o, lse, q.dtype)
+
+
+def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LSE merge along the split axis in a handful of kernels (a Python loop over splits would
+    cost a launch per split per layer). o [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D], [B, H]."""
+    total = torch.logsumexp(lse, dim=2)  # [B, H]; -inf where no split saw a key
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    weights = torch.exp(lse - safe.unsqueeze(2))  # exp(-inf) = 0 for empty splits
+    out = torch.einsum("bhsd,bhs->bhd", o, weights)  # the kernel writes 0, not NaN, for empty splits
+    return out.to(dtype), total

@@ -84,7 +84,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64; q [T, Hq, D], k [T, Hk, D] -> rotated q, k in their dtype."""
+        """positions [T] int64; q [T, Hq, D], k [T, Hk, D] -> rotated q, k in their dtype (in place on GPU)."""
+        if q.is_cuda:
+            from mnemosyne.layers.triton_ops import rotary_
+
+            rotary_(q, positions, self.inv_freq, self.attention_factor)
+            rotary_(k, positions, self.inv_freq, self.attention_factor)
+            return q, k
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float().unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_factor).to(q.dtype).unsqueeze(1)

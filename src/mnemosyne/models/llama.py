@@ -49,7 +49,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from mnemosyne.layers.triton_ops import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -61,10 +66,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (h', residual'); the stream is h + residual, summed inside the next norm."""
+        x, residual = self.input_layernorm(h, residual)
+        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 # HF checkpoint name fragment -> (our fused parameter, shard id)
@@ -94,22 +103,29 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, backend: AttentionBackend,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """token_ids, positions [T] int64 -> hidden [T, hidden] after this stage's layers.
+    def forward_stage(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                      meta: AttentionMetadata, backend: AttentionBackend,
+                      hidden: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's layers: (hidden, residual) [T, hidden] each, whose sum is the residual stream.
 
-        kv_caches[i] is layer (layer_start + i)'s [2, num_slots, kv_heads, head_dim] cache.
-        Later pipeline stages pass the previous stage's `hidden` instead of embedding tokens.
+        kv_caches[i] is layer (layer_start + i)'s [2, num_slots, kv_heads, head_dim] cache. The first
+        stage embeds token_ids; later pipeline stages pass the previous stage's hidden and residual.
         """
         h = self.embed_tokens(token_ids) if self.is_first_pp_stage else hidden
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(positions, h, kv_cache, meta, backend)
-        return h
+            h, residual = layer(positions, h, residual, kv_cache, meta, backend)
+        return h, residual
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """A whole model: token_ids, positions [T] int64 -> final-normed hidden [T, hidden]."""
+        h, residual = self.forward_stage(token_ids, positions, kv_caches, meta, backend)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, hidden] of the positions to sample -> logits [B, vocab] float32 (last stage only)."""
-        return self.lm_head.logits(self.norm(hidden))
+        """Final-normed hidden [B, hidden] of the positions to sample -> logits [B, vocab] float32."""
+        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy this rank's shard of each HF-named tensor; raises ValueError on a missing or unknown one."""
