@@ -177,6 +177,22 @@ class EngineConfig:
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"
     """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
+    scheduler: str = "lars"
+    """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
+    chunking: str = "adaptive"
+    """adaptive (largest chunks whose predicted step time fits --tbt-slo-ms) or fixed:N (N tokens a step)."""
+    tbt_slo_ms: float | None = None
+    """Time-between-tokens SLO, the step-time budget of adaptive chunking; None: only the token budget."""
+    ttft_slo_ms: float | None = None
+    """Time-to-first-token SLO; a request's deadline is the larger of it and --deadline-work-factor × its work."""
+    deadline_work_factor: float = 3.0
+    """A request's TTFT deadline is at least this many times its predicted prefill time."""
+    rho_max: float = 0.5
+    """Largest share of a step's budget a prefill with slack yields to shorter work (budget yielding)."""
+    latency_profile: str | None = None
+    """Step-time profile written by `mnemosyne profile`; None: a roofline of --roofline-device."""
+    roofline_device: str = "auto"
+    """Device of the roofline step-time model without a profile: auto, h100, h200 or cpu."""
 
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel_size", "pipeline_parallel_size", "kv_parallel_size",
@@ -196,10 +212,30 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "sdpa", "gpu"):
             raise ValueError(
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
+        _check_scheduling(self)
 
     @property
     def world_size(self) -> int:
         return self.kv_parallel_size * self.pipeline_parallel_size * self.tensor_parallel_size
+
+
+def _check_scheduling(cfg: EngineConfig) -> None:
+    from mnemosyne.scheduler.chunking import parse_chunking
+    from mnemosyne.scheduler.latency_model import DEVICES
+    from mnemosyne.scheduler.policy import check_policy
+
+    check_policy(cfg.scheduler)
+    parse_chunking(cfg.chunking)
+    for name in ("tbt_slo_ms", "ttft_slo_ms"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.deadline_work_factor < 1:
+        raise ValueError(f"--deadline-work-factor must be at least 1, got {cfg.deadline_work_factor}")
+    if not 0 <= cfg.rho_max < 1:
+        raise ValueError(f"--rho-max must be in [0, 1), got {cfg.rho_max}")
+    if cfg.roofline_device != "auto" and cfg.roofline_device not in DEVICES:
+        raise ValueError(f"--roofline-device must be auto or one of {sorted(DEVICES)}, got {cfg.roofline_device!r}")
 
 
 def _positive(cfg: Any, *names: str) -> None:

@@ -105,9 +105,14 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                 eos_token_ids: Sequence[int] = (), arrival_s: float | None = None) -> None:
+                 eos_token_ids: Sequence[int] = (), arrival_s: float | None = None,
+                 priority: int = 0, deadline_s: float | None = None) -> None:
         self.request_id = request_id
         self.params = params
+        self.priority = priority
+        """Scheduling priority; lower is more urgent. Each step of it halves or doubles the deadline."""
+        self.deadline_s = deadline_s
+        """Seconds after arrival by which the first token is due; None: from --ttft-slo-ms and work."""
         self.token_ids = array("i", prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0

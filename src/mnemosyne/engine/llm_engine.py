@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
-from mnemosyne.kv.block_pool import BlockPool
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.plan import StepPlan, TokenLogprobs
 from mnemosyne.request import FinishReason, Request, SamplingParams
-from mnemosyne.scheduler.policy import make_policy
-from mnemosyne.scheduler.scheduler import Scheduler, SchedulerLimits
+from mnemosyne.scheduler.factory import build_scheduler, latency_model_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +41,8 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.executor = _make_executor(config, self.model_config, loader)
         info = self.executor.info
-        self.scheduler = Scheduler(
-            SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
-            BlockPool(info.num_kv_blocks, config.block_size), make_policy("fcfs"))
+        self.scheduler = build_scheduler(config, self.model_config, info.num_kv_blocks, self.max_model_len,
+                                         latency_model_for(config, self.model_config, info.device))
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -65,11 +62,14 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
-                    request_id: str | None = None, arrival_s: float | None = None) -> str:
-        """Tokenize and queue a request. Raises ValueError (and queues nothing) if it can never run."""
+                    request_id: str | None = None, arrival_s: float | None = None,
+                    priority: int = 0, deadline_s: float | None = None) -> str:
+        """Tokenize and queue a request. Raises ValueError (and queues nothing) if it can never run.
+        `priority` (lower is more urgent) and `deadline_s` (first token due this long after arrival)
+        steer the deadline-aware schedulers."""
         request_id = request_id or f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
-        request = Request(request_id, token_ids, params, self.eos_token_ids, arrival_s)
+        request = Request(request_id, token_ids, params, self.eos_token_ids, arrival_s, priority, deadline_s)
         seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}".encode())
         self.scheduler.add_request(request, seed)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)

@@ -1,8 +1,17 @@
-"""Scheduling policies: the order in which requests get the step's token budget."""
+"""Scheduling policies: the order in which requests get the step's budget, and how much of it a
+request leaves to shorter work behind it (budget yielding).
+
+Deadline-aware policies work on a request's TTFT deadline and its predicted prefill work:
+    slack = arrival + deadline - now - remaining_work
+FCFS orders by arrival; EDF by arrival + deadline; LRS by slack; LARS (the default) by
+slack / total_work, so a long request is judged by how much of its cushion it has used
+relative to its size, and neither convoys (FCFS) nor starvation of long requests (EDF) follow.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from mnemosyne.request import Request
@@ -13,18 +22,132 @@ class Policy(Protocol):
         """Requests from most to least urgent. Pure: mutates nothing."""
         ...
 
+    def yield_share(self, request: Request, now_s: float) -> float:
+        """Share, in [0, rho_max], of the step budget still left that this request leaves to
+        shorter work scheduled after it. Pure; called for each request given a chunk."""
+        ...
 
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How a request's TTFT deadline and prefill work are found."""
+
+    work_s: Callable[[int, int], float]
+    """Predicted time to compute tokens [start, end) of one request alone."""
+    ttft_slo_s: float | None = None
+    """Deadline of requests whose predicted work is small; None: from the work alone."""
+    work_factor: float = 3.0
+    """A deadline is at least this many times the request's predicted prefill work."""
+
+    def deadline_s(self, request: Request) -> float:
+        """Seconds after arrival by which the request's first token is due."""
+        if request.deadline_s is not None:
+            deadline = request.deadline_s
+        else:
+            deadline = max(self.ttft_slo_s or 0.0, self.work_factor * self.total_work_s(request))
+        return deadline * 2.0 ** request.priority  # lower priority value: more urgent
+
+    def total_work_s(self, request: Request) -> float:
+        return self.work_s(0, request.num_tokens)
+
+    def remaining_work_s(self, request: Request) -> float:
+        done = request.num_computed_tokens + request.num_inflight_tokens
+        return self.work_s(done, request.num_tokens)
+
+    def slack_s(self, request: Request, now_s: float) -> float:
+        return request.metrics.arrival_s + self.deadline_s(request) - now_s - self.remaining_work_s(request)
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may use: deadlines and work from the step-time model, and yielding's cap."""
+
+    deadlines: Deadlines
+    rho_max: float = 0.5
+    """Largest share of a step's budget a request yields."""
+
+
+PolicyFactory = Callable[[PolicyContext], Policy]
+_POLICIES: dict[str, PolicyFactory] = {}
+
+
+def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+    def register(factory: PolicyFactory) -> PolicyFactory:
+        _POLICIES[name] = factory
+        return factory
+
+    return register
+
+
+@register_policy("fcfs")
 class FCFS:
-    """First come, first served: earliest arrival first."""
+    """First come, first served: earliest arrival first. Yields nothing."""
+
+    def __init__(self, context: PolicyContext | None = None):
+        pass
 
     def order(self, requests: Iterable[Request], now_s: float) -> list[Request]:
         return sorted(requests, key=lambda r: r.metrics.arrival_s)
 
+    def yield_share(self, request: Request, now_s: float) -> float:
+        return 0.0
 
-POLICIES = {"fcfs": FCFS}
+
+class _SlackPolicy:
+    """Shared by the deadline-aware policies: a sort key, and yielding in proportion to slack."""
+
+    def __init__(self, context: PolicyContext):
+        self.deadlines = context.deadlines
+        self.rho_max = context.rho_max
+
+    def key(self, request: Request, now_s: float) -> float:
+        raise NotImplementedError
+
+    def order(self, requests: Iterable[Request], now_s: float) -> list[Request]:
+        return sorted(requests, key=lambda r: (self.key(r, now_s), r.metrics.arrival_s))
+
+    def yield_share(self, request: Request, now_s: float) -> float:
+        # Slowing down by a share s stretches the remaining work w to w / (1 - s); that stays within
+        # the slack while s <= slack / (slack + w).
+        slack = self.deadlines.slack_s(request, now_s)
+        if slack <= 0:
+            return 0.0
+        return min(self.rho_max, slack / (slack + self.deadlines.remaining_work_s(request)))
 
 
-def make_policy(name: str) -> Policy:
-    if name not in POLICIES:
-        raise ValueError(f"--scheduler must be one of {sorted(POLICIES)}, got {name!r}")
-    return POLICIES[name]()
+@register_policy("edf")
+class EDF(_SlackPolicy):
+    """Earliest deadline first."""
+
+    def key(self, request: Request, now_s: float) -> float:
+        return request.metrics.arrival_s + self.deadlines.deadline_s(request)
+
+
+@register_policy("lrs")
+class LRS(_SlackPolicy):
+    """Least remaining slack first."""
+
+    def key(self, request: Request, now_s: float) -> float:
+        return self.deadlines.slack_s(request, now_s)
+
+
+@register_policy("lars")
+class LARS(_SlackPolicy):
+    """Length-aware relative slack: least slack per second of total work first."""
+
+    def key(self, request: Request, now_s: float) -> float:
+        total = max(self.deadlines.total_work_s(request), 1e-9)
+        return self.deadlines.slack_s(request, now_s) / total
+
+
+def check_policy(name: str) -> None:
+    if name not in _POLICIES:
+        raise ValueError(f"--scheduler must be one of {sorted(_POLICIES)}, got {name!r}")
+
+
+def make_policy(name: str, context: PolicyContext | None = None) -> Policy:
+    """A policy by name. Deadline-aware ones need a context (a step-time model); FCFS does not."""
+    check_policy(name)
+    if context is None and name != "fcfs":
+        raise ValueError(f"--scheduler {name} needs a step-time model for its deadlines")
+    return _POLICIES[name](context)  # type: ignore[arg-type]

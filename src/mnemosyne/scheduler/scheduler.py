@@ -1,21 +1,26 @@
 """Token-budget scheduler with stall-free mixed batching.
 
-Each step: running requests that need one token (decodes) first, then the other running ones,
-then waiting ones, each taking up to the remaining token budget. Blocks that run out are won back
-by preempting the least urgent unscheduled request: its blocks are freed and its tokens
-recomputed later, so nothing is lost.
+Each step: requests that need one token (decodes) first, then every other request, running or
+waiting, in the policy's order; the chunking policy sizes each one's chunk against the step's
+budget (tokens, or predicted time). Blocks that run out are won back by preempting running
+requests that arrived later: their blocks are freed and their tokens recomputed, so nothing is
+lost, and since that order never changes two requests cannot keep preempting each other.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mnemosyne.kv.block_pool import BlockPool
 from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan, StepResult
 from mnemosyne.request import FinishReason, Request
+from mnemosyne.scheduler.chunking import Chunking, FixedChunking, StepBudget
 from mnemosyne.scheduler.policy import Policy
+
+GroupBoundary = Callable[[Request], "int | None"]
+"""Token index at which the request's next KVP group starts (a chunk must not cross it), or None."""
 
 
 @dataclass(frozen=True)
@@ -27,16 +32,25 @@ class SchedulerLimits:
 
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, pool: BlockPool, policy: Policy,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, chunking: Chunking | None = None,
+                 group_boundary: GroupBoundary | None = None):
         self.limits = limits
         self.pool = pool
         self.policy = policy
+        self.chunking = chunking or FixedChunking(limits.max_num_batched_tokens)
+        self.group_boundary = group_boundary
         self.clock = clock
         self.max_model_len = min(limits.max_model_len, pool.num_blocks * pool.block_size)
         """The longest request the cache can ever hold, whatever else runs."""
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self._running_ids: set[str] = set()
+        self._arrival_rank: dict[str, int] = {}
+        """Order of add_request calls: preemption only ever frees requests that came later."""
+        self._num_added = 0
+        self._preempted_ids: set[str] = set()
+        """Preempted in the step being scheduled: not readmitted in the same step."""
         self._freed_ids: list[str] = []
         self._seeds: dict[str, int] = {}
         self._step_id = 0
@@ -56,6 +70,8 @@ class Scheduler:
             raise ValueError(f"the prompt has {n} tokens, more than the whole KV cache holds ({self.max_model_len})")
         self.requests[request.request_id] = request
         self._seeds[request.request_id] = seed
+        self._arrival_rank[request.request_id] = self._num_added
+        self._num_added += 1
         self.waiting.append(request)
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
@@ -74,40 +90,56 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Pick this step's tokens. Marks them in flight on each request; `update` lands them."""
-        budget = self.limits.max_num_batched_tokens
+        now = self.clock()
+        self._preempted_ids.clear()
+        step = self.chunking.new_step()
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequest] = []
-        now = self.clock()
-        ordered = self.policy.order(self.running, now)
-        ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: decodes first
         scheduled: set[str] = set()
-        for request in ordered:
-            if budget == 0:
+        candidates = self._candidates(now)
+        shortest_after = _shortest_after(candidates)
+        is_admitting = True
+        for i, request in enumerate(candidates):
+            if step.is_full:
                 break
-            if request.request_id not in self.requests or request.num_uncomputed_tokens == 0:
-                continue  # preempted earlier in this loop, or waiting on in-flight tokens
-            num_new = min(request.num_uncomputed_tokens, budget)
-            if not self._reserve(request, num_new, scheduled):
+            is_running = request.request_id in self._running_ids
+            if request.num_uncomputed_tokens == 0 or request.request_id in self._preempted_ids:
+                continue  # waiting on in-flight tokens, or preempted earlier in this loop
+            if not is_running and (not is_admitting or len(self.running) >= self.limits.max_num_seqs):
                 continue
+            num_new = self._fit(step, request, shortest_after[i + 1], now)
+            if num_new == 0:
+                continue
+            if not is_running and not self._admit(request, num_new):
+                is_admitting = False  # a less urgent request must not overtake one blocked on memory
+                continue
+            if is_running and not self._reserve(request, num_new, scheduled):
+                continue
+            step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
-            budget -= num_new
-        for request in self.policy.order(self.waiting, now):
-            if budget == 0 or len(self.running) >= self.limits.max_num_seqs:
-                break
-            num_new = min(request.num_uncomputed_tokens, budget)
-            if self.pool.blocks_for(request.num_computed_tokens + num_new) > self.pool.num_free_blocks:
-                break  # keep arrival order: a later request must not overtake a blocked one
-            self._reserve(request, num_new, scheduled)
-            self.waiting.remove(request)
-            self.running.append(request)
-            chunks.append(self._chunk(request, num_new, new_requests))
-            scheduled.add(request.request_id)
-            budget -= num_new
         self._step_id += 1
         plan = StepPlan(self._step_id, tuple(new_requests), tuple(chunks), tuple(self._freed_ids))
         self._freed_ids.clear()
         return plan
+
+    def _candidates(self, now_s: float) -> list[Request]:
+        ordered = self.policy.order([*self.running, *self.waiting], now_s)
+        ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: one-token chunks (decodes) first
+        return ordered
+
+    def _fit(self, step: StepBudget, request: Request, shortest_after: int, now_s: float) -> int:
+        """The request's chunk: the chunking policy's choice, clipped at its next KVP group boundary.
+        It yields part of the budget only when shorter work waits behind it."""
+        start = request.num_computed_tokens + request.num_inflight_tokens
+        max_new = request.num_uncomputed_tokens
+        boundary = self.group_boundary(request) if self.group_boundary else None
+        if boundary is not None:
+            max_new = min(max_new, boundary - start)
+        if max_new <= 0:
+            return 0
+        share = self.policy.yield_share(request, now_s) if shortest_after < max_new else 0.0
+        return step.fit(start, max_new, share)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Land a finished step: computed counts, sampled tokens, stop checks. Returns the requests
@@ -132,18 +164,27 @@ class Scheduler:
         return updated
 
     # -- helpers ---------------------------------------------------------------------------
+    def _admit(self, request: Request, num_new: int) -> bool:
+        """Move a waiting request to running with blocks for num_new tokens, if they are free."""
+        if self.pool.blocks_for(num_new) > self.pool.num_free_blocks:
+            return False
+        request.block_ids.extend(self.pool.allocate(self.pool.blocks_for(num_new)))
+        self.waiting.remove(request)
+        self.running.append(request)
+        self._running_ids.add(request.request_id)
+        return True
+
     def _reserve(self, request: Request, num_new: int, scheduled: set[str]) -> bool:
-        """Give the request blocks for num_new more tokens, preempting the least urgent unscheduled
-        running requests if needed. False if it cannot fit this step (it may have preempted itself)."""
+        """Give a running request blocks for num_new more tokens, preempting unscheduled requests that
+        arrived after it, latest first. False if it cannot fit this step (it may have preempted itself)."""
         needed = self.pool.blocks_for(request.num_computed_tokens + num_new) - len(request.block_ids)
+        rank = self._arrival_rank[request.request_id]
         while needed > self.pool.num_free_blocks:
-            victims = [r for r in self.running if r.request_id not in scheduled and r is not request]
-            victim = self.policy.order(victims, self.clock())[-1] if victims else None
-            if victim is None:
-                if request in self.running:
-                    self._preempt(request)
+            later = [r for r in self.running if r.request_id not in scheduled and self._arrival_rank[r.request_id] > rank]
+            if not later:
+                self._preempt(request)
                 return False
-            self._preempt(victim)
+            self._preempt(max(later, key=lambda r: self._arrival_rank[r.request_id]))
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         return True
@@ -174,6 +215,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._release(request)
         self.running.remove(request)
+        self._running_ids.discard(request.request_id)
+        self._preempted_ids.add(request.request_id)
         request.num_computed_tokens = request.num_inflight_tokens = 0
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -183,10 +226,20 @@ class Scheduler:
         request.finish_reason = reason
         request.metrics.finished_s = self.clock()
         self._release(request)
-        if request in self.running:
+        if request.request_id in self._running_ids:
             self.running.remove(request)
+            self._running_ids.discard(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
         del self.requests[request.request_id]
         del self._seeds[request.request_id]
+        del self._arrival_rank[request.request_id]
         return request
+
+
+def _shortest_after(requests: Sequence[Request]) -> list[int]:
+    """[i] = fewest uncomputed tokens among requests[i:]; one more entry, for the end."""
+    shortest = [1 << 62] * (len(requests) + 1)
+    for i in range(len(requests) - 1, -1, -1):
+        shortest[i] = min(shortest[i + 1], requests[i].num_uncomputed_tokens)
+    return shortest

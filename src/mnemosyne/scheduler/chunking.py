@@ -1,0 +1,168 @@
+"""Chunking policies: how many new tokens each request may add to the step being built.
+
+`fixed:N` caps a step at N tokens (the Sarathi baseline). `adaptive` gives each request, in the
+scheduler's order, the largest chunk whose predicted step time still fits the TBT budget: chunks
+start large and shrink as the prefix (and so the attention per token) grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
+
+GRANULARITY = 32
+"""Adaptive chunk sizes are multiples of this (or a request's whole remainder)."""
+
+
+class StepBudget(Protocol):
+    """The room left in one step; filled request by request in the scheduler's order."""
+
+    @property
+    def is_full(self) -> bool:
+        """No request can get a token any more."""
+        ...
+
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
+        """Most new tokens, at most max_new, that a request with num_prefix tokens of KV may add
+        now; 0 for none. `yield_share` of the budget still left is kept for requests behind it.
+        Pure: `add` records the choice."""
+        ...
+
+    def add(self, num_new: int, num_prefix: int) -> None:
+        """Record a request's chunk in the step."""
+        ...
+
+
+class Chunking(Protocol):
+    def new_step(self) -> StepBudget:
+        """A fresh, empty budget; called once at the start of each `schedule()`."""
+        ...
+
+
+class TokenBudget:
+    """At most num_tokens new tokens per step, first come first served in the scheduler's order."""
+
+    def __init__(self, num_tokens: int, estimate: StepEstimate | None = None):
+        self.num_tokens_left = num_tokens
+        self.estimate = estimate
+        """Predicted time of the step so far, when a latency model is known (for the simulator)."""
+
+    @property
+    def is_full(self) -> bool:
+        return self.num_tokens_left == 0
+
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
+        return min(max_new, self.num_tokens_left)
+
+    def add(self, num_new: int, num_prefix: int) -> None:
+        self.num_tokens_left -= num_new
+        if self.estimate is not None:
+            self.estimate.add(num_new, num_prefix)
+
+
+class TimeBudget(TokenBudget):
+    """A token cap plus a time budget: each chunk is the largest multiple of GRANULARITY (or the whole
+    remainder) whose predicted step time fits. A one-token chunk is never refused, since leaving it
+    out cannot help its request's TBT; and when the step is already over budget, or a minimal chunk
+    could not fit even alone, the step's first multi-token chunk still gets GRANULARITY tokens so that
+    an infeasible SLO slows prefills down instead of starving them."""
+
+    def __init__(self, num_tokens: int, estimate: StepEstimate, budget_s: float):
+        super().__init__(num_tokens, estimate)
+        self._est = estimate
+        self.budget_s = budget_s
+        self._has_multi_token_chunk = False
+
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
+        cap = min(max_new, self.num_tokens_left)
+        est = self._est
+        if cap <= 1:
+            return cap
+        limit_s = self.budget_s - yield_share * max(0.0, self.budget_s - est.time_s)
+        if est.time_with_s(cap, num_prefix) <= limit_s:
+            return cap
+        lo, hi = 0, (cap - 1) // GRANULARITY  # largest k with a 32k-token chunk inside the limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0 and not self._has_multi_token_chunk and self._is_infeasible(num_prefix, cap):
+            return min(GRANULARITY, cap)
+        return lo * GRANULARITY
+
+    def _is_infeasible(self, num_prefix: int, cap: int) -> bool:
+        alone = self._est.model.estimate()
+        return (self._est.time_s > self.budget_s
+                or alone.time_with_s(min(GRANULARITY, cap), num_prefix) > self.budget_s)
+
+    def add(self, num_new: int, num_prefix: int) -> None:
+        super().add(num_new, num_prefix)
+        self._has_multi_token_chunk |= num_new > 1
+
+
+class FixedChunking:
+    """`fixed:N`: N tokens per step, whatever their predicted time."""
+
+    def __init__(self, num_tokens: int, model: LatencyModel | None = None):
+        self.num_tokens = num_tokens
+        self.model = model
+
+    def new_step(self) -> TokenBudget:
+        return TokenBudget(self.num_tokens, self.model.estimate() if self.model else None)
+
+
+class AdaptiveChunking:
+    """`adaptive`: chunks sized by predicted step time against `budget_s`, never over max_num_tokens.
+    Without a budget (no --tbt-slo-ms) only the token cap applies."""
+
+    def __init__(self, model: LatencyModel, budget_s: float | None, max_num_tokens: int):
+        self.model = model
+        self.budget_s = budget_s
+        self.max_num_tokens = max_num_tokens
+
+    def new_step(self) -> TokenBudget:
+        if self.budget_s is None:
+            return TokenBudget(self.max_num_tokens, self.model.estimate())
+        return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s)
+
+
+ChunkingFactory = Callable[[int, LatencyModel, float | None, int], Chunking]
+"""(N of `name:N`, or 0; latency model; TBT budget in s or None; token cap) -> chunking."""
+
+_CHUNKINGS: dict[str, ChunkingFactory] = {}
+
+
+def register_chunking(name: str) -> Callable[[ChunkingFactory], ChunkingFactory]:
+    def register(factory: ChunkingFactory) -> ChunkingFactory:
+        _CHUNKINGS[name] = factory
+        return factory
+
+    return register
+
+
+@register_chunking("fixed")
+def _fixed(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
+    return FixedChunking(num_tokens, model)
+
+
+@register_chunking("adaptive")
+def _adaptive(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
+    return AdaptiveChunking(model, budget_s, max_num_tokens)
+
+
+def parse_chunking(spec: str) -> tuple[str, int]:
+    """(name, N) of `adaptive` or `fixed:N`; raises ValueError naming --chunking."""
+    name, _, arg = spec.partition(":")
+    needs_n = name == "fixed"
+    if name not in _CHUNKINGS or needs_n != bool(arg) or (needs_n and (not arg.isdigit() or int(arg) <= 0)):
+        raise ValueError(f"--chunking must be adaptive or fixed:N with N a positive token count, got {spec!r}")
+    return name, int(arg or 0)
+
+
+def make_chunking(spec: str, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
+    name, num_tokens = parse_chunking(spec)
+    return _CHUNKINGS[name](num_tokens, model, budget_s, max_num_tokens)

@@ -1,0 +1,385 @@
+"""Step-time model: predicts one engine step's time from its batch (new tokens and KV prefix of each
+request) and the parallel layout. Costs come from a profile measured on the hardware
+(`mnemosyne profile`) or, without one, from a roofline of the device's nominal rates.
+
+A step's time is `base_s(tokens, seqs) + Σ chunk_attention_s(new, prefix) + decode_attention_s(...)`:
+the linear layers, norms, collectives and sampling depend on the batch's totals, a chunk's attention
+on the chunk alone, and one-token chunks (decodes) are costed together, as one kernel runs them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from mnemosyne.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Nominal rates of one device, for the roofline fallback and for collectives a profile lacks."""
+
+    name: str
+    peak_flops: float
+    """Dense matmul rate at the serving dtype, FLOP/s."""
+    flops_efficiency: float
+    """Share of peak_flops that whole-model GEMMs and attention kernels reach."""
+    hbm_bytes_per_s: float
+    """Nominal memory bandwidth."""
+    bandwidth_efficiency: float
+    """Share of hbm_bytes_per_s that streaming reads (weights, KV) reach."""
+    memory_bytes: float
+    """Device memory, for the simulator's KV capacity."""
+    link_bytes_per_s: float
+    """All-reduce bus bandwidth between devices of one node (TP, PP)."""
+    network_bytes_per_s: float
+    """Per-device bandwidth between nodes (KVP merges across replicas)."""
+    collective_latency_s: float
+    """Latency of one small collective."""
+    step_overhead_s: float
+    """Fixed host and launch cost of one step."""
+    dtype_bytes: int
+    """Bytes per weight and KV element at the serving dtype."""
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    # bf16 dense ~790 TFLOP/s was measured for an 8192³ matmul on an H200 (the H100 SXM has the same
+    # tensor cores); whole models reach ~0.75 of it. Bandwidths are nominal HBM3 / HBM3e.
+    "h100": DeviceSpec("NVIDIA H100 SXM", 790e12, 0.75, 3.35e12, 0.85, 80e9, 350e9, 50e9, 20e-6, 1e-3, 2),
+    "h200": DeviceSpec("NVIDIA H200", 790e12, 0.75, 4.8e12, 0.85, 141e9, 350e9, 50e9, 20e-6, 1e-3, 2),
+    # A small x86 host in float32: order-of-magnitude only.
+    "cpu": DeviceSpec("CPU", 1e11, 0.5, 2e10, 0.6, 16e9, 5e9, 5e9, 20e-6, 2e-3, 4),
+}
+
+
+def device_spec(name: str) -> DeviceSpec:
+    key = name.lower()
+    if key not in DEVICES:
+        raise ValueError(f"--roofline-device must be one of {sorted(DEVICES)} or auto, got {name!r}")
+    return DEVICES[key]
+
+
+def detect_device(device: str) -> str:
+    """DEVICES key for a resolved torch device string, without creating a CUDA context here."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = ""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))
+    except Exception:  # no NVML: fall through to the default
+        pass
+    if "H200" in name:
+        return "h200"
+    if "H100" not in name:
+        logger.warning("unknown GPU %r: the roofline step-time model assumes an H100", name)
+    return "h100"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model replica is split, and how KVP spreads a long request's KV."""
+
+    tp: int = 1
+    pp: int = 1
+    kvp: int = 1
+    kvp_group_max_tokens: int | None = None
+    """Most KV tokens of one request per KVP group; None: one group holds a whole request."""
+
+
+class StepCosts(Protocol):
+    """The seam between a measured profile and the roofline. Times in seconds, for one step through
+    every layer (all pipeline stages in turn) on one tensor-parallel shard. One-token chunks
+    (decodes) are costed together: the GPU runs them in one kernel, and a step of nothing else
+    replays a CUDA graph."""
+
+    measured_tp: int
+    """Tensor-parallel size whose collectives the costs already include (1: none)."""
+
+    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+        """Everything but attention in a step with a multi-token chunk: fixed cost, linear layers,
+        norms, LM head and sampling."""
+        ...
+
+    def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
+        """Attention of one request's num_new > 1 tokens over num_prefix cached tokens and themselves."""
+        ...
+
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        """Attention of a step's one-token chunks, whose prefixes sum to num_prefix_tokens."""
+        ...
+
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        """A whole step of one-token chunks only."""
+        ...
+
+
+class Roofline:
+    """StepCosts from the device's nominal rates: each part takes max(FLOPs / rate, bytes / bandwidth)."""
+
+    measured_tp = 1
+
+    def __init__(self, model: ModelConfig, device: DeviceSpec, tp: int = 1):
+        self.device = device
+        b = device.dtype_bytes
+        self._flops_per_s = device.peak_flops * device.flops_efficiency
+        self._bytes_per_s = device.hbm_bytes_per_s * device.bandwidth_efficiency
+        self._linear_flops = 2.0 * model.num_params_non_embedding / tp  # per token
+        head_params = model.vocab_size * model.hidden_size / tp
+        self._weight_bytes = (model.num_params_non_embedding / tp + head_params) * b
+        self._head_flops = 2.0 * head_params  # per sampled sequence
+        heads = model.num_heads / tp
+        kv_heads = max(1.0, model.num_kv_heads / tp)  # replicated when tp > kv heads
+        self._qk_flops = 4.0 * model.num_layers * heads * model.head_dim  # per (query, key) pair
+        self._kv_bytes = 2.0 * model.num_layers * kv_heads * model.head_dim * b  # per cached token
+
+    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+        flops = self._linear_flops * num_tokens + self._head_flops * num_seqs
+        return self.device.step_overhead_s + max(flops / self._flops_per_s, self._weight_bytes / self._bytes_per_s)
+
+    def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
+        pairs = num_new * (num_prefix + (num_new + 1) / 2)  # the causal part sees half the chunk
+        return self._attention_s(pairs, num_prefix + num_new)
+
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        return self._attention_s(num_prefix_tokens + num_decodes, num_prefix_tokens + num_decodes)
+
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        return self.base_s(num_decodes, num_decodes) + self.decode_attention_s(num_decodes, num_prefix_tokens)
+
+    def _attention_s(self, num_pairs: float, num_kv_tokens: float) -> float:
+        return max(self._qk_flops * num_pairs / self._flops_per_s, self._kv_bytes * num_kv_tokens / self._bytes_per_s)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Step-time tables measured by `mnemosyne profile` on one device, for one model. Decode tables
+    are indexed by (number of one-token chunks, their mean prefix)."""
+
+    model: str
+    device_name: str
+    dtype: str
+    tp: int
+    linear_num_tokens: tuple[int, ...]
+    linear_s: tuple[float, ...]
+    """Step time with attention left out, one request of linear_num_tokens[i] tokens."""
+    per_seq_s: float
+    """Extra non-attention time per additional request in a step (metadata, sampling)."""
+    chunk_num_new: tuple[int, ...]
+    chunk_num_prefix: tuple[int, ...]
+    chunk_s: tuple[tuple[float, ...], ...]
+    """[len(chunk_num_new)][len(chunk_num_prefix)] attention time of one chunk."""
+    decode_num_decodes: tuple[int, ...]
+    decode_mean_prefix: tuple[int, ...]
+    decode_attention_s: tuple[tuple[float, ...], ...]
+    """[len(decode_num_decodes)][len(decode_mean_prefix)] decodes' attention inside a mixed step."""
+    decode_step_s: tuple[tuple[float, ...], ...]
+    """[same] time of a step of decodes only."""
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        Path(path).write_text(json.dumps({"version": 2, **asdict(self), **(extra or {})}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--latency-profile {str(path)!r} cannot be read: {e}") from e
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: _tuples(v) for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise ValueError(f"--latency-profile {str(path)!r} is not a profile: {e}") from e
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class Profiled:
+    """StepCosts interpolated from a Profile: piecewise linear, flat below the first grid point and
+    extrapolated along the last segment above the last one. A profile taken at another
+    tensor-parallel size is scaled by the ratio of the sizes."""
+
+    def __init__(self, profile: Profile, tp: int = 1):
+        self.profile = profile
+        self.measured_tp = profile.tp
+        self._scale = profile.tp / tp
+
+    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+        p = self.profile
+        return (self._scale * _interp(p.linear_num_tokens, p.linear_s, num_tokens)
+                + p.per_seq_s * max(0, num_seqs - 1))
+
+    def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
+        p = self.profile
+        return self._scale * _interp2(p.chunk_num_new, p.chunk_num_prefix, p.chunk_s, num_new, num_prefix)
+
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        p = self.profile
+        return self._scale * _interp2(p.decode_num_decodes, p.decode_mean_prefix, p.decode_attention_s,
+                                      num_decodes, num_prefix_tokens / num_decodes)
+
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+        p = self.profile
+        return self._scale * _interp2(p.decode_num_decodes, p.decode_mean_prefix, p.decode_step_s,
+                                      num_decodes, num_prefix_tokens / num_decodes)
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), xs increasing; flat below xs[0], the last slope above xs[-1]."""
+    if x <= xs[0] or len(xs) == 1:
+        return max(0.0, ys[0])
+    i = min(bisect.bisect_right(xs, x), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _interp2(xs: Sequence[float], ys: Sequence[float], table: Sequence[Sequence[float]], x: float, y: float) -> float:
+    """Bilinear version of _interp over table[i][j] at (xs[i], ys[j])."""
+    return _interp(xs, [_interp(ys, row, y) for row in table], x)
+
+
+class LatencyModel:
+    """Predicted step time for a layout. Adds what the costs leave out: TP all-reduces (roofline, or a
+    profile taken at another TP size), pipeline hops, and KVP: a request's attention runs on its KV
+    shard of at most kvp_group_max_tokens, in parallel across groups, then an LSE merge."""
+
+    WORK_CHUNK = 512
+    """Nominal chunk for predicting a whole prefill's work (ranking and deadlines)."""
+    _WORK_GRID = (0, 1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+
+    def __init__(self, costs: StepCosts, model: ModelConfig, device: DeviceSpec, layout: Layout = Layout()):
+        self.costs = costs
+        self.layout = layout
+        b, tp, lat = device.dtype_bytes, layout.tp, device.collective_latency_s
+        # Two all-reduces of [tokens, hidden] per layer; a ring moves 2(tp-1)/tp of the bytes.
+        needs_tp = tp > 1 and costs.measured_tp != tp
+        self._comm_fixed_s = (2 * model.num_layers * lat if needs_tp else 0.0) + (layout.pp - 1) * lat
+        self._comm_per_token_s = (
+            (2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * b / device.link_bytes_per_s
+             if needs_tp else 0.0)
+            + (layout.pp - 1) * model.hidden_size * b / device.link_bytes_per_s)
+        # KVP merge: every group's partial out and LSE per layer, gathered over the network.
+        self._merge_fixed_s = model.num_layers * lat
+        self._merge_per_token_s = (model.num_layers * model.num_heads / tp * (model.head_dim * b + 4)
+                                   / device.network_bytes_per_s)
+        self._group_tokens = layout.kvp_group_max_tokens if layout.kvp > 1 else None
+        self._work_cum: list[float] = []
+        self._work_rate: list[float] = []
+
+    def shard_prefix(self, num_prefix: int) -> int:
+        """Prefix tokens the busiest KVP group attends over: a full group's at most."""
+        group = self._group_tokens
+        return num_prefix if group is None else min(num_prefix, group)
+
+    def estimate(self) -> StepEstimate:
+        return StepEstimate(self)
+
+    def step_time_s(self, chunks: Iterable[tuple[int, int]]) -> float:
+        """Predicted time of a step of (num_new_tokens, num_prefix_tokens) per request."""
+        est = self.estimate()
+        for num_new, num_prefix in chunks:
+            est.add(num_new, num_prefix)
+        return est.time_s
+
+    def prefill_work_s(self, start: int, end: int) -> float:
+        """Predicted time to compute tokens [start, end) of one request alone, in nominal chunks."""
+        if end <= start:
+            return 0.0
+        return self._cumulative_work_s(end) - self._cumulative_work_s(start)
+
+    def _cumulative_work_s(self, x: int) -> float:
+        # The per-token cost is piecewise linear in the prefix between grid points, so its integral
+        # is exact per segment: O(log) per query, whatever the length.
+        grid = self._WORK_GRID
+        if not self._work_cum:
+            c = self.WORK_CHUNK
+            self._work_rate = [self.step_time_s([(c, p)]) / c for p in grid]
+            self._work_cum = [0.0]
+            for i in range(1, len(grid)):
+                mean_rate = (self._work_rate[i - 1] + self._work_rate[i]) / 2
+                self._work_cum.append(self._work_cum[-1] + (grid[i] - grid[i - 1]) * mean_rate)
+        rate = self._work_rate
+        i = min(bisect.bisect_right(grid, x), len(grid) - 1)
+        x0, x1 = grid[i - 1], grid[i]
+        r = rate[i - 1] + (rate[i] - rate[i - 1]) * (x - x0) / (x1 - x0)
+        return self._work_cum[i - 1] + (x - x0) * (rate[i - 1] + r) / 2
+
+
+class StepEstimate:
+    """Predicted time of a step being built, one request at a time; O(1) per add or query."""
+
+    __slots__ = ("chunk_attention_s", "decode_prefix_tokens", "model", "num_decodes", "num_merge_tokens",
+                 "num_seqs", "num_tokens")
+
+    def __init__(self, model: LatencyModel):
+        self.model = model
+        self.num_tokens = 0
+        self.num_seqs = 0
+        self.chunk_attention_s = 0.0
+        self.num_decodes = 0
+        self.decode_prefix_tokens = 0
+        self.num_merge_tokens = 0
+        """New tokens of requests whose KV spans several KVP groups (merged by LSE)."""
+
+    @property
+    def time_s(self) -> float:
+        return self._time_s(self.chunk_attention_s, self.num_tokens, self.num_seqs, self.num_decodes,
+                            self.decode_prefix_tokens, self.num_merge_tokens)
+
+    def time_with_s(self, num_new: int, num_prefix: int) -> float:
+        """The step's time if one more request with these counts joined it."""
+        shard = self.model.shard_prefix(num_prefix)
+        merge = self.num_merge_tokens + (num_new if shard < num_prefix else 0)
+        if num_new == 1:
+            return self._time_s(self.chunk_attention_s, self.num_tokens + 1, self.num_seqs + 1,
+                                self.num_decodes + 1, self.decode_prefix_tokens + shard, merge)
+        return self._time_s(self.chunk_attention_s + self.model.costs.chunk_attention_s(num_new, shard),
+                            self.num_tokens + num_new, self.num_seqs + 1, self.num_decodes,
+                            self.decode_prefix_tokens, merge)
+
+    def add(self, num_new: int, num_prefix: int) -> None:
+        shard = self.model.shard_prefix(num_prefix)
+        if shard < num_prefix:
+            self.num_merge_tokens += num_new
+        if num_new == 1:
+            self.num_decodes += 1
+            self.decode_prefix_tokens += shard
+        else:
+            self.chunk_attention_s += self.model.costs.chunk_attention_s(num_new, shard)
+        self.num_tokens += num_new
+        self.num_seqs += 1
+
+    def _time_s(self, chunk_attention_s: float, num_tokens: int, num_seqs: int, num_decodes: int,
+                decode_prefix_tokens: int, num_merge_tokens: int) -> float:
+        if num_seqs == 0:
+            return 0.0
+        m, costs = self.model, self.model.costs
+        if num_decodes == num_seqs:
+            t = costs.decode_step_s(num_decodes, decode_prefix_tokens)
+        else:
+            t = costs.base_s(num_tokens, num_seqs) + chunk_attention_s
+            if num_decodes:
+                t += costs.decode_attention_s(num_decodes, decode_prefix_tokens)
+        t += m._comm_fixed_s + m._comm_per_token_s * num_tokens
+        if num_merge_tokens:
+            t += m._merge_fixed_s + m._merge_per_token_s * num_merge_tokens
+        return t
+
+
+def build_latency_model(model: ModelConfig, layout: Layout, device: str = "h100",
+                        profile: str | Path | None = None) -> LatencyModel:
+    """A profiled model when a profile path is given, else the roofline of `device` (a DEVICES key)."""
+    spec = device_spec(device)
+    costs: StepCosts = Profiled(Profile.load(profile), layout.tp) if profile else Roofline(model, spec, layout.tp)
+    return LatencyModel(costs, model, spec, layout)

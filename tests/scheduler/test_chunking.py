@@ -1,0 +1,137 @@
+"""Adaptive chunking against a synthetic step-time model, with a fake clock: chunks shrink as the
+prefix grows, steps stay within the budget while decodes run, chunks stop at KVP boundaries,
+several prefills share a step and long prefills yield to short ones."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from mnemosyne.scheduler.chunking import GRANULARITY, AdaptiveChunking, FixedChunking, make_chunking
+from mnemosyne.scheduler.factory import kvp_group_boundary
+from mnemosyne.scheduler.latency_model import Layout
+from mnemosyne.scheduler.policy import LARS, Deadlines, PolicyContext
+from tests.scheduler.factories import add, land, make_scheduler, shapes, synthetic_model
+
+BUDGET_S = 0.05
+
+
+def adaptive(budget_s: float | None = BUDGET_S, max_tokens: int = 1 << 20, layout: Layout | None = None):
+    model = synthetic_model(layout)
+    return AdaptiveChunking(model, budget_s, max_tokens), model
+
+
+def run_steps(sched, clock, model, num_steps: int):
+    plans = []
+    for _ in range(num_steps):
+        plan = sched.schedule()
+        if not plan.chunks:
+            break
+        clock.now_s += model.step_time_s(shapes(plan))
+        land(sched, plan)
+        plans.append(plan)
+    return plans
+
+
+def test_chunks_shrink_as_the_prefix_grows_and_fit_the_budget():
+    chunking, model = adaptive()
+    sched, clock = make_scheduler(chunking=chunking)
+    add(sched, "long", 40_000, 0.0, max_tokens=1)
+    plans = run_steps(sched, clock, model, 1000)
+    sizes = [p.chunks[0].num_new_tokens for p in plans]
+    assert sum(sizes) == 40_000
+    assert all(s % GRANULARITY == 0 for s in sizes[:-1])  # only the remainder is off the grid
+    assert all(a >= b for a, b in itertools.pairwise(sizes[:-1]))  # never grows
+    assert sizes[0] > 8 * sizes[-2]  # large early, small late
+    assert all(model.step_time_s(shapes(p)) <= BUDGET_S for p in plans)
+
+
+def test_step_time_stays_within_budget_while_decodes_run():
+    chunking, model = adaptive()
+    sched, clock = make_scheduler(chunking=chunking)
+    for i in range(16):
+        add(sched, f"chat{i}", 200, 0.0, max_tokens=400)
+    run_steps(sched, clock, model, 2)  # the chats are decoding now
+    long = add(sched, "long", 30_000, clock.now_s, max_tokens=1)
+    plans = run_steps(sched, clock, model, 300)
+    with_decodes = [p for p in plans if any(c.num_new_tokens == 1 for c in p.chunks)]
+    assert len(with_decodes) > 50
+    assert all(model.step_time_s(shapes(p)) <= BUDGET_S for p in with_decodes)
+    assert long.is_finished  # the prefill finished alongside the decodes
+
+
+def test_fixed_chunking_ignores_time():
+    model = synthetic_model()
+    sched, clock = make_scheduler(chunking=FixedChunking(2048, model))
+    add(sched, "long", 20_000, 0.0, max_tokens=1)
+    plans = run_steps(sched, clock, model, 20)
+    assert [p.chunks[0].num_new_tokens for p in plans[:9]] == [2048] * 9
+    assert model.step_time_s(shapes(plans[8])) > BUDGET_S  # late chunks blow the budget
+
+
+def test_chunks_are_clipped_at_kvp_group_boundaries():
+    group = 1000
+    chunking, model = adaptive(layout=Layout(kvp=4, kvp_group_max_tokens=group))
+    sched, clock = make_scheduler(chunking=chunking, group_boundary=kvp_group_boundary(group))
+    add(sched, "long", 3500, 0.0, max_tokens=1)
+    plans = run_steps(sched, clock, model, 100)
+    spans = [(c.start, c.start + c.num_new_tokens) for p in plans for c in p.chunks]
+    assert spans[-1][1] == 3500
+    assert all(start // group == (end - 1) // group for start, end in spans)
+    assert {end for _, end in spans} >= {1000, 2000, 3000}
+
+
+def test_a_custom_group_boundary_hook_is_honoured():
+    sched, clock = make_scheduler(budget=64, group_boundary=lambda r: r.num_computed_tokens + 10)
+    add(sched, "a", 35, 0.0, max_tokens=1)
+    plans = run_steps(sched, clock, synthetic_model(), 10)
+    assert [p.chunks[0].num_new_tokens for p in plans] == [10, 10, 10, 5]
+
+
+def test_several_prefills_share_a_step_and_long_work_yields_to_short():
+    deadlines = Deadlines(synthetic_model().prefill_work_s, ttft_slo_s=2.0)
+    chunking, model = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.5)), chunking=chunking)
+    add(sched, "long", 200_000, 0.0, max_tokens=1)
+    run_steps(sched, clock, model, 30)
+    add(sched, "short", 300, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    by_id = {c.request_id: c.num_new_tokens for c in plan.chunks}
+    assert set(by_id) == {"long", "short"}  # multi-prefill: the short one rides along at once
+    assert by_id["short"] == 300
+    assert model.step_time_s(shapes(plan)) <= BUDGET_S
+
+
+def test_without_yielding_the_short_prefill_waits():
+    chunking, model = adaptive()
+    sched, clock = make_scheduler(chunking=chunking)  # FCFS: yields nothing
+    add(sched, "long", 200_000, 0.0, max_tokens=1)
+    run_steps(sched, clock, model, 30)
+    add(sched, "short", 300, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    assert [c.request_id for c in plan.chunks] == ["long"]
+
+
+def test_an_infeasible_budget_slows_prefills_instead_of_starving_them():
+    chunking, model = adaptive(budget_s=0.002)  # decodes alone take longer than this
+    sched, clock = make_scheduler(chunking=chunking)
+    for i in range(200):
+        add(sched, f"chat{i}", 40, 0.0, max_tokens=50)
+    run_steps(sched, clock, model, 200)
+    add(sched, "late", 100, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    assert ("late", GRANULARITY) in [(c.request_id, c.num_new_tokens) for c in plan.chunks]
+
+
+def test_no_time_budget_means_the_token_cap_alone():
+    chunking, model = adaptive(budget_s=None, max_tokens=512)
+    sched, clock = make_scheduler(chunking=chunking)
+    add(sched, "long", 2000, 0.0, max_tokens=1)
+    assert [p.chunks[0].num_new_tokens for p in run_steps(sched, clock, model, 10)] == [512, 512, 512, 464]
+
+
+@pytest.mark.parametrize("spec", ["fixed", "fixed:0", "fixed:x", "adaptive:3", "dynamic"])
+def test_bad_chunking_specs_name_the_flag(spec):
+    with pytest.raises(ValueError, match="--chunking"):
+        make_chunking(spec, synthetic_model(), None, 2048)
