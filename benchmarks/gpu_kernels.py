@@ -35,7 +35,7 @@ def copy_tbps() -> float:
     return 2 * src.numel() / time_ms(lambda: dst.copy_(src)) / 1e9
 
 
-def decode_case(batch: int, context: int, sms: int) -> tuple[float, float]:
+def decode_case(batch: int, context: int, sms: int, programs_per_sm: int = 4) -> tuple[float, float]:
     pages_per = -(-context // PAGE)
     num_slots = batch * pages_per * PAGE
     k = torch.randn(num_slots, HKV, D, device="cuda", dtype=DT)
@@ -43,7 +43,7 @@ def decode_case(batch: int, context: int, sms: int) -> tuple[float, float]:
     requests = [(context, 1, list(range(i * pages_per, (i + 1) * pages_per))) for i in range(batch)]
     meta = build_metadata(requests, PAGE, "cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
-    splits = num_splits_for(batch, HKV, context, sms, 64)
+    splits = num_splits_for(batch, HKV, context, sms, programs_per_sm)
     ms = time_ms(lambda: paged_decode(q, k, v, meta.block_tables, meta.rows, meta.seq_lens_tensor, PAGE,
                                       D ** -0.5, splits))
     kv_bytes = 2 * batch * context * HKV * D * 2
@@ -68,6 +68,10 @@ def main() -> None:
     for batch, context in ((1, 131072), (1, 1 << 20), (64, 4096), (8, 32768)):
         ms, tbps = decode_case(batch, context, sms)
         print(f"  B={batch:<3} context={context:<8} {ms:7.3f} ms  {tbps:5.2f} TB/s  {tbps / bw:5.1%} of copy")
+    print("decode splits sweep, B=1 context=131072 (programs per SM)")
+    for per_sm in (1, 2, 4, 8, 16):
+        ms, tbps = decode_case(1, 131072, sms, per_sm)
+        print(f"  {per_sm:>2} per SM  {ms:7.3f} ms  {tbps:5.2f} TB/s  {tbps / bw:5.1%} of copy")
     print("prefill chunk over a prefix (cuDNN, prefix + causal + merge)")
     for chunk, prefix in ((8192, 262144), (1024, 262144), (256, 1 << 20)):
         ms, tflops = chunk_case(chunk, prefix)

@@ -132,7 +132,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True)
     lat = kinds.add_parser("latency", help="TTFT of one prompt and TBT at a context, against floors and HF")
     add_engine_args(lat)
-    lat.set_defaults(func=_bench_latency, model="dummy:llama-3-8b", max_num_batched_tokens=16384)
+    lat.set_defaults(func=_bench_latency, model="dummy:llama-3-8b", max_num_batched_tokens=32768)
     lat.add_argument("--prefill-lens", default="8192,32768,131072", help="prompt lengths to time (comma-separated)")
     lat.add_argument("--decode", default="8192x1,32768x1,131072x1,4096x64",
                      help="decode shapes CONTEXTxBATCH (comma-separated)")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.attention.backend import AttentionMetadata, merge_attention
+from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
+from mnemosyne.attention.triton_merge import merge_pair
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -48,9 +49,10 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
             outs.append(o[0].view(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
                         .reshape(num_new, num_heads, head_dim))
             lses.append(lse_run[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads))
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return merge_attention(outs, lses)
+    out, lse = outs[0], lses[0]
+    for part_out, part_lse in zip(outs[1:], lses[1:], strict=True):
+        out, lse = merge_pair(out, lse, part_out, part_lse)
+    return out, lse
 
 
 class GpuBackend:
@@ -67,7 +69,7 @@ class GpuBackend:
         nd = meta.num_decodes
         if nd:
             splits = meta.decode_splits or num_splits_for(nd, k_cache.shape[1], max(meta.seq_lens[:nd]),
-                                                          self._num_sms, 64)
+                                                          self._num_sms)
             o, lse = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd],
                                 meta.seq_lens_tensor[:nd], meta.page_size, scale, splits)
             outs.append(o)

@@ -5,12 +5,17 @@ every SM busy. Returns (out, lse) like every backend; the splits are merged exac
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+
+
+_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+            for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 
 
 @triton.jit
@@ -27,9 +32,10 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     table = block_tables_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_bt
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    # splits are cut at 128-token multiples whatever BLOCK_N is, so every config sees the same keys per split
+    span = tl.cdiv(tl.cdiv(seq_len, 128), NUM_SPLITS) * 128
+    start = split * span
+    end = tl.minimum(start + span, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -66,15 +72,22 @@ def _paged_decode_kernel(
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
 
 
-def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
-    """Splits that give about four programs per SM without splits shorter than a few tiles."""
-    wanted = math.ceil(4 * num_sms / max(1, batch * num_kv_heads))
-    return max(1, min(wanted, 64, math.ceil(max_seq_len / (4 * block_n))))
+# Tuned once per shape on first use (the warm-up before CUDA-graph capture), then cached. Triton's
+# CPU interpreter cannot time configs, so it runs one fixed config.
+_tuned_decode_kernel = triton.autotune(configs=_CONFIGS, key=["GROUP", "HEAD_DIM", "PAGE", "NUM_SPLITS"])(
+    _paged_decode_kernel)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                   programs_per_sm: int = 4) -> int:
+    """Splits that give about programs_per_sm programs per SM, none shorter than 512 tokens."""
+    wanted = math.ceil(programs_per_sm * num_sms / max(1, batch * num_kv_heads))
+    return max(1, min(wanted, 128, math.ceil(max_seq_len / 512)))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float, num_splits: int,
-                 block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
+                 num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D]; caches [num_slots, Hkv, D]; block_tables [max_rows, max_pages] int32 with request b's
     pages in row rows[b]; seq_lens [B] int32 (0 for padding rows, which get out 0 and lse -inf).
 
@@ -85,23 +98,48 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     group = num_heads // num_kv_heads
     o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    kernel, fixed = (_paged_decode_kernel, {"BLOCK_N": 32}) if interpreted else (_tuned_decode_kernel, {})
+    kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, rows, seq_lens, o, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits, **fixed,
     )
     if num_splits == 1:
         return o[:, :, 0].to(q.dtype), lse[:, :, 0]
     return merge_splits(o, lse, q.dtype)
 
 
+@triton.jit
+def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, stride_ob, stride_oh, stride_os,
+                         stride_lb, stride_lh, stride_outb, stride_outh, num_heads,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0) // num_heads
+    h = tl.program_id(0) % num_heads
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse - top_safe)  # 0 for empty splits
+    total = tl.sum(w, 0)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
+                mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_lse_ptr + b * num_heads + h, tl.where(total > 0, top_safe + tl.log(total), float("-inf")))
+
+
 def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact LSE merge along the split axis in a handful of kernels (a Python loop over splits would
-    cost a launch per split per layer). o [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D], [B, H]."""
-    total = torch.logsumexp(lse, dim=2)  # [B, H]; -inf where no split saw a key
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    weights = torch.exp(lse - safe.unsqueeze(2))  # exp(-inf) = 0 for empty splits
-    out = torch.einsum("bhsd,bhs->bhd", o, weights)  # the kernel writes 0, not NaN, for empty splits
-    return out.to(dtype), total
+    """Exact LSE merge along the split axis in one launch (a Python loop over splits would cost a few
+    kernels per split per layer). o [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D] in dtype, [B, H]."""
+    batch, num_heads, num_splits, head_dim = o.shape
+    out = torch.empty(batch, num_heads, head_dim, dtype=dtype, device=o.device)
+    out_lse = torch.empty(batch, num_heads, dtype=torch.float32, device=o.device)
+    _merge_splits_kernel[(batch * num_heads,)](
+        o, lse, out, out_lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), num_heads, NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    return out, out_lse

@@ -84,15 +84,26 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64; q [T, Hq, D], k [T, Hk, D] -> rotated q, k in their dtype (in place on GPU)."""
-        if q.is_cuda:
-            from mnemosyne.layers.triton_ops import rotary_
-
-            rotary_(q, positions, self.inv_freq, self.attention_factor)
-            rotary_(k, positions, self.inv_freq, self.attention_factor)
-            return q, k
+        """positions [T] int64; q [T, Hq, D], k [T, Hk, D] -> rotated q, k in their dtype."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float().unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_factor).to(q.dtype).unsqueeze(1)
         sin = (emb.sin() * self.attention_factor).to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k, write k and v [T, Hkv, D] to the caches at slot_mapping [T]; returns rotated q.
+
+        On a GPU this is one fused kernel that rotates q in place.
+        """
+        if q.is_cuda:
+            from mnemosyne.layers.triton_ops import rotary_store_
+
+            rotary_store_(q, k, v, positions, self.inv_freq, self.attention_factor, k_cache, v_cache, slot_mapping)
+            return q
+        from mnemosyne.attention.backend import store_kv
+
+        q, k = self(positions, q, k)
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q

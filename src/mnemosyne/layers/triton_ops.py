@@ -1,4 +1,4 @@
-"""Fused elementwise kernels for the GPU: residual add + RMSNorm, SiLU × up, and rotary in place.
+"""Fused elementwise kernels for the GPU: residual add + RMSNorm, SiLU × up, and rotary with the KV write.
 Each replaces five to ten torch kernels, which at decode sizes cost more than the bytes they move.
 Imported only on CUDA; the CPU path keeps plain torch ops with the same math."""
 
@@ -62,31 +62,52 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, inv_freq_ptr, stride_t, stride_h, attention_factor,
-                   HALF: tl.constexpr, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr):
+def _rotate(src, dst, heads, d, mask, cos, sin, HALF: tl.constexpr):
+    """Rotate [heads, 2 * HALF] at src and write it to dst, rounding each product as the reference does."""
+    x1 = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    dtype = dst.dtype.element_ty
+    a1 = (x1 * cos[None, :]).to(dtype).to(tl.float32)
+    b1 = (-x2 * sin[None, :]).to(dtype).to(tl.float32)
+    a2 = (x2 * cos[None, :]).to(dtype).to(tl.float32)
+    b2 = (x1 * sin[None, :]).to(dtype).to(tl.float32)
+    tl.store(dst + d[None, :], (a1 + b1).to(dtype), mask=mask)
+    tl.store(dst + HALF + d[None, :], (a2 + b2).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
+                         attention_factor, HALF: tl.constexpr, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                         NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, HEADS_PAD)
     d = tl.arange(0, HALF)
-    mask = heads[:, None] < NUM_HEADS
     pos = tl.load(pos_ptr + t).to(tl.float32)
-    freqs = pos * tl.load(inv_freq_ptr + d)  # [HALF], float32 as the reference computes it
-    cos = (tl.cos(freqs) * attention_factor).to(x_ptr.dtype.element_ty).to(tl.float32)
-    sin = (tl.sin(freqs) * attention_factor).to(x_ptr.dtype.element_ty).to(tl.float32)
-    base = x_ptr + t * stride_t + heads[:, None] * stride_h
-    x1 = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    # the reference rounds each product before adding: q * cos + rotate_half(q) * sin
-    a1 = (x1 * cos[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    b1 = (-x2 * sin[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    a2 = (x2 * cos[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    b2 = (x1 * sin[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(base + d[None, :], (a1 + b1).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + HALF + d[None, :], (a2 + b2).to(x_ptr.dtype.element_ty), mask=mask)
+    freqs = pos * tl.load(inv_freq_ptr + d)  # float32, as the reference computes it
+    cos = (tl.cos(freqs) * attention_factor).to(q_ptr.dtype.element_ty).to(tl.float32)
+    sin = (tl.sin(freqs) * attention_factor).to(q_ptr.dtype.element_ty).to(tl.float32)
+    heads = tl.arange(0, HEADS_PAD)
+    q = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+    _rotate(q, q, heads, d, heads[:, None] < NUM_HEADS, cos, sin, HALF)
+    slot = tl.load(slot_ptr + t)
+    kv_heads = tl.arange(0, KV_HEADS_PAD)
+    kv_mask = kv_heads[:, None] < NUM_KV_HEADS
+    k_dst = k_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch
+    _rotate(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh, k_dst, kv_heads, d, kv_mask, cos, sin, HALF)
+    dd = tl.arange(0, 2 * HALF)
+    v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + dd[None, :], mask=kv_mask, other=0.0)
+    tl.store(v_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch + dd[None, :], v, mask=kv_mask)
 
 
-def rotary_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> None:
-    """Rotate x [T, H, D] in place (neox layout: halves, not interleaved pairs)."""
-    num_tokens, num_heads, head_dim = x.shape
-    _rotary_kernel[(num_tokens,)](x, positions, inv_freq, x.stride(0), x.stride(1), attention_factor,
-                                  HALF=head_dim // 2, NUM_HEADS=num_heads,
-                                  HEADS_PAD=triton.next_power_of_2(num_heads))
+def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, attention_factor: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] in place; write rotated k and v [T, Hkv, D] into the caches [slots, Hkv, D]
+    at slot_mapping [T]. Neox layout (halves). One launch instead of rotary, rotary, copy, copy."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    _rotary_store_kernel[(num_tokens,)](
+        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), attention_factor,
+        HALF=head_dim // 2, NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
+        NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads))

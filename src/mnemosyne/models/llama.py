@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata, store_kv
+from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.config import ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
 from mnemosyne.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -36,8 +36,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out, _ = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 

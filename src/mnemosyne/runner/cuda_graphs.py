@@ -49,7 +49,7 @@ class DecodeGraphs:
                 query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
                 slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
                 seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
-                decode_splits=num_splits_for(b, num_kv_heads, max_seq_len, num_sms, 64))
+                decode_splits=num_splits_for(b, num_kv_heads, max_seq_len, num_sms))
 
             def forward(b=b, meta=meta) -> torch.Tensor:
                 hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
