@@ -141,6 +141,34 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("-o", "--output", default=None, help="folder for latency.json, latency.txt and latency.png")
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnemosyne.bench import profile
+
+    return profile.run(engine_config(args), Path(args.output) if args.output else None, args.quick, args.check,
+                       args.max_prefix)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure the step-time model's tables on this device")
+    add_engine_args(p)
+    p.add_argument("-o", "--output", default=None, help="write the profile here (JSON)")
+    p.add_argument("--check", action="store_true",
+                   help="report the prediction error on held-out batches (of -o, or of --latency-profile)")
+    p.add_argument("--quick", action="store_true", help="a small grid, for a CPU and a tiny model")
+    p.add_argument("--max-prefix", type=int, default=None, help="longest KV prefix measured (default: 131072)")
+    p.set_defaults(func=_profile)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from mnemosyne.sim import cli as sim_cli
+
+    p = sub.add_parser("simulate", help="run the scheduler on a virtual clock over a request trace")
+    add_engine_args(p)
+    sim_cli.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnemosyne", description="Exact long-context LLM inference.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -148,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_profile(sub)
+    _add_simulate(sub)
     return parser
 
 

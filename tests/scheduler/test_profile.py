@@ -1,0 +1,38 @@
+"""`mnemosyne profile` on CPU with a tiny model: the tables come from real forwards, load back into
+the step-time model, and --check reports errors on held-out batches. Accuracy targets are for the
+GPU; here the timings are only required to be there and positive."""
+
+from __future__ import annotations
+
+import json
+
+from mnemosyne.bench.profile import QUICK_GRID, held_out_batches
+from mnemosyne.cli import main
+from mnemosyne.models.loaders.dummy import PRESETS
+from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled
+
+
+def test_quick_cpu_profile_and_check(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    assert main(["profile", "dummy:tiny", "--device", "cpu", "--quick", "-o", str(path), "--check"]) == 0
+    profile = Profile.load(path)
+    assert profile.model == "dummy:tiny" and profile.tp == 1
+    assert all(t > 0 for t in profile.linear_s)
+    assert len(profile.chunk_s) == len(profile.chunk_num_new)
+    assert all(len(row) == len(profile.chunk_num_prefix) for row in profile.chunk_s)
+    report = json.loads(path.read_text())["check"]
+    assert report["all"]["num_batches"] == QUICK_GRID.num_check
+    assert "median" in capsys.readouterr().out
+    model = LatencyModel(Profiled(profile), PRESETS["tiny"], DEVICES["cpu"])
+    assert model.step_time_s([(1, 100), (64, 500)]) > 0
+    # checking an existing profile needs no -o
+    assert main(["profile", "dummy:tiny", "--device", "cpu", "--quick", "--check",
+                 "--latency-profile", str(path)]) == 0
+
+
+def test_held_out_batches_stay_inside_the_measured_ranges():
+    for kind, shapes in held_out_batches(QUICK_GRID):
+        assert shapes and kind in ("decode", "chunks", "mixed")
+        assert sum(n for n, _ in shapes) <= QUICK_GRID.linear_num_tokens[-1]
+        assert all(p <= QUICK_GRID.chunk_num_prefix[-1] for _, p in shapes)
+        assert (kind == "decode") == all(n == 1 for n, _ in shapes)
