@@ -205,6 +205,9 @@ class EngineConfig:
             raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.kvp_group_max_tokens is not None and self.kvp_group_max_tokens <= 0:
             raise ValueError(f"--kvp-group-max-tokens must be positive, got {self.kvp_group_max_tokens}")
+        if self.kvp_group_max_tokens is not None and self.kvp_group_max_tokens % self.block_size:
+            raise ValueError(f"--kvp-group-max-tokens ({self.kvp_group_max_tokens}) must be a multiple of "
+                             f"--block-size ({self.block_size})")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"--kv-cache-memory must be positive GiB, got {self.kv_cache_memory}")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from mnemosyne.config import EngineConfig, ModelConfig
-from mnemosyne.kv.block_pool import BlockPool
+from mnemosyne.kv.kvp_placement import KvpPlacement
 from mnemosyne.request import Request
 from mnemosyne.scheduler.chunking import make_chunking
 from mnemosyne.scheduler.latency_model import LatencyModel, Layout, build_latency_model, detect_device
@@ -43,7 +43,7 @@ def build_scheduler(config: EngineConfig, model: ModelConfig, num_kv_blocks: int
     deadlines = Deadlines(latency.prefill_work_s, ttft_slo_s, config.deadline_work_factor)
     policy = make_policy(config.scheduler, PolicyContext(deadlines, config.rho_max))
     chunking = make_chunking(config.chunking, latency, tbt_slo_s, config.max_num_batched_tokens)
-    group = config.kvp_group_max_tokens
-    boundary = kvp_group_boundary(group) if config.kv_parallel_size > 1 and group else None
+    placement = KvpPlacement(config.kv_parallel_size, num_kv_blocks, config.block_size, config.kvp_group_max_tokens)
+    boundary = kvp_group_boundary(placement.group_max_tokens) if placement.num_groups > 1 else None
     limits = SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
-    return Scheduler(limits, BlockPool(num_kv_blocks, config.block_size), policy, clock, chunking, boundary)
+    return Scheduler(limits, placement, policy, clock, chunking, boundary)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mnemosyne.kv.block_pool import BlockPool
+from mnemosyne.kv.kvp_placement import KvpPlacement
 from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan, StepResult
 from mnemosyne.request import FinishReason, Request
 from mnemosyne.scheduler.chunking import Chunking, FixedChunking, StepBudget
@@ -31,16 +32,17 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, pool: BlockPool, policy: Policy,
+    def __init__(self, limits: SchedulerLimits, pool: BlockPool | KvpPlacement, policy: Policy,
                  clock: Callable[[], float] = time.monotonic, chunking: Chunking | None = None,
                  group_boundary: GroupBoundary | None = None):
         self.limits = limits
-        self.pool = pool
+        self.pool = pool if isinstance(pool, KvpPlacement) else KvpPlacement(1, pool.num_blocks, pool.block_size)
+        """The KV blocks of every KVP group (one group: a single pool) and where each request sits."""
         self.policy = policy
         self.chunking = chunking or FixedChunking(limits.max_num_batched_tokens)
         self.group_boundary = group_boundary
         self.clock = clock
-        self.max_model_len = min(limits.max_model_len, pool.num_blocks * pool.block_size)
+        self.max_model_len = min(limits.max_model_len, self.pool.max_request_tokens)
         """The longest request the cache can ever hold, whatever else runs."""
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -67,7 +69,7 @@ class Scheduler:
         if n > self.limits.max_model_len:
             raise ValueError(f"the prompt has {n} tokens, more than max_model_len ({self.limits.max_model_len})")
         if n > self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens, more than the whole KV cache holds ({self.max_model_len})")
+            raise ValueError(f"the prompt has {n} tokens, more than {self.pool.limit_text}")
         self.requests[request.request_id] = request
         self._seeds[request.request_id] = seed
         self._arrival_rank[request.request_id] = self._num_added
@@ -165,10 +167,11 @@ class Scheduler:
 
     # -- helpers ---------------------------------------------------------------------------
     def _admit(self, request: Request, num_new: int) -> bool:
-        """Move a waiting request to running with blocks for num_new tokens, if they are free."""
-        if self.pool.blocks_for(num_new) > self.pool.num_free_blocks:
+        """Move a waiting request to running with blocks for num_new tokens, if they are free; a request
+        spanning several KVP groups reserves all it can ever need in each of them."""
+        final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
+        if not self.pool.admit(request, request.num_computed_tokens + num_new, final_len):
             return False
-        request.block_ids.extend(self.pool.allocate(self.pool.blocks_for(num_new)))
         self.waiting.remove(request)
         self.running.append(request)
         self._running_ids.add(request.request_id)
@@ -176,17 +179,18 @@ class Scheduler:
 
     def _reserve(self, request: Request, num_new: int, scheduled: set[str]) -> bool:
         """Give a running request blocks for num_new more tokens, preempting unscheduled requests that
-        arrived after it, latest first. False if it cannot fit this step (it may have preempted itself)."""
-        needed = self.pool.blocks_for(request.num_computed_tokens + num_new) - len(request.block_ids)
+        arrived after it (in its KVP group), latest first. False if it cannot fit this step (it may have
+        preempted itself)."""
+        num_tokens = request.num_computed_tokens + request.num_inflight_tokens + num_new
         rank = self._arrival_rank[request.request_id]
-        while needed > self.pool.num_free_blocks:
-            later = [r for r in self.running if r.request_id not in scheduled and self._arrival_rank[r.request_id] > rank]
+        while self.pool.blocks_short(request, num_tokens):
+            later = [r for r in self.running if r.request_id not in scheduled and self._arrival_rank[r.request_id] > rank
+                     and self.pool.frees_blocks_for(r, request)]
             if not later:
                 self._preempt(request)
                 return False
             self._preempt(max(later, key=lambda r: self._arrival_rank[r.request_id]))
-        if needed > 0:
-            request.block_ids.extend(self.pool.allocate(needed))
+        self.pool.allocate(request, num_tokens)
         return True
 
     def _chunk(self, request: Request, num_new: int, new_requests: list[NewRequest]) -> ScheduledChunk:
@@ -206,7 +210,7 @@ class Scheduler:
         return ScheduledChunk(request.request_id, start, num_new, new_block_ids, new_token_ids)
 
     def _release(self, request: Request) -> None:
-        self.pool.free(request.block_ids)
+        self.pool.free(request)
         request.block_ids = []
         if request.num_synced_tokens:
             self._freed_ids.append(request.request_id)
