@@ -6,9 +6,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from mnemosyne.attention.kvp import KvpRows
 
 
 @dataclass(frozen=True)
@@ -16,8 +19,9 @@ class AttentionMetadata:
     """Where each request's new tokens sit in the flat batch, and where its KV lives.
 
     Request i owns query rows [query_start_loc[i], query_start_loc[i+1]); its new tokens are the
-    last rows of its sequence, so query row j sits at position seq_lens[i] - num_new + j. The first
-    num_decodes requests have exactly one new token each.
+    last rows of its sequence, so query row j sits at position seq_lens[i] - num_new + j (unless
+    is_prefix_only[i]: then every query sees all seq_lens[i] keys). The first num_decodes requests
+    have exactly one new token each.
     """
 
     query_start_loc: tuple[int, ...]
@@ -41,6 +45,13 @@ class AttentionMetadata:
     """rows on the host."""
     decode_splits: int | None = None
     """Fixed context splits for the decode kernel (CUDA graphs need a static grid); None picks per step."""
+    is_prefix_only: tuple[bool, ...] = ()
+    """Per request (empty: none is): its queries sit after all seq_lens[i] cached keys and see every
+    one of them, and none of its new tokens' K/V is here (their slot_mapping is a scratch slot): a KVP
+    group holding a full earlier shard of the request. prefix_runs then cover the whole shard."""
+    kvp: KvpRows | None = None
+    """Rows of requests that span several KVP groups, merged over the KVP group after attention
+    (attention/kvp.py); None when the step has none. Backends themselves ignore it."""
 
     @property
     def num_requests(self) -> int:

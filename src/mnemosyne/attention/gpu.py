@@ -23,22 +23,25 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]).float()
 
 
-def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, prefix_runs: tuple[tuple[int, int], ...],
+def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_runs: tuple[tuple[int, int], ...],
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's chunk: q [C, Hq, D] with its own k/v [C, Hkv, D], over prefix runs in the cache.
+    k_new = v_new = None: no causal part (a KVP group's earlier shard, all in prefix_runs).
 
     Returns out [C, Hq, D], lse [C, Hq] float32.
     """
     num_new, num_heads, head_dim = q.shape
-    num_kv_heads = k_new.shape[1]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    # Causal part over the chunk itself; K/V expanded over heads (proportional to the chunk only).
-    qh = q.transpose(0, 1).unsqueeze(0)
-    kh = k_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-    vh = v_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-    out, lse = _cudnn(qh, kh, vh, scale, True)
-    outs, lses = [out[0].transpose(0, 1)], [lse[0].transpose(0, 1)]
+    outs, lses = [], []
+    if k_new is not None and v_new is not None:
+        # Causal part over the chunk itself; K/V expanded over heads (proportional to the chunk only).
+        qh = q.transpose(0, 1).unsqueeze(0)
+        kh = k_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        vh = v_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        out, lse = _cudnn(qh, kh, vh, scale, True)
+        outs, lses = [out[0].transpose(0, 1)], [lse[0].transpose(0, 1)]
     if prefix_runs:
         folded = q.view(num_new, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         folded = folded.reshape(1, num_kv_heads, group * num_new, head_dim)
@@ -77,7 +80,9 @@ class GpuBackend:
         for i in range(nd, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             new_slots = meta.slot_mapping[start:end]
-            o, lse = chunk_attention(q[start:end], k_cache[new_slots], v_cache[new_slots], k_cache, v_cache,
+            has_own_keys = not (meta.is_prefix_only and meta.is_prefix_only[i])
+            o, lse = chunk_attention(q[start:end], k_cache[new_slots] if has_own_keys else None,
+                                   v_cache[new_slots] if has_own_keys else None, k_cache, v_cache,
                                    meta.prefix_runs[i], scale)
             outs.append(o)
             lses.append(lse)

@@ -36,6 +36,8 @@ class ReferenceBackend:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             slots = meta.kv_slots[i]
             positions = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+            if meta.is_prefix_only and meta.is_prefix_only[i]:  # every key is visible to every query
+                positions = torch.full_like(positions, seq_len - 1)
             out, lse = attend(q[start:end], k_cache[slots], v_cache[slots], scale, positions)
             outs.append(out)
             lses.append(lse)

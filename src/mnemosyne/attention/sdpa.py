@@ -38,7 +38,8 @@ class SdpaBackend:
             num_new = end - start
             slots = meta.kv_slots[i]
             qi = q[start:end]
-            if num_new == 1:  # a decode token sees every key: no causal part
+            sees_all = num_new == 1 or (bool(meta.is_prefix_only) and meta.is_prefix_only[i])
+            if sees_all:  # a decode token, or a KVP group's earlier shard: every key, no causal part
                 out, lse = _sdpa_with_lse(qi, k_cache[slots], v_cache[slots], scale, False)
             else:
                 new = slots[seq_len - num_new:]

@@ -1,0 +1,133 @@
+"""Partial attention over KVP shards, merged over the group, equals attention over the whole sequence.
+
+Three groups each hold one 16-token shard of the requests' KV in their own paged cache. The group of
+a chunk's last shard attends causally (its own tokens included); earlier groups attend to their full
+shard non-causally (`is_prefix_only`); a group where a request is not active yet sends lse = -inf.
+The gather is played by a stand-in group that first records every group's part, then hands them out.
+Tolerance: 1e-5 against float64 attention in float32; 2e-2 (bf16 rounding) for the GPU backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from mnemosyne.attention.backend import build_metadata
+from mnemosyne.attention.kvp import KvpRows, merge_over_group
+from mnemosyne.attention.reference import ReferenceBackend
+from mnemosyne.attention.sdpa import SdpaBackend
+
+from .paged import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE, attention_f64
+
+SHARD, BLOCK, NUM_GROUPS = 16, 4, 3
+
+
+@dataclass
+class Seq:
+    """One request: its whole K/V, and the new tokens [start, end) of this step with their queries."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+    end: int
+    q: torch.Tensor
+    gather_start: int
+
+
+class RecordingGroup:
+    """all_gather over NUM_GROUPS ranks played in two passes: record each rank's part, then gather."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor | None] = [None] * NUM_GROUPS
+        self.rank = 0
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self.parts[self.rank] = x.clone()
+        if any(p is None for p in self.parts):
+            return torch.cat([x] * NUM_GROUPS, dim=dim)
+        return torch.cat(self.parts, dim=dim)  # type: ignore[arg-type]
+
+
+def _seq(gen: torch.Generator, length: int, num_new: int, gather_start: int) -> Seq:
+    return Seq(torch.randn(length, NUM_KV_HEADS, HEAD_DIM, generator=gen),
+               torch.randn(length, NUM_KV_HEADS, HEAD_DIM, generator=gen), length - num_new, length,
+               torch.randn(num_new, NUM_HEADS, HEAD_DIM, generator=gen), gather_start)
+
+
+def _group_batch(group: int, seqs: list[Seq], num_gathered: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """(q, k_cache, v_cache, meta) of one group: a row per request active on it, decodes first."""
+    k_cache = torch.full((32 * BLOCK, NUM_KV_HEADS, HEAD_DIM), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    rows, is_prefix_only, runs, qs, local_rows, gather_rows = [], [], [], [], [], []
+    next_page, next_row = 0, 0
+    for seq in sorted(seqs, key=lambda s: s.end - s.start != 1):
+        writer = (seq.end - 1) // SHARD
+        if group > writer:
+            continue  # not onboarded on this group yet
+        lo = group * SHARD
+        hi = seq.end if group == writer else lo + SHARD
+        pages = list(range(next_page, next_page + -(-(hi - lo) // BLOCK)))
+        next_page += len(pages)
+        slots = torch.tensor(pages)[torch.arange(hi - lo) // BLOCK] * BLOCK + torch.arange(hi - lo) % BLOCK
+        k_cache[slots], v_cache[slots] = seq.keys[lo:hi], seq.values[lo:hi]
+        num_new = seq.end - seq.start
+        rows.append((hi - lo, num_new, pages))
+        is_prefix_only.append(group != writer)
+        runs.append(((pages[0] * BLOCK, pages[0] * BLOCK + hi - lo),) if group != writer else None)
+        qs.append(seq.q)
+        if seq.gather_start >= 0:
+            local_rows += range(next_row, next_row + num_new)
+            gather_rows += range(seq.gather_start, seq.gather_start + num_new)
+        next_row += num_new
+    meta = build_metadata(rows, BLOCK, device)
+    prefix_runs = tuple(r if r is not None and n > 1 else m
+                        for r, (_, n, _), m in zip(runs, rows, meta.prefix_runs, strict=True))
+    meta = replace(meta, is_prefix_only=tuple(is_prefix_only), prefix_runs=prefix_runs,
+                   kvp=KvpRows(num_gathered, torch.tensor(local_rows, device=device),
+                               torch.tensor(gather_rows, device=device)))
+    return (torch.cat(qs).to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), meta)
+
+
+def _gpu_backend():
+    from mnemosyne.attention.gpu import GpuBackend
+
+    return GpuBackend()
+
+
+@pytest.mark.parametrize(("make_backend", "device", "dtype", "atol"), [
+    (ReferenceBackend, "cpu", torch.float32, 1e-5),
+    (SdpaBackend, "cpu", torch.float32, 1e-5),
+    pytest.param(_gpu_backend, "cuda", torch.bfloat16, 2e-2, marks=pytest.mark.gpu),
+], ids=["reference", "sdpa", "gpu"])
+def test_shard_partials_merged_over_groups_equal_full_attention(make_backend, device, dtype, atol) -> None:
+    backend = make_backend()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [_seq(gen, 44, 5, 0),  # a 5-token chunk in the third shard: all groups active
+            _seq(gen, 41, 1, 5),  # a decode in the third shard
+            _seq(gen, 20, 3, 6),  # a chunk in the second shard: the third group is not onboarded
+            _seq(gen, 9, 2, -1)]  # a request that lives on one group only (the first): no gather
+    num_gathered = 9
+    group = RecordingGroup()
+    batches = [_group_batch(g, seqs, num_gathered, device, dtype) for g in range(NUM_GROUPS)]
+    partials = [backend.forward(q, k, v, meta, SCALE) for q, k, v, meta in batches]
+    for g in range(NUM_GROUPS):  # pass 1: record every group's part
+        group.rank = g
+        merge_over_group(partials[g][0].clone(), partials[g][1].clone(), batches[g][3].kvp, group)
+    for g in range(NUM_GROUPS):  # pass 2: every group merges the same parts
+        group.rank = g
+        out, lse = merge_over_group(*partials[g], batches[g][3].kvp, group)
+        meta, row = batches[g][3], 0
+        for seq in sorted(seqs, key=lambda s: s.end - s.start != 1):
+            if g > (seq.end - 1) // SHARD:
+                continue
+            num_new = seq.end - seq.start
+            # every active group ends up with attention over the whole sequence
+            want_out, want_lse = attention_f64(seq.q.to(dtype), seq.keys.to(dtype), seq.values.to(dtype),
+                                               SCALE, torch.arange(seq.start, seq.end), torch.arange(seq.end))
+            torch.testing.assert_close(out[row:row + num_new].double().cpu(), want_out, atol=atol, rtol=0)
+            torch.testing.assert_close(lse[row:row + num_new].double().cpu(), want_lse, atol=atol, rtol=0)
+            row += num_new
+        assert row == meta.query_start_loc[-1]
