@@ -98,9 +98,9 @@ def test_stop_and_logprobs(client: openai.OpenAI):
 
 def test_prefill_progress_comments(server: Server, tokenizer):
     """A prompt prefilled over many steps streams `: prefill N/M` comments before its first token."""
-    prompt = " ".join(f"item{i}" for i in range(450))
+    prompt = " ".join(f"item{i}" for i in range(160))
     num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
-    assert 1000 < num_prompt < 2000
+    assert 512 < num_prompt < 1024  # three 256-token chunks
     comments, data = [], []
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=120) as r:
@@ -116,7 +116,7 @@ def test_prefill_progress_comments(server: Server, tokenizer):
     assert total == num_prompt and 0 <= done < total
 
 
-def _wait_idle(server: Server, timeout_s: float = 10) -> float:
+def _wait_idle(server: Server, timeout_s: float = 30) -> float:
     """Seconds until the engine runs nothing and the KV cache is empty."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -136,8 +136,11 @@ def test_disconnect_aborts_and_frees_kv(server: Server):
             if line.startswith("data:"):
                 break
         assert server.metrics()["mnemosyne_kv_cache_usage_ratio"] > 0
-    # Leaving the block closed the connection mid-stream.
-    assert _wait_idle(server) < 3.0
+    # Leaving the block closed the connection mid-stream. The core frees the blocks before its next
+    # step; the bound is loose only because a loaded 2-core CI box can take seconds per step.
+    freed_s = _wait_idle(server)
+    print(f"\nKV freed {freed_s * 1e3:.0f} ms after a streaming client disconnected")
+    assert freed_s < 10
     m = server.metrics()
     assert m['mnemosyne_requests_finished_total{finish_reason="abort"}'] == aborted_before + 1
 
@@ -145,5 +148,16 @@ def test_disconnect_aborts_and_frees_kv(server: Server):
     body["stream"] = False
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=1.5)
-    assert _wait_idle(server) < 3.0
+    assert _wait_idle(server) < 10
     assert server.metrics()['mnemosyne_requests_finished_total{finish_reason="abort"}'] == aborted_before + 2
+
+
+def test_several_prompts_as_text_and_token_ids(client: openai.OpenAI, tokenizer):
+    texts = ["The sky is", "Two plus two is"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    by_text = client.completions.create(model=MODEL, prompt=texts, max_tokens=3, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
+    assert [c.index for c in by_text.choices] == [0, 1]
+    assert [c.text for c in by_text.choices] == [c.text for c in by_ids.choices]
+    assert by_text.usage.prompt_tokens == by_ids.usage.prompt_tokens == sum(map(len, ids))
+    assert by_text.usage.completion_tokens == 6

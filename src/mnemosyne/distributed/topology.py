@@ -61,8 +61,14 @@ class ParallelLayout:
 
     @property
     def output_rank(self) -> int:
-        """The one rank that replies with sampled tokens: tp_rank 0 of the last stage of replica 0."""
+        """The first of `output_ranks`: tp_rank 0 of the last stage of replica 0."""
         return self.rank_of(0, self.pp_size - 1, 0)
+
+    @property
+    def output_ranks(self) -> tuple[int, ...]:
+        """The ranks that reply with sampled tokens: tp_rank 0 of the last stage of each KV replica,
+        for the requests that replica samples (each request is sampled by exactly one)."""
+        return tuple(self.rank_of(k, self.pp_size - 1, 0) for k in range(self.kvp_size))
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class RankTopology:
 
     @property
     def is_output_rank(self) -> bool:
-        return self.rank == self.layout.output_rank
+        return self.rank in self.layout.output_ranks
 
 
 def build_topology(layout: ParallelLayout, world: Group) -> RankTopology:

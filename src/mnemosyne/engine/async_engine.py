@@ -167,6 +167,12 @@ class AsyncEngine:
         if live_ids and self.dead_reason is None and self._process is not None:
             self._send(AbortRequests(live_ids))
 
+    def abort_all(self, error: BaseException) -> None:
+        """End every live request with `error` in its queue (shutdown after the drain timeout)."""
+        for live in self._live.values():
+            live.queue.put_nowait(error)
+        self.abort(list(self._live))
+
     def _send(self, message: AddRequest | AbortRequests | Shutdown) -> None:
         # PUSH to a connected peer queues in ZMQ's I/O thread; this never blocks the event loop.
         self._inbox.send(self._encoder.encode(message), copy=False)

@@ -179,7 +179,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, pro
     try:
         engine = LLMEngine(config)
         pool = engine.scheduler.pool
-        send(Ready(engine.model_name, engine.max_model_len, pool.num_blocks * pool.block_size,
+        send(Ready(engine.model_name, engine.max_model_len, engine.scheduler.max_model_len,
                    engine.model_config.vocab_size, pool.num_blocks, pool.block_size))
         EngineCore(engine, send, progress_s).run(inbox, parent_pid)
     except Exception as e:

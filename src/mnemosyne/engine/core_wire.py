@@ -42,8 +42,9 @@ class Ready(_Wire):
     model_name: str
     max_model_len: int
     """Longest prompt plus output the engine accepts."""
-    max_kv_tokens: int
-    """Tokens the whole KV cache holds; a prompt above min(max_model_len, this) can never run."""
+    max_request_tokens: int
+    """Most tokens (prompt plus output) one request can ever hold: max_model_len, or less when the KV
+    cache (all KVP groups together) holds less."""
     vocab_size: int
     num_kv_blocks: int
     block_size: int

@@ -20,6 +20,7 @@ from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.topology import ParallelLayout, check_shardable
 from mnemosyne.executor import wire
 from mnemosyne.executor.channel import HEARTBEAT_INTERVAL_S, EngineChannel
+from mnemosyne.executor.replica_results import ReplicaResults
 from mnemosyne.executor.worker import RuntimeInfo
 from mnemosyne.executor.worker_process import WorkerSpec
 from mnemosyne.plan import StepPlan, StepResult
@@ -56,8 +57,6 @@ def check_layout(config: EngineConfig, model_config: ModelConfig) -> ParallelLay
     layout = layout_of(config)
     if layout.pp_size > 1:
         raise ValueError("--pipeline-parallel-size > 1 is not supported yet: it lands with the SPP issue")
-    if layout.kvp_size > 1:
-        raise ValueError("--kv-parallel-size > 1 is not supported yet: it lands with the KVP issue")
     check_shardable(model_config, layout)
     return layout
 
@@ -74,6 +73,7 @@ class MultiprocExecutor:
         self._errors: list[wire.WorkerError] = []
         self._failure: WorkerFailedError | None = None
         self._readies: dict[int, RuntimeInfo] = {}
+        self._results = ReplicaResults(layout.kvp_size)
         # Stops the workers even if shutdown() is never called (the LLM object is dropped, or the
         # interpreter exits); must not reference self.
         self._stop = weakref.finalize(self, _stop_workers, channel, list(local_procs.values()))
@@ -95,11 +95,10 @@ class MultiprocExecutor:
             raise self._failure
         self._channel.publish(wire.TOPIC_PLAN, wire.encode_plan(plan))
         while True:
-            for kind, body in self._receive():
-                if kind == wire.KIND_RESULT:
-                    result = wire.DECODERS[kind].decode(body)
-                    if result.step_id == plan.step_id:
-                        return result
+            for result in self._results.add([wire.DECODERS[kind].decode(body) for kind, body in self._receive()
+                                             if kind == wire.KIND_RESULT]):
+                if result.step_id == plan.step_id:
+                    return result
 
     def shutdown(self) -> None:
         self._stop()

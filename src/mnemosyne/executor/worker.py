@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from mnemosyne.attention.backend import select_backend
+from mnemosyne.attention.kvp import KvpAttention
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
 from mnemosyne.models.llama import LlamaForCausalLM
@@ -64,11 +65,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 class Worker:
     """Builds this rank's shard of the model and its KV cache. `world_group` is the group over which
-    the KV block count must agree (every rank takes the minimum, so no rank is over-committed)."""
+    the KV block count must agree (every rank takes the minimum, so no rank is over-committed);
+    `kvp_group` joins this rank to its peers in the other KV-parallel replicas, over which partial
+    attention is merged."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader,
                  tp_group: Group = SINGLE, layer_range: tuple[int, int] | None = None,
-                 device: torch.device | None = None, world_group: Group = SINGLE):
+                 device: torch.device | None = None, world_group: Group = SINGLE, kvp_group: Group = SINGLE):
         self.config = config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -93,8 +96,13 @@ class Worker:
         # The last row stays empty: CUDA-graph padding rows read it.
         tables = BlockTables(config.max_num_seqs + 1, -(-max_len // config.block_size) + 1, config.block_size,
                              self.device, reserved_rows=1)
+        if os.environ.get("MNEMOSYNE_RANDOM_KV_SEED"):  # benchmarks only: long-context decode without a prefill
+            kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
         backend = select_backend(config.attention_backend, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device)
+        if kvp_group.size > 1:
+            backend = KvpAttention(backend, kvp_group)
+        self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device,
+                                  kvp_rank=kvp_group.rank, blocks_per_group=num_blocks, scratch_slot=num_slots)
         if getattr(backend, "supports_cuda_graphs", False) and not config.enforce_eager:
             from mnemosyne.runner.cuda_graphs import DecodeGraphs  # imports Triton
 

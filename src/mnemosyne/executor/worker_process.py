@@ -94,7 +94,8 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
     loader = resolve_model(config.model, seed=config.seed)
     model_config = loader.load_config()
     layer_range = layout.layer_range(topology.pp_rank, model_config.num_layers)
-    worker = Worker(config, model_config, loader, topology.tp_group, layer_range, device, world)
+    worker = Worker(config, model_config, loader, topology.tp_group, layer_range, device, world,
+                    kvp_group=topology.kvp_group)
     channel.send(wire.KIND_READY, wire.encode(wire.WorkerReady(spec.rank, worker.info)))
     logger.info("ready: kvp_rank %d, pp_rank %d, tp_rank %d, layers %s, %d KV blocks", topology.kvp_rank,
                 topology.pp_rank, topology.tp_rank, layer_range, worker.info.num_kv_blocks)
@@ -104,7 +105,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
             channel.stopping.set()
             return
         result = worker.execute(wire.decode_plan(payload))
-        if topology.is_output_rank:  # every rank sampled the same tokens; one reply is enough
+        if topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
             channel.send(wire.KIND_RESULT, wire.encode(result))
 
 

@@ -4,12 +4,13 @@ flat inputs and attention metadata, run the model, sample."""
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
+from mnemosyne.attention.kvp import KvpRows
 from mnemosyne.layers.sampler import SamplingBatch, make_generator, sample
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
@@ -18,6 +19,7 @@ from mnemosyne.request import SamplingParams
 if TYPE_CHECKING:
     from mnemosyne.runner.cuda_graphs import DecodeGraphs
 from mnemosyne.runner.block_tables import BlockTables
+from mnemosyne.runner.kvp_section import KvShards, SectionRow, plan_section
 
 
 @dataclass
@@ -25,6 +27,8 @@ class CachedRequest:
     token_ids: array
     params: SamplingParams
     generator: torch.Generator | None
+    kv: KvShards = field(default_factory=KvShards)
+    """Which KVP groups hold the request's KV, from its block ids."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_tables: BlockTables,
-                 backend: AttentionBackend, device: torch.device):
+                 backend: AttentionBackend, device: torch.device,
+                 kvp_rank: int = 0, blocks_per_group: int = 1 << 62, scratch_slot: int = -1):
         self.model = model
         self.kv_caches = kv_caches
         """Per layer of this stage: [2, num_slots, kv_heads, head_dim]."""
@@ -50,6 +55,12 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.requests: dict[str, CachedRequest] = {}
+        self.kvp_rank = kvp_rank
+        """This rank's KVP group: its block table holds only the blocks that live there."""
+        self.blocks_per_group = blocks_per_group
+        """Global block id // blocks_per_group is the block's KVP group (see kv/kvp_placement.py)."""
+        self.scratch_slot = scratch_slot
+        """A cache slot no request owns: where rows that must not write their K/V point."""
         self.graphs: DecodeGraphs | None = None
         """Set by the worker on a GPU; replays decode-only steps."""
 
@@ -60,10 +71,13 @@ class ModelRunner:
                 self.block_tables.remove(request_id)
         for new in plan.new_requests:
             self.requests[new.request_id] = self._cached(new)
-            self.block_tables.add(new.request_id)
         for chunk in plan.chunks:
-            self.requests[chunk.request_id].token_ids.extend(chunk.new_token_ids)
-            self.block_tables.append(chunk.request_id, chunk.new_block_ids)
+            state = self.requests[chunk.request_id]
+            state.token_ids.extend(chunk.new_token_ids)
+            local = state.kv.add_blocks(chunk.new_block_ids, self.blocks_per_group, self.page_size, self.kvp_rank)
+            if local and chunk.request_id not in self.block_tables.row:  # its first block on this group
+                self.block_tables.add(chunk.request_id)
+            self.block_tables.append(chunk.request_id, local)
 
     def _cached(self, new: NewRequest) -> CachedRequest:
         generator = None if new.params.is_greedy else make_generator(new.seed, self.device)
@@ -74,7 +88,10 @@ class ModelRunner:
         self.apply_plan(plan)
         inputs = self.prepare(plan)
         meta = inputs.meta
-        if self.graphs is not None and meta.num_decodes == meta.num_requests and self.graphs.bucket(meta.num_decodes):
+        if meta.num_requests == 0 and meta.kvp is None:  # nothing of this step lives on this KVP group
+            return StepResult(plan.step_id, (), (), ())
+        if (self.graphs is not None and meta.num_decodes == meta.num_requests and meta.kvp is None
+                and self.graphs.bucket(meta.num_decodes)):
             logits = self.graphs.run(inputs)  # decode-only: every row samples, in batch order
         else:
             hidden = self.model(inputs.token_ids, inputs.positions, self.kv_caches, meta, self.backend)
@@ -87,42 +104,65 @@ class ModelRunner:
                           _logprobs(out, [s.params.logprobs for s in states]))
 
     def prepare(self, plan: StepPlan) -> StepInputs:
-        """Flat inputs and metadata for the plan's chunks, single-token chunks first. Host work is
-        proportional to the batch's new tokens, never to the requests' contexts."""
-        chunks = sorted(plan.chunks, key=lambda c: c.num_new_tokens != 1)
+        """Flat inputs and metadata for this KVP group's section of the plan, single-token chunks first.
+        Host work is proportional to the batch's new tokens, never to the requests' contexts."""
+        rows, num_gathered = plan_section(plan.chunks, self.requests, self.kvp_rank)
         tokens: list[int] = []
         positions: list[int] = []
+        shard_positions: list[int] = []
         token_rows: list[int] = []
+        writes: list[bool] = []
         query_start, seq_lens, host_rows, prefix_runs = [0], [], [], []
-        sample_rows, sample_ids = [], []
-        for chunk in chunks:
-            state = self.requests[chunk.request_id]
-            row = self.block_tables.row[chunk.request_id]
-            end = chunk.start + chunk.num_new_tokens
-            tokens.extend(state.token_ids[chunk.start:end])
+        sample_rows, sample_ids, local_rows, gather_rows = [], [], [], []
+        for r in rows:
+            chunk, num_new = r.chunk, r.chunk.num_new_tokens
+            block_row = self.block_tables.row[chunk.request_id]
+            end = chunk.start + num_new
+            tokens.extend(self.requests[chunk.request_id].token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
-            token_rows.extend([row] * chunk.num_new_tokens)
-            query_start.append(query_start[-1] + chunk.num_new_tokens)
-            seq_lens.append(end)
-            host_rows.append(row)
-            prefix_runs.append(() if chunk.num_new_tokens == 1
-                               else self.block_tables.slot_runs(chunk.request_id, chunk.start))
-            if end == len(state.token_ids):  # the chunk reaches the last known token: sample
+            # a full earlier shard reads no page of the new tokens: they write to the scratch slot
+            shard_positions.extend(range(chunk.start - r.shard_start, end - r.shard_start) if r.is_writer
+                                   else [0] * num_new)
+            writes.extend([r.is_writer] * num_new)
+            token_rows.extend([block_row] * num_new)
+            if r.gather_start >= 0:
+                local_rows.extend(range(query_start[-1], query_start[-1] + num_new))
+                gather_rows.extend(range(r.gather_start, r.gather_start + num_new))
+            query_start.append(query_start[-1] + num_new)
+            seq_lens.append(r.seq_len)
+            host_rows.append(block_row)
+            prefix_runs.append(self._prefix_runs(r))
+            if r.is_sampled:
                 sample_rows.append(query_start[-1] - 1)
                 sample_ids.append(chunk.request_id)
-        token_tensor = torch.tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
-        position_tensor = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
-        row_tensor = torch.tensor(token_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        pages = self.block_tables.ids[row_tensor, position_tensor // self.page_size].long()
+        token_tensor = self._on_device(tokens, torch.int64)
+        position_tensor = self._on_device(positions, torch.int64)
+        shard_position_tensor = self._on_device(shard_positions, torch.int64)
+        pages = self.block_tables.ids[self._on_device(token_rows, torch.int64),
+                                      shard_position_tensor // self.page_size].long()
+        slots = pages * self.page_size + shard_position_tensor % self.page_size
+        if not all(writes):
+            slots = torch.where(self._on_device(writes, torch.bool), slots, self.scratch_slot)
+        kvp = None if num_gathered == 0 else KvpRows(
+            num_gathered, self._on_device(local_rows, torch.int64), self._on_device(gather_rows, torch.int64))
         meta = AttentionMetadata(
-            query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens),
-            slot_mapping=pages * self.page_size + position_tensor % self.page_size,
-            block_tables=self.block_tables.ids,
-            rows=torch.tensor(host_rows, dtype=torch.int32).to(self.device, non_blocking=True),
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32).to(self.device, non_blocking=True),
-            page_size=self.page_size, num_decodes=sum(1 for c in chunks if c.num_new_tokens == 1),
-            prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows))
+            query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens), slot_mapping=slots,
+            block_tables=self.block_tables.ids, rows=self._on_device(host_rows, torch.int32),
+            seq_lens_tensor=self._on_device(seq_lens, torch.int32), page_size=self.page_size,
+            num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1), prefix_runs=tuple(prefix_runs),
+            host_rows=tuple(host_rows), is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
         return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids)
+
+    def _prefix_runs(self, row: SectionRow) -> tuple[tuple[int, int], ...]:
+        """Cache slot runs of the keys a chunk's queries see non-causally: the shard's tokens before the
+        chunk (the writer), or the whole shard (an earlier group). Decodes read pages instead."""
+        if row.chunk.num_new_tokens == 1:
+            return ()
+        num_keys = row.chunk.start - row.shard_start if row.is_writer else row.seq_len
+        return self.block_tables.slot_runs(row.chunk.request_id, num_keys)
+
+    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
 
 def _sampling_batch(states: list[CachedRequest]) -> SamplingBatch:

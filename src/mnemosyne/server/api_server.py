@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.async_engine import AsyncEngine
+from mnemosyne.engine.async_engine import AsyncEngine, EngineDeadError
 from mnemosyne.metrics.prometheus import CONTENT_TYPE, ServerMetrics
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.server.launch import ServerConfig
@@ -184,10 +184,15 @@ class _Server(uvicorn.Server):
         if not self.state.is_draining:
             logger.warning("signal %d: no new requests; draining in-flight ones for up to %.0f s",
                            sig, self.state.config.drain_timeout_s)
+            asyncio.get_running_loop().call_later(
+                self.state.config.drain_timeout_s, self.state.engine.abort_all,
+                EngineDeadError("the server is shutting down"))
         self.state.is_draining = True
         super().handle_exit(sig, frame)
 
 
+_ABORT_GRACE_S = 5.0
+"""After the drain timeout aborts what is left, its clients get this long to receive their error."""
 _DEAD_LINGER_S = 1.0
 """After the core dies, /health answers 503 this long before the port closes, so probes see why."""
 
@@ -237,7 +242,8 @@ async def _serve(engine_config: EngineConfig, config: ServerConfig) -> int:
         state = ServerState(engine, serving, metrics, config, model_name)
         uv_config = uvicorn.Config(build_app(state), host=config.host, port=config.port, log_config=None,
                                    access_log=logger.isEnabledFor(logging.INFO),
-                                   timeout_graceful_shutdown=config.drain_timeout_s, lifespan="off")
+                                   timeout_graceful_shutdown=config.drain_timeout_s + _ABORT_GRACE_S,
+                                   lifespan="off")
         server = _Server(uv_config, state)
         watcher = asyncio.create_task(_watch_engine(engine, server))
         print(f"mnemosyne: serving {model_name} on http://{config.host}:{config.port} "

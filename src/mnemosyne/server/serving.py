@@ -120,17 +120,18 @@ class OpenAIServing:
         return min(60, max(1, math.ceil(self.engine.num_queued_prompt_tokens / rate)))
 
     def _max_tokens(self, requested: int | None, num_prompt: int, default: int | None, prompt_param: str) -> int:
-        limit = min(self.info.max_model_len, self.info.max_kv_tokens)
+        limit = self.info.max_request_tokens
+        why = "" if limit == self.info.max_model_len else \
+            f" (the KV cache holds fewer tokens than max_model_len {self.info.max_model_len})"
         if num_prompt >= limit:
             raise APIError(400, f"the prompt has {num_prompt} tokens, but this model's context holds at most "
-                                f"{limit} tokens (prompt plus output; max_model_len {self.info.max_model_len}, "
-                                f"KV cache {self.info.max_kv_tokens} tokens)", param=prompt_param,
+                                f"{limit} tokens, prompt plus output{why}", param=prompt_param,
                            code="context_length_exceeded")
         room = limit - num_prompt
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but you requested "
+            raise APIError(400, f"this model's maximum context length is {limit} tokens{why}, but you requested "
                                 f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for "
                                 f"the completion); reduce the prompt or max_tokens", param="max_tokens",
                            code="context_length_exceeded")
