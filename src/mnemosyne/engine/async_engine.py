@@ -181,7 +181,11 @@ class AsyncEngine:
     async def _read_outputs(self) -> None:
         decoder = msgspec.msgpack.Decoder(FromCore)
         while True:
-            self._dispatch(decoder.decode(await self._outbox.recv()))
+            raw = await self._outbox.recv()
+            try:
+                self._dispatch(decoder.decode(raw))
+            except Exception:  # one bad message must not silence every later one
+                logger.exception("could not handle a message from the engine core")
 
     def _dispatch(self, message: FromCore) -> None:
         if isinstance(message, StepReport):
@@ -281,7 +285,7 @@ class AsyncEngine:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(process.sentinel)
             if process.exitcode is None:
-                self.abort(list(self._live))
+                self.abort_all(EngineDeadError("the engine shut down"))
                 self._send(Shutdown())
                 await _join(process, timeout_s)
             if process.exitcode is None:

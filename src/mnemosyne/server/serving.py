@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from mnemosyne.engine.async_engine import AsyncEngine, EngineDeadError, Event
 from mnemosyne.engine.core_wire import Delta, Progress
@@ -48,7 +49,8 @@ class OpenAIServing:
         self.model_name = model_name
         self.config = config
         self.metrics = metrics
-        # One thread: tokenization stays off the event loop, and the tokenizer is never used concurrently.
+        # Encoding and chat templates run off the event loop, on one thread so that they never race each
+        # other; single-token decodes for logprobs are cheap and read-only, so they stay on the loop.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="mnemosyne-tokenizer")
 
     def close(self) -> None:
@@ -197,9 +199,12 @@ class OpenAIServing:
                         len(choices), [len(p) for p in prompts], max_tokens)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+            # The background task covers a client gone before the generator first ran (so its finally
+            # never runs): the response always ends by aborting whatever did not finish.
             return StreamingResponse(self._stream(choices, queue, builder, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(self._abort_unfinished, choices))
         return await self._collect(choices, queue, builder, http)
 
     def _sampling_params(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
@@ -235,6 +240,9 @@ class OpenAIServing:
                            code="engine_unavailable")
         raise errors[0]
 
+    async def _abort_unfinished(self, choices: list[Choice]) -> None:
+        self.engine.abort([c.request_id for c in choices if c.finish_reason is None])
+
     async def _collect(self, choices: list[Choice], queue: asyncio.Queue[Event], builder: ResponseBuilder,
                        http: Request) -> Response:
         by_id = {c.request_id: c for c in choices}
@@ -251,7 +259,7 @@ class OpenAIServing:
             return JSONResponse(builder.full(choices))
         finally:
             watcher.cancel()
-            self.engine.abort([c.request_id for c in choices if c.finish_reason is None])
+            await self._abort_unfinished(choices)
 
     async def _stream(self, choices: list[Choice], queue: asyncio.Queue[Event], builder: ResponseBuilder,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -289,7 +297,7 @@ class OpenAIServing:
         finally:
             if getter is not None:
                 getter.cancel()
-            self.engine.abort([c.request_id for c in choices if c.finish_reason is None])
+            await self._abort_unfinished(choices)
 
 
 async def _abort_on_disconnect(http: Request, engine: AsyncEngine, choices: Sequence[Choice],
