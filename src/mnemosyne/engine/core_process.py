@@ -10,11 +10,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
 import msgspec
 import zmq
+from tqdm import tqdm
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.core_wire import (
@@ -162,6 +164,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, pro
     """Entry point of the spawned core process. Exits 0 on Shutdown, 1 after sending Fatal."""
     # Ctrl+C reaches the whole process group; the API process decides how to stop the core.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a named multiprocessing semaphore, which a killed core leaks (and the
+    # resource tracker then warns about); the core draws its progress bars from one thread anyway.
+    tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     parent_pid = os.getppid()
     ctx = zmq.Context()
