@@ -32,11 +32,11 @@ class SyntheticCosts:
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
         return 1e-8 * num_new * (num_prefix + num_new / 2)
 
-    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         return 1e-8 * (num_prefix_tokens + num_decodes)
 
-    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
-        return self.base_s(num_decodes, num_decodes) + self.decode_attention_s(num_decodes, num_prefix_tokens)
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
+        return self.base_s(num_decodes, num_decodes) + self.decode_attention_s(num_decodes, num_prefix_tokens, 0)
 
 
 def synthetic_model(layout: Layout | None = None) -> LatencyModel:

@@ -81,7 +81,7 @@ def tiny_profile() -> Profile:
         model="dummy:tiny", device_name="test", dtype="float32", tp=1,
         linear_num_tokens=(16, 256), linear_s=(0.010, 0.025), per_seq_s=0.001,
         chunk_num_new=(32, 128), chunk_num_prefix=(0, 1000), chunk_s=((0.001, 0.003), (0.002, 0.010)),
-        decode_num_decodes=(1, 8), decode_mean_prefix=(100, 1000),
+        decode_num_decodes=(1, 8), decode_prefix_tokens=(100, 1000),
         decode_attention_s=((0.001, 0.002), (0.004, 0.012)), decode_step_s=((0.011, 0.012), (0.02, 0.03)))
 
 
@@ -97,7 +97,8 @@ def test_profile_round_trips_and_interpolates(tmp_path):
     assert costs.base_s(1, 1) == pytest.approx(0.010)  # flat below the grid
     assert costs.chunk_attention_s(80, 500) == pytest.approx((0.002 + 0.006) / 2)
     assert costs.chunk_attention_s(32, 2000) == pytest.approx(0.005)
-    assert costs.decode_step_s(8, 8000) == pytest.approx(0.03)
+    assert costs.decode_step_s(8, 1000, 200) == pytest.approx(0.03)
+    assert costs.decode_step_s(8, 1900, 500) == pytest.approx(0.04)  # linear in the KV read past the grid
     model = LatencyModel(costs, PRESETS["tiny"], DEVICES["cpu"])
     assert model.step_time_s([(1, 100)]) == pytest.approx(0.011)
     # mixed: linear(33 tokens) + one extra request + the chunk's and the decode's attention

@@ -34,5 +34,6 @@ def test_held_out_batches_stay_inside_the_measured_ranges():
     for kind, shapes in held_out_batches(QUICK_GRID):
         assert shapes and kind in ("decode", "chunks", "mixed")
         assert sum(n for n, _ in shapes) <= QUICK_GRID.linear_num_tokens[-1]
-        assert all(p <= QUICK_GRID.chunk_num_prefix[-1] for _, p in shapes)
+        assert all(p <= QUICK_GRID.chunk_num_prefix[-1] for n, p in shapes if n > 1)
+        assert sum(p for n, p in shapes if n == 1) <= QUICK_GRID.decode_prefix_tokens[-1]
         assert (kind == "decode") == all(n == 1 for n, _ in shapes)

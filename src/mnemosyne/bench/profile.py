@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mnemosyne.config import EngineConfig
 from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan
 from mnemosyne.request import SamplingParams
-from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled, detect_device
+from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled, detect_device, interp
 
 Shape = tuple[int, int]
 """(num_new_tokens, num_prefix_tokens) of one request in a step."""
@@ -42,13 +42,14 @@ class Grid:
     chunk_num_new: tuple[int, ...]
     chunk_num_prefix: tuple[int, ...]
     decode_num_decodes: tuple[int, ...]
-    decode_mean_prefix: tuple[int, ...]
+    decode_prefix_tokens: tuple[int, ...]
+    """Sum of the decodes' prefixes: each of D decodes has about 1/D of it."""
     repeats: int
     """Timed runs per point, after one warm-up; the median is kept."""
     num_check: int
     """Held-out batches timed by --check."""
 
-    def clipped(self, max_prefix: int, max_tokens: int, max_seqs: int) -> Grid:
+    def clipped(self, max_prefix: int, max_tokens: int, max_seqs: int, max_kv_tokens: int) -> Grid:
         def clip(values: tuple[int, ...], top: int) -> tuple[int, ...]:
             kept = tuple(v for v in values if v < top)
             return values if len(kept) == len(values) else (*kept, top)
@@ -57,15 +58,15 @@ class Grid:
                        chunk_num_new=clip(self.chunk_num_new, max_tokens),
                        chunk_num_prefix=clip(self.chunk_num_prefix, max_prefix),
                        decode_num_decodes=clip(self.decode_num_decodes, max_seqs),
-                       decode_mean_prefix=clip(self.decode_mean_prefix, max_prefix))
+                       decode_prefix_tokens=clip(self.decode_prefix_tokens, max_kv_tokens))
 
 
 GPU_GRID = Grid(linear_num_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384),
                 chunk_num_new=(32, 128, 512, 2048, 8192), chunk_num_prefix=(0, 4096, 16384, 65536, 131072),
-                decode_num_decodes=(1, 4, 16, 64, 256), decode_mean_prefix=(128, 2048, 16384, 65536),
-                repeats=5, num_check=60)
+                decode_num_decodes=(1, 4, 16, 64, 256), decode_prefix_tokens=(0, 32768, 131072, 524288),
+                repeats=3, num_check=45)
 QUICK_GRID = Grid(linear_num_tokens=(16, 128), chunk_num_new=(32, 128), chunk_num_prefix=(0, 1024),
-                  decode_num_decodes=(1, 8), decode_mean_prefix=(64, 1024), repeats=2, num_check=9)
+                  decode_num_decodes=(1, 8), decode_prefix_tokens=(0, 2048), repeats=2, num_check=9)
 
 
 class NullAttention:
@@ -78,7 +79,8 @@ class NullAttention:
 
 class StepTimer:
     """Times synthetic steps through an in-process executor: requests are registered by a warm-up
-    step, then the same chunks are replayed `repeats` times."""
+    step, then the same chunks are replayed `repeats` times. Each request gets its own blocks (as
+    in a real batch, so caches are not flattered) until the pool runs out, then they wrap around."""
 
     def __init__(self, executor: Any, block_size: int, repeats: int):
         if not hasattr(executor, "worker"):
@@ -91,11 +93,21 @@ class StepTimer:
         self._ids = itertools.count()
         self._steps = itertools.count(1)
         self._live: tuple[str, ...] = ()
+        self.num_blocks = executor.info.num_kv_blocks
+        self._next_block = 0
+
+    def _blocks(self, num_tokens: int) -> tuple[int, ...]:
+        n = -(-num_tokens // self.block_size)
+        if self._next_block + n > self.num_blocks:
+            self._next_block = 0
+        start, self._next_block = self._next_block, self._next_block + n
+        return tuple(range(start, start + n))
 
     def time_s(self, shapes: list[Shape], null_attention: bool = False) -> float:
         ids = [f"profile-{next(self._ids)}" for _ in shapes]
         new = tuple(NewRequest(rid, array("i", bytes(4 * (p + c))), _PARAMS, 0) for rid, (c, p) in zip(ids, shapes, strict=True))
-        blocks = [tuple(range(-(-(p + c) // self.block_size))) for c, p in shapes]
+        self._next_block = 0
+        blocks = [self._blocks(p + c) for c, p in shapes]
         warm_up = tuple(ScheduledChunk(rid, p, c, b, ()) for rid, (c, p), b in zip(ids, shapes, blocks, strict=True))
         replay = tuple(ScheduledChunk(rid, p, c, (), ()) for rid, (c, p) in zip(ids, shapes, strict=True))
         backend = self.runner.backend
@@ -118,8 +130,8 @@ class StepTimer:
 
 def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dtype: str) -> Profile:
     """Every table of a Profile, with a progress bar on stderr."""
-    num_points = (len(grid.linear_num_tokens) + 2 + 2 * len(grid.chunk_num_new) * len(grid.chunk_num_prefix)
-                  + 3 * len(grid.decode_num_decodes) * len(grid.decode_mean_prefix) + 2)
+    num_points = (len(grid.linear_num_tokens) + 2 + len(grid.chunk_num_new) * len(grid.chunk_num_prefix)
+                  + 6 * len(grid.decode_num_decodes) * len(grid.decode_prefix_tokens) + 2)
     bar = tqdm(total=num_points, desc="profiling", unit="step", file=sys.stderr)
 
     def timed(shapes: list[Shape], null: bool = False) -> float:
@@ -130,55 +142,66 @@ def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dty
     linear = tuple(timed([(t, 0)], null=True) for t in grid.linear_num_tokens)
     one, many = timed([(128, 0)], null=True), timed([(16, 0)] * 8, null=True)
     per_seq_s = max(0.0, (many - one) / 7)
-    chunk = tuple(tuple(max(0.0, timed([(c, p)]) - timed([(c, p)], null=True)) for p in grid.chunk_num_prefix)
-                  for c in grid.chunk_num_new)
+    # A chunk's term is all its step costs beyond the linear layers at its size: attention, and any
+    # host work that grows with its prefix.
+    chunk = tuple(tuple(max(0.0, timed([(c, p)]) - interp(grid.linear_num_tokens, linear, c))
+                        for p in grid.chunk_num_prefix) for c in grid.chunk_num_new)
     carrier_s = max(0.0, timed([_CARRIER]) - timed([_CARRIER], null=True))
-    decode_attn, decode_step = [], []
+    tables: dict[str, list[tuple[float, ...]]] = {"even_attn": [], "even_step": [], "skew_attn": [], "skew_step": []}
     for d in grid.decode_num_decodes:
-        attn_row, step_row = [], []
-        for p in grid.decode_mean_prefix:
-            mixed = [_CARRIER, *[(1, p)] * d]
-            attn_row.append(max(0.0, timed(mixed) - timed(mixed, null=True) - carrier_s))
-            step_row.append(timed([(1, p)] * d))
-        decode_attn.append(tuple(attn_row))
-        decode_step.append(tuple(step_row))
+        rows: dict[str, list[float]] = {k: [] for k in tables}
+        for total in grid.decode_prefix_tokens:
+            for name, decodes in (("even", [(1, total // d + (i < total % d)) for i in range(d)]),
+                                  ("skew", [(1, total)] + [(1, 0)] * (d - 1))):
+                mixed = [_CARRIER, *decodes]
+                rows[f"{name}_attn"].append(max(0.0, timed(mixed) - timed(mixed, null=True) - carrier_s))
+                rows[f"{name}_step"].append(timed(decodes))
+        for k in tables:
+            tables[k].append(tuple(rows[k]))
     bar.close()
     return Profile(model_name, device_name, dtype, 1, grid.linear_num_tokens, linear, per_seq_s,
                    grid.chunk_num_new, grid.chunk_num_prefix, chunk, grid.decode_num_decodes,
-                   grid.decode_mean_prefix, tuple(decode_attn), tuple(decode_step))
+                   grid.decode_prefix_tokens, tuple(tables["even_attn"]), tuple(tables["even_step"]),
+                   tuple(tables["skew_attn"]), tuple(tables["skew_step"]))
 
 
 def held_out_batches(grid: Grid, seed: int = 1234) -> list[tuple[str, list[Shape]]]:
-    """Random batches off the grid: decode-only, chunks only, and mixed."""
+    """Random batches off the grid: decode-only, chunks only, and mixed. Decode prefixes are uneven
+    (a few long contexts among short ones) and all the KV fits the measured ranges."""
     rng = random.Random(seed)
     top_prefix, top_new = grid.chunk_num_prefix[-1], grid.chunk_num_new[-1]
     top_tokens, top_decodes = grid.linear_num_tokens[-1], grid.decode_num_decodes[-1]
-
-    def prefix() -> int:
-        return 0 if rng.random() < 0.2 else int(rng.uniform(16, top_prefix))
-
     batches = []
     for i in range(grid.num_check):
         kind = ("decode", "chunks", "mixed")[i % 3]
-        decodes = [(1, max(16, prefix())) for _ in range(rng.randint(1, top_decodes))] if kind != "chunks" else []
         chunks: list[Shape] = []
-        if kind != "decode":
-            room = top_tokens - len(decodes)
-            for _ in range(rng.randint(1, 3)):
-                c = min(room, 32 * rng.randint(1, max(1, top_new // 32)))
-                if c >= 2:
-                    chunks.append((c, prefix()))
-                    room -= c
+        room = top_tokens - top_decodes
+        for _ in range(rng.randint(1, 3) if kind != "decode" else 0):
+            c = min(room, 32 * rng.randint(1, max(1, top_new // 32)))
+            if c >= 2:
+                chunks.append((c, 0 if rng.random() < 0.2 else rng.randrange(16, top_prefix)))
+                room -= c
+        decodes: list[Shape] = []
+        if kind != "chunks":
+            num = rng.randint(1, top_decodes)
+            total = rng.uniform(0, grid.decode_prefix_tokens[-1])
+            weights = [rng.random() ** 3 for _ in range(num)]
+            decodes = [(1, int(total * w / sum(weights))) for w in weights]
         batches.append((kind, decodes + chunks))
     return batches
 
 
 def check(timer: StepTimer, latency: LatencyModel, grid: Grid) -> dict[str, Any]:
-    """Relative error |predicted - measured| / measured on held-out batches, overall and by kind."""
+    """Relative error |predicted - measured| / measured on held-out batches, overall and by kind,
+    and every batch's counts and times."""
     errors: dict[str, list[float]] = {"decode": [], "chunks": [], "mixed": []}
+    rows = []
     for kind, shapes in tqdm(held_out_batches(grid), desc="checking", unit="step", file=sys.stderr):
-        measured = timer.time_s(shapes)
-        errors[kind].append(abs(latency.step_time_s(shapes) - measured) / measured)
+        measured, predicted = timer.time_s(shapes), latency.step_time_s(shapes)
+        errors[kind].append(abs(predicted - measured) / measured)
+        decodes = [p for n, p in shapes if n == 1]
+        rows.append({"kind": kind, "num_decodes": len(decodes), "decode_prefix_tokens": sum(decodes),
+                     "chunks": [s for s in shapes if s[0] > 1], "measured_s": measured, "predicted_s": predicted})
     every = sorted(e for v in errors.values() for e in v)
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -186,7 +209,7 @@ def check(timer: StepTimer, latency: LatencyModel, grid: Grid) -> dict[str, Any]
         return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))],
                 "max": values[-1], "num_batches": len(values)}
 
-    return {"all": stats(every), **{kind: stats(v) for kind, v in errors.items() if v}}
+    return {"all": stats(every), **{kind: stats(v) for kind, v in errors.items() if v}, "batches": rows}
 
 
 def run(config: EngineConfig, output: Path | None, quick: bool, do_check: bool, max_prefix: int | None) -> int:
@@ -195,8 +218,9 @@ def run(config: EngineConfig, output: Path | None, quick: bool, do_check: bool, 
     grid = QUICK_GRID if quick else GPU_GRID
     top_prefix = max_prefix or grid.chunk_num_prefix[-1]
     top_tokens = max(grid.linear_num_tokens[-1], grid.chunk_num_new[-1] + grid.decode_num_decodes[-1])
-    config = replace(config, max_model_len=top_prefix + top_tokens + config.block_size,
-                     max_num_batched_tokens=top_tokens, max_num_seqs=max(config.max_num_seqs, grid.decode_num_decodes[-1]))
+    longest = max(top_prefix, grid.decode_prefix_tokens[-1]) + top_tokens + config.block_size
+    config = replace(config, max_model_len=longest,
+                     max_num_batched_tokens=top_tokens, max_num_seqs=max(config.max_num_seqs, grid.decode_num_decodes[-1] + 1))
     engine = LLMEngine(config)
     try:
         return _profile(engine, config, grid, top_prefix, top_tokens, output, do_check)
@@ -207,7 +231,8 @@ def run(config: EngineConfig, output: Path | None, quick: bool, do_check: bool, 
 def _profile(engine: Any, config: EngineConfig, grid: Grid, top_prefix: int, top_tokens: int,
              output: Path | None, do_check: bool) -> int:
     capacity = engine.executor.info.num_kv_blocks * config.block_size
-    grid = grid.clipped(min(top_prefix, capacity - top_tokens), top_tokens, config.max_num_seqs)
+    grid = grid.clipped(min(top_prefix, capacity - top_tokens), top_tokens, config.max_num_seqs - 1,  # + carrier
+                        capacity - top_tokens)
     timer = StepTimer(engine.executor, config.block_size, grid.repeats)
     device = engine.executor.info.device
     spec = DEVICES[detect_device(device)]
@@ -233,6 +258,8 @@ def format_check(report: dict[str, Any]) -> str:
     lines = ["prediction error on held-out batches (|predicted - measured| / measured)",
              f"{'batches':<8} {'n':>4} {'median':>8} {'p90':>8} {'max':>8}"]
     for kind, s in report.items():
+        if kind == "batches":
+            continue
         lines.append(f"{kind:<8} {s['num_batches']:>4} {s['median']:>8.1%} {s['p90']:>8.1%} {s['max']:>8.1%}")
     lines.append("target on GPU: median <= 5%, p90 <= 10%")
     return "\n".join(lines)

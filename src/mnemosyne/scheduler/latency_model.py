@@ -114,11 +114,12 @@ class StepCosts(Protocol):
         """Attention of one request's num_new > 1 tokens over num_prefix cached tokens and themselves."""
         ...
 
-    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
-        """Attention of a step's one-token chunks, whose prefixes sum to num_prefix_tokens."""
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
+        """Attention of a step's one-token chunks, whose prefixes sum to num_prefix_tokens, the longest
+        being max_prefix (a kernel may balance an uneven batch badly)."""
         ...
 
-    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         """A whole step of one-token chunks only."""
         ...
 
@@ -150,11 +151,11 @@ class Roofline:
         pairs = num_new * (num_prefix + (num_new + 1) / 2)  # the causal part sees half the chunk
         return self._attention_s(pairs, num_prefix + num_new)
 
-    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         return self._attention_s(num_prefix_tokens + num_decodes, num_prefix_tokens + num_decodes)
 
-    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
-        return self.base_s(num_decodes, num_decodes) + self.decode_attention_s(num_decodes, num_prefix_tokens)
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
+        return self.base_s(num_decodes, num_decodes) + self.decode_attention_s(num_decodes, num_prefix_tokens, 0)
 
     def _attention_s(self, num_pairs: float, num_kv_tokens: float) -> float:
         return max(self._qk_flops * num_pairs / self._flops_per_s, self._kv_bytes * num_kv_tokens / self._bytes_per_s)
@@ -163,7 +164,8 @@ class Roofline:
 @dataclass(frozen=True)
 class Profile:
     """Step-time tables measured by `mnemosyne profile` on one device, for one model. Decode tables
-    are indexed by (number of one-token chunks, their mean prefix)."""
+    are indexed by (number of one-token chunks, the sum of their prefixes): the decode kernel's time
+    is close to linear in the KV it reads."""
 
     model: str
     device_name: str
@@ -179,14 +181,18 @@ class Profile:
     chunk_s: tuple[tuple[float, ...], ...]
     """[len(chunk_num_new)][len(chunk_num_prefix)] attention time of one chunk."""
     decode_num_decodes: tuple[int, ...]
-    decode_mean_prefix: tuple[int, ...]
+    decode_prefix_tokens: tuple[int, ...]
     decode_attention_s: tuple[tuple[float, ...], ...]
-    """[len(decode_num_decodes)][len(decode_mean_prefix)] decodes' attention inside a mixed step."""
+    """[len(decode_num_decodes)][len(decode_prefix_tokens)] decodes' attention inside a mixed step."""
     decode_step_s: tuple[tuple[float, ...], ...]
     """[same] time of a step of decodes only."""
+    skewed_attention_s: tuple[tuple[float, ...], ...] = ()
+    """[same] as decode_attention_s, with all the prefix tokens in one request (empty: not measured)."""
+    skewed_step_s: tuple[tuple[float, ...], ...] = ()
+    """[same] as decode_step_s, with all the prefix tokens in one request."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        Path(path).write_text(json.dumps({"version": 2, **asdict(self), **(extra or {})}, indent=1) + "\n")
+        Path(path).write_text(json.dumps({"version": 3, **asdict(self), **(extra or {})}, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -217,25 +223,33 @@ class Profiled:
 
     def base_s(self, num_tokens: int, num_seqs: int) -> float:
         p = self.profile
-        return (self._scale * _interp(p.linear_num_tokens, p.linear_s, num_tokens)
+        return (self._scale * interp(p.linear_num_tokens, p.linear_s, num_tokens)
                 + p.per_seq_s * max(0, num_seqs - 1))
 
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
         p = self.profile
         return self._scale * _interp2(p.chunk_num_new, p.chunk_num_prefix, p.chunk_s, num_new, num_prefix)
 
-    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+    def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
-        return self._scale * _interp2(p.decode_num_decodes, p.decode_mean_prefix, p.decode_attention_s,
-                                      num_decodes, num_prefix_tokens / num_decodes)
+        return self._decode_s(p.decode_attention_s, p.skewed_attention_s, num_decodes, num_prefix_tokens, max_prefix)
 
-    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int) -> float:
+    def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
-        return self._scale * _interp2(p.decode_num_decodes, p.decode_mean_prefix, p.decode_step_s,
-                                      num_decodes, num_prefix_tokens / num_decodes)
+        return self._decode_s(p.decode_step_s, p.skewed_step_s, num_decodes, num_prefix_tokens, max_prefix)
+
+    def _decode_s(self, even: Sequence[Sequence[float]], skewed: Sequence[Sequence[float]], num_decodes: int,
+                  num_prefix_tokens: int, max_prefix: int) -> float:
+        # An uneven batch takes at least as long as its total KV spread evenly, and at least as long
+        # as its longest request with the rest empty.
+        p = self.profile
+        t = _interp2(p.decode_num_decodes, p.decode_prefix_tokens, even, num_decodes, num_prefix_tokens)
+        if skewed:
+            t = max(t, _interp2(p.decode_num_decodes, p.decode_prefix_tokens, skewed, num_decodes, max_prefix))
+        return self._scale * t
 
 
-def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise-linear through (xs, ys), xs increasing; flat below xs[0], the last slope above xs[-1]."""
     if x <= xs[0] or len(xs) == 1:
         return max(0.0, ys[0])
@@ -246,7 +260,7 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 
 def _interp2(xs: Sequence[float], ys: Sequence[float], table: Sequence[Sequence[float]], x: float, y: float) -> float:
     """Bilinear version of _interp over table[i][j] at (xs[i], ys[j])."""
-    return _interp(xs, [_interp(ys, row, y) for row in table], x)
+    return interp(xs, [interp(ys, row, y) for row in table], x)
 
 
 class LatencyModel:
@@ -319,8 +333,8 @@ class LatencyModel:
 class StepEstimate:
     """Predicted time of a step being built, one request at a time; O(1) per add or query."""
 
-    __slots__ = ("chunk_attention_s", "decode_prefix_tokens", "model", "num_decodes", "num_merge_tokens",
-                 "num_seqs", "num_tokens")
+    __slots__ = ("chunk_attention_s", "decode_max_prefix", "decode_prefix_tokens", "model", "num_decodes",
+                 "num_merge_tokens", "num_seqs", "num_tokens")
 
     def __init__(self, model: LatencyModel):
         self.model = model
@@ -329,24 +343,25 @@ class StepEstimate:
         self.chunk_attention_s = 0.0
         self.num_decodes = 0
         self.decode_prefix_tokens = 0
+        self.decode_max_prefix = 0
         self.num_merge_tokens = 0
         """New tokens of requests whose KV spans several KVP groups (merged by LSE)."""
 
     @property
     def time_s(self) -> float:
         return self._time_s(self.chunk_attention_s, self.num_tokens, self.num_seqs, self.num_decodes,
-                            self.decode_prefix_tokens, self.num_merge_tokens)
+                            self.decode_prefix_tokens, self.decode_max_prefix, self.num_merge_tokens)
 
     def time_with_s(self, num_new: int, num_prefix: int) -> float:
         """The step's time if one more request with these counts joined it."""
         shard = self.model.shard_prefix(num_prefix)
         merge = self.num_merge_tokens + (num_new if shard < num_prefix else 0)
         if num_new == 1:
-            return self._time_s(self.chunk_attention_s, self.num_tokens + 1, self.num_seqs + 1,
-                                self.num_decodes + 1, self.decode_prefix_tokens + shard, merge)
+            return self._time_s(self.chunk_attention_s, self.num_tokens + 1, self.num_seqs + 1, self.num_decodes + 1,
+                                self.decode_prefix_tokens + shard, max(self.decode_max_prefix, shard), merge)
         return self._time_s(self.chunk_attention_s + self.model.costs.chunk_attention_s(num_new, shard),
                             self.num_tokens + num_new, self.num_seqs + 1, self.num_decodes,
-                            self.decode_prefix_tokens, merge)
+                            self.decode_prefix_tokens, self.decode_max_prefix, merge)
 
     def add(self, num_new: int, num_prefix: int) -> None:
         shard = self.model.shard_prefix(num_prefix)
@@ -355,22 +370,23 @@ class StepEstimate:
         if num_new == 1:
             self.num_decodes += 1
             self.decode_prefix_tokens += shard
+            self.decode_max_prefix = max(self.decode_max_prefix, shard)
         else:
             self.chunk_attention_s += self.model.costs.chunk_attention_s(num_new, shard)
         self.num_tokens += num_new
         self.num_seqs += 1
 
     def _time_s(self, chunk_attention_s: float, num_tokens: int, num_seqs: int, num_decodes: int,
-                decode_prefix_tokens: int, num_merge_tokens: int) -> float:
+                decode_prefix_tokens: int, decode_max_prefix: int, num_merge_tokens: int) -> float:
         if num_seqs == 0:
             return 0.0
         m, costs = self.model, self.model.costs
         if num_decodes == num_seqs:
-            t = costs.decode_step_s(num_decodes, decode_prefix_tokens)
+            t = costs.decode_step_s(num_decodes, decode_prefix_tokens, decode_max_prefix)
         else:
             t = costs.base_s(num_tokens, num_seqs) + chunk_attention_s
             if num_decodes:
-                t += costs.decode_attention_s(num_decodes, decode_prefix_tokens)
+                t += costs.decode_attention_s(num_decodes, decode_prefix_tokens, decode_max_prefix)
         t += m._comm_fixed_s + m._comm_per_token_s * num_tokens
         if num_merge_tokens:
             t += m._merge_fixed_s + m._merge_per_token_s * num_merge_tokens

@@ -19,7 +19,7 @@ MAX_SERIES_POINTS = 1000
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     if not len(values):
-        return {f"p{p}": None for p in (*PERCENTILES, 100)}
+        return {**{f"p{p}": None for p in PERCENTILES}, "max": None, "mean": None}
     arr = np.asarray(values, dtype=np.float64)
     out: dict[str, float | None] = {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}
     out["max"] = float(arr.max())

@@ -88,8 +88,8 @@ class SimResult:
 
 
 def kv_capacity_tokens(model: ModelConfig, layout: Layout, device: DeviceSpec, config: EngineConfig) -> int:
-    """KV tokens the layout holds: per device, the memory left after its weight shard (or
-    --kv-cache-memory GiB), over its bytes per token; times the KVP groups."""
+    """KV tokens one KVP group holds: per device, the memory left after its weight shard (or
+    --kv-cache-memory GiB), over its bytes per token."""
     b = device.dtype_bytes
     weight_bytes = (model.num_params_non_embedding + 2 * model.vocab_size * model.hidden_size) * b
     if config.kv_cache_memory is not None:
@@ -97,7 +97,7 @@ def kv_capacity_tokens(model: ModelConfig, layout: Layout, device: DeviceSpec, c
     else:
         kv_bytes = (device.memory_bytes - weight_bytes / (layout.tp * layout.pp)) * config.kv_cache_memory_fraction
     per_token = 2 * model.num_layers / layout.pp * max(1, model.num_kv_heads // layout.tp) * model.head_dim * b
-    return max(0, int(kv_bytes // per_token)) * layout.kvp
+    return max(0, int(kv_bytes // per_token))
 
 
 def simulate(trace: Sequence[TraceRequest], config: EngineConfig, model: ModelConfig, latency: LatencyModel,
