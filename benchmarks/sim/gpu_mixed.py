@@ -1,0 +1,109 @@
+"""A real run on one GPU: one long prompt among Poisson chat requests, through the engine at wall-clock
+arrival times, under LARS + adaptive chunking and under FCFS + fixed:2048; then the simulator on the
+same trace with the measured profile, so predicted and measured TTFT/TBT sit side by side.
+
+    PYTHONPATH=src python3 benchmarks/sim/gpu_mixed.py --profile PROFILE.json [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.request import Request, SamplingParams
+from mnemosyne.scheduler.factory import layout_of
+from mnemosyne.scheduler.latency_model import DEVICES, build_latency_model, detect_device
+from mnemosyne.scheduler.policy import Deadlines
+from mnemosyne.sim.report import summarize
+from mnemosyne.sim.simulator import SimResult, StepSeries, simulate
+from mnemosyne.sim.trace import MixedWorkload, TraceRequest
+
+RUNS = [("lars", "adaptive", 16384), ("fcfs", "fixed:2048", 2048)]
+
+
+def workload(long_tokens: int, duration_s: float, rate: float) -> list[TraceRequest]:
+    chats = MixedWorkload(num_requests=int(duration_s * rate), rate_per_s=rate, long_fraction=0.0,
+                          short_prompt_tokens=(128, 2048), output_tokens=(64, 256), seed=7).generate()
+    return sorted([TraceRequest(1.0, long_tokens, 64), *chats], key=lambda r: r.arrival_s)
+
+
+def run_engine(config: EngineConfig, trace: list[TraceRequest]) -> SimResult:
+    """Play the trace in real time; every request's metrics, as the engine recorded them."""
+    engine = LLMEngine(config)
+    vocab = engine.model_config.vocab_size
+    engine.add_request([5] * 512, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    while engine.has_unfinished_requests():
+        engine.step()
+    requests: list[Request] = []
+    steps = StepSeries()
+    start = time.monotonic()
+    while len(requests) < len(trace) or engine.has_unfinished_requests():
+        now = time.monotonic() - start
+        while len(requests) < len(trace) and trace[len(requests)].arrival_s <= now:
+            spec = trace[len(requests)]
+            prompt = [(7 * i + len(requests)) % (vocab - 3) + 3 for i in range(spec.num_prompt_tokens)]
+            rid = engine.add_request(prompt, SamplingParams(max_tokens=spec.num_output_tokens, ignore_eos=True),
+                                     arrival_s=start + spec.arrival_s)
+            requests.append(engine.scheduler.requests[rid])
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, trace[len(requests)].arrival_s - now))
+            continue
+        t0 = time.monotonic()
+        engine.step()
+        if engine.last_plan is not None and engine.last_plan.chunks:
+            steps.record(t0 - start, time.monotonic() - t0, engine.last_plan, engine.scheduler)
+    num_preemptions = engine.scheduler.num_preemptions
+    engine.shutdown()
+    return SimResult(requests, steps, num_preemptions, time.monotonic() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", required=True, help="from `mnemosyne profile` on this GPU")
+    parser.add_argument("--model", default="dummy:llama-3.1-8b", help="same shapes as the profile")
+    parser.add_argument("--long-tokens", type=int, default=131072)
+    parser.add_argument("--duration-s", type=float, default=60.0, help="span of the chat arrivals")
+    parser.add_argument("--rate", type=float, default=4.0, help="chat arrivals per second")
+    parser.add_argument("--tbt-slo-ms", type=float, default=50.0)
+    parser.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = workload(args.long_tokens, args.duration_s, args.rate)
+    base = EngineConfig(model=args.model, device=args.device, tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms,
+                        latency_profile=args.profile, max_model_len=args.long_tokens + 4096)
+    rows = {}
+    for scheduler, chunking, cap in RUNS:
+        config = replace(base, scheduler=scheduler, chunking=chunking, max_num_batched_tokens=cap)
+        device = detect_device(args.device)
+        latency = build_latency_model(config_model(config), layout_of(config), device, args.profile)
+        deadlines = Deadlines(latency.prefill_work_s, args.ttft_slo_ms / 1e3, config.deadline_work_factor)
+        measured = run_engine(config, trace)
+        predicted = simulate(trace, config, config_model(config), latency, DEVICES[device])
+        for name, result in (("measured", measured), ("predicted", predicted)):
+            summary = summarize(result, deadlines.deadline_s, args.tbt_slo_ms / 1e3, long_threshold=min(32768, args.long_tokens))
+            summary.pop("series")
+            rows[f"{scheduler}+{chunking} {name}"] = summary
+    (out / "gpu_mixed.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"| run | short TTFT p50 | short TTFT p99 | long TTFT | TBT p50 | TBT p99 |\n|{'---|' * 6}")
+    for name, s in rows.items():
+        print(f"| {name} | {s['short']['ttft_s']['p50']:.3f} s | {s['short']['ttft_s']['p99']:.3f} s | "
+              f"{s['long']['ttft_s']['max']:.2f} s | {s['all']['tbt_s']['p50'] * 1e3:.1f} ms | "
+              f"{s['all']['tbt_s']['p99'] * 1e3:.1f} ms |")
+
+
+def config_model(config: EngineConfig):
+    from mnemosyne.models.loaders import resolve_model
+
+    return resolve_model(config.model, seed=config.seed).load_config()
+
+
+if __name__ == "__main__":
+    main()
