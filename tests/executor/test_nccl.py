@@ -40,6 +40,17 @@ def test_nccl_tp2_matches_single_gpu():
 
 
 @pytest.mark.timeout(180)
+def test_nccl_kvp2_matches_single_gpu():
+    # 64-token KVP groups: the two longest prompts (with their 32 new tokens) span both GPUs
+    llm = LLM("dummy:tiny", kv_parallel_size=2, kvp_group_max_tokens=64, **ENGINE)
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == _greedy(1)
+
+
+@pytest.mark.timeout(180)
 def test_nccl_killed_worker_fails_fast():
     # NCCL peers do not notice a dead rank (they wait in the collective): the engine sees the death
     # through the process handle and terminates the survivor.
