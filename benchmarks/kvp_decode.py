@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.bench.floors import decode_bytes, measure_ceilings, prefill_flops
-from mnemosyne.config import EngineConfig
+from mnemosyne.bench.floors import Ceilings, decode_bytes, measure_ceilings, prefill_flops
+from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.request import SamplingParams
 
 
@@ -94,7 +94,8 @@ def main() -> None:
         Path(args.output).write_text(json.dumps(result, indent=2))
 
 
-def _floors(result: dict, args: argparse.Namespace, cfg, ceilings, shard: int) -> None:
+def _floors(result: dict, args: argparse.Namespace, cfg: ModelConfig, ceilings: Ceilings, shard: int) -> None:
+    """Add the decode bandwidth floor of one GPU's share (and, with --prefill, the FLOP floor) to result."""
     floor_s = decode_bytes(cfg, 1, shard) / args.tp / ceilings.copy_bytes_per_s
     result.update(copy_tb_per_s=ceilings.copy_bytes_per_s / 1e12,
                   matmul_tflop_per_s=ceilings.matmul_flops_per_s / 1e12,
