@@ -43,6 +43,8 @@ def test_layer_ranges_split_evenly_and_cover_every_layer():
     with pytest.raises(ValueError, match="pipeline-parallel-size"):
         ParallelLayout(pp_size=4).layer_range(0, 2)
     assert GRID.output_rank == GRID.rank_of(0, 2, 0)
+    # one replying rank per KV replica: tp rank 0 of its last stage
+    assert GRID.output_ranks == tuple(GRID.rank_of(k, 2, 0) for k in range(GRID.kvp_size))
 
 
 @pytest.mark.timeout(10)
