@@ -38,7 +38,8 @@ class ReferenceBackend:
             positions = torch.arange(seq_len - (end - start), seq_len, device=q.device)
             if meta.is_prefix_only and meta.is_prefix_only[i]:  # every key is visible to every query
                 positions = torch.full_like(positions, seq_len - 1)
-            out, lse = attend(q[start:end], k_cache[slots], v_cache[slots], scale, positions)
+            k, v = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+            out, lse = attend(q[start:end], k, v, scale, positions)
             outs.append(out)
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses)
