@@ -11,8 +11,9 @@ relative to its size, and neither convoys (FCFS) nor starvation of long requests
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+from weakref import WeakKeyDictionary
 
 from mnemosyne.request import Request
 
@@ -38,24 +39,35 @@ class Deadlines:
     """Deadline of requests whose predicted work is small; None: from the work alone."""
     work_factor: float = 3.0
     """A deadline is at least this many times the request's predicted prefill work."""
+    _fixed: WeakKeyDictionary[Request, tuple[float, float]] = field(
+        default_factory=WeakKeyDictionary, compare=False, repr=False)
+    """Per request, (deadline, total work): both fixed by its prompt, so found once."""
 
     def deadline_s(self, request: Request) -> float:
         """Seconds after arrival by which the request's first token is due."""
-        if request.deadline_s is not None:
-            deadline = request.deadline_s
-        else:
-            deadline = max(self.ttft_slo_s or 0.0, self.work_factor * self.total_work_s(request))
-        return deadline * 2.0 ** request.priority  # lower priority value: more urgent
+        return self._of(request)[0]
 
     def total_work_s(self, request: Request) -> float:
-        return self.work_s(0, request.num_tokens)
+        """Predicted time to prefill the request's prompt alone."""
+        return self._of(request)[1]
 
     def remaining_work_s(self, request: Request) -> float:
         done = request.num_computed_tokens + request.num_inflight_tokens
-        return self.work_s(done, request.num_tokens)
+        return 0.0 if done + 1 >= request.num_tokens else self.work_s(done, request.num_tokens)
 
     def slack_s(self, request: Request, now_s: float) -> float:
         return request.metrics.arrival_s + self.deadline_s(request) - now_s - self.remaining_work_s(request)
+
+    def _of(self, request: Request) -> tuple[float, float]:
+        fixed = self._fixed.get(request)
+        if fixed is None:
+            total = self.work_s(0, request.num_prompt_tokens)
+            if request.deadline_s is not None:
+                deadline = request.deadline_s
+            else:
+                deadline = max(self.ttft_slo_s or 0.0, self.work_factor * total)
+            fixed = self._fixed[request] = (deadline * 2.0 ** request.priority, total)  # lower priority: sooner
+        return fixed
 
 
 @dataclass(frozen=True)
