@@ -31,6 +31,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ([_SHORT_FLAGS[f.name]] if f.name in _SHORT_FLAGS else [])
         kind = _scalar_type(hints[f.name])
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=docs.get(f.name, ""))
+            continue
         parser.add_argument(*flags, dest=f.name, type=kind, default=f.default,
                             help=f"{docs.get(f.name, '')} (default: {f.default})")
 

@@ -157,6 +157,13 @@ class EngineConfig:
     """TP ranks per pipeline stage."""
     pipeline_parallel_size: int = 1
     """Pipeline stages (sequence pipeline parallelism)."""
+    pp_layer_split: str | None = None
+    """Layers per pipeline stage, comma-separated in stage order (e.g. 10,12,10); default: an even split."""
+    sequence_pipelining: bool = True
+    """Let a prompt's next chunk enter stage 0 as soon as its previous chunk left it (SPP); off: ordinary
+    pipeline parallelism, where the next chunk waits for the last stage."""
+    pp_scatter_gather: bool = False
+    """With tp > 1, send 1/tp of each stage's activations from each tp rank, all-gathered on arrival."""
     kv_parallel_size: int = 1
     """KV-parallel groups, each a full replica of the model."""
     kvp_group_max_tokens: int | None = None
@@ -173,6 +180,8 @@ class EngineConfig:
     """Most requests in one step."""
     seed: int = 0
     """Seed for dummy weights and for requests that bring no seed of their own."""
+    trace_file: str | None = None
+    """Write a Chrome-trace JSON (Perfetto, chrome://tracing) here: each micro-batch on each (kvp, stage)."""
     enforce_eager: bool = False
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"
@@ -216,10 +225,29 @@ class EngineConfig:
             raise ValueError(
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
         _check_scheduling(self)
+        _parse_layer_split(self.pp_layer_split, self.pipeline_parallel_size)
 
     @property
     def world_size(self) -> int:
         return self.kv_parallel_size * self.pipeline_parallel_size * self.tensor_parallel_size
+
+    @property
+    def layer_split(self) -> tuple[int, ...] | None:
+        """--pp-layer-split as layer counts per stage; None: an even split."""
+        return _parse_layer_split(self.pp_layer_split, self.pipeline_parallel_size)
+
+
+def _parse_layer_split(text: str | None, pp_size: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        split = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        split = ()
+    if len(split) != pp_size or min(split) <= 0:
+        raise ValueError(f"--pp-layer-split must be {pp_size} positive layer counts separated by commas "
+                         f"(one per stage), got {text!r}")
+    return split
 
 
 def _check_scheduling(cfg: EngineConfig) -> None:

@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from mnemosyne.config import ModelConfig
+from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed import comm
 from mnemosyne.distributed.topology import ParallelLayout, build_topology, check_shardable
 
@@ -34,6 +34,18 @@ def test_partitions_cover_the_world_once_each():
     assert GRID.tp_partition()[0] == (0, 1, 2, 3)
     assert GRID.pp_partition()[1] == (1, 5, 9)  # same tp rank, consecutive stages
     assert GRID.kvp_partition()[5] == (5, 17)  # same (pp, tp) cell in both replicas
+
+
+@pytest.mark.timeout(10)
+def test_an_explicit_layer_split_is_followed_and_checked():
+    layout = ParallelLayout(pp_size=3, layer_split=EngineConfig(
+        pipeline_parallel_size=3, pp_layer_split="10,12,10").layer_split)
+    assert [layout.layer_range(p, 32) for p in range(3)] == [(0, 10), (10, 22), (22, 32)]
+    with pytest.raises(ValueError, match="pp-layer-split 10,12,10 covers 32 layers; the model has 30"):
+        layout.layer_range(0, 30)
+    for bad in ("10,22", "10,x,12", "0,16,16"):
+        with pytest.raises(ValueError, match="pp-layer-split must be 3 positive layer counts"):
+            EngineConfig(pipeline_parallel_size=3, pp_layer_split=bad)
 
 
 @pytest.mark.timeout(10)

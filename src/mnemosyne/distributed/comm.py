@@ -41,6 +41,17 @@ class Group:
         dist.all_gather(parts, x.contiguous(), group=self.handle)
         return torch.cat(parts, dim=dim)
 
+    def send(self, x: torch.Tensor, dst_rank: int) -> Any:
+        """Start sending x to group rank dst_rank. Returns the pending work: `wait()` on it before x
+        is written again (on NCCL the transfer is ordered after the current stream's work)."""
+        return dist.isend(x, dst=self.ranks[dst_rank], group=self.handle)
+
+    def recv(self, x: torch.Tensor, src_rank: int) -> torch.Tensor:
+        """Receive into x from group rank src_rank; returns x. Blocks the host on gloo; on NCCL only
+        the current stream waits."""
+        dist.recv(x, src=self.ranks[src_rank], group=self.handle)
+        return x
+
     def broadcast_object(self, obj: Any, src_rank: int = 0, device: torch.device | None = None) -> Any:
         """`obj` as held by group rank src_rank, on every member (pickled: for set-up only, never per step)."""
         if self.size == 1:

@@ -17,11 +17,15 @@ class ParallelLayout:
     kvp_size: int = 1
     pp_size: int = 1
     tp_size: int = 1
+    layer_split: tuple[int, ...] | None = None
+    """Layers of each pipeline stage, in stage order; None: an even split."""
 
     def __post_init__(self) -> None:
         for name in ("kvp_size", "pp_size", "tp_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.layer_split is not None and (len(self.layer_split) != self.pp_size or min(self.layer_split) <= 0):
+            raise ValueError(f"--pp-layer-split needs {self.pp_size} positive layer counts, got {self.layer_split}")
 
     @property
     def world_size(self) -> int:
@@ -52,7 +56,14 @@ class ParallelLayout:
                 for p in range(self.pp_size) for t in range(self.tp_size)]
 
     def layer_range(self, pp_rank: int, num_layers: int) -> tuple[int, int]:
-        """Layers [start, end) of a pipeline stage: an even split, earlier stages take the remainder."""
+        """Layers [start, end) of a pipeline stage: the explicit split, else an even split where
+        earlier stages take the remainder."""
+        if self.layer_split is not None:
+            if sum(self.layer_split) != num_layers:
+                raise ValueError(f"--pp-layer-split {','.join(map(str, self.layer_split))} covers "
+                                 f"{sum(self.layer_split)} layers; the model has {num_layers}")
+            start = sum(self.layer_split[:pp_rank])
+            return start, start + self.layer_split[pp_rank]
         if self.pp_size > num_layers:
             raise ValueError(f"--pipeline-parallel-size {self.pp_size} exceeds the model's {num_layers} layers")
         base, extra = divmod(num_layers, self.pp_size)

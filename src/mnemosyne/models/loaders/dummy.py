@@ -35,6 +35,7 @@ _TINY = ModelConfig(
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _TINY,
+    "tiny-6l": replace(_TINY, num_layers=6),  # enough layers for 2- and 3-stage pipelines
     "tiny-qwen2": replace(_TINY, attention_bias=True, architecture="qwen2"),
     "llama-3-8b": _LLAMA_3_8B,
     "llama-3.1-8b": replace(_LLAMA_3_8B, rope_scaling=_LLAMA_3_1_SCALING, max_position_embeddings=131072),
