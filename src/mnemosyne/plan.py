@@ -66,3 +66,22 @@ class StepResult:
     request_ids: tuple[str, ...]
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs | None, ...]
+
+
+@dataclass(frozen=True)
+class StageDone:
+    """One pipeline stage finished one step's micro-batch, as its tp rank 0 measured it. Stage 0's
+    tells the engine that the step's requests may send their next chunks (sequence pipelining);
+    with --trace-file every stage reports, for the trace."""
+
+    step_id: int
+    kvp_rank: int
+    pp_rank: int
+    start_s: float
+    """time.time() when the stage had the micro-batch's inputs (the previous stage's activations)."""
+    end_s: float
+    """time.time() when its output had left: sent to the next stage, or sampled on the last."""
+
+
+StepEvent = StageDone | StepResult
+"""What an executor reports about a step in flight."""

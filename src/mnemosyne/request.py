@@ -118,6 +118,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0
         """Tokens dispatched in a step whose result has not come back (SPP keeps several)."""
+        self.num_stage0_tokens = 0
+        """Of those, tokens whose micro-batch has not left pipeline stage 0 yet (the scheduler is told
+        at the last stage instead when sequence pipelining is off). The next chunk waits for 0."""
         self.block_ids: list[int] = []
         self.num_synced_tokens = 0
         """Tokens whose ids the workers already hold (prompt sent once, then sampled ids)."""

@@ -75,9 +75,3 @@ def test_tp4_with_one_kv_head_matches_single_process(kv1_model):
 def test_unshardable_layout_is_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="tensor-parallel-size 3 does not divide the model's attention heads"):
         LLM("dummy:tiny", tensor_parallel_size=3, **ENGINE)
-
-
-@pytest.mark.timeout(30)
-def test_pp_says_which_issue_brings_it():
-    with pytest.raises(ValueError, match="SPP"):
-        LLM("dummy:tiny", pipeline_parallel_size=2, **ENGINE)

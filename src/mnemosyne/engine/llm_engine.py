@@ -1,4 +1,5 @@
-"""LLMEngine: the synchronous step loop. One step = schedule, execute, update, emit."""
+"""LLMEngine: the step loop. One step = schedule, execute, update, emit; with pipeline stages a
+step submits one micro-batch and lands whatever finished meanwhile (engine/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass, field
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
+from mnemosyne.engine.pipeline import Pipeline
+from mnemosyne.engine.trace import PipelineTrace
 from mnemosyne.models.loaders import resolve_model
-from mnemosyne.plan import StepPlan, TokenLogprobs
+from mnemosyne.plan import StepPlan, StepResult, TokenLogprobs
 from mnemosyne.request import FinishReason, Request, SamplingParams
 from mnemosyne.scheduler.factory import build_scheduler, latency_model_for
 
@@ -43,11 +46,12 @@ class LLMEngine:
         info = self.executor.info
         self.scheduler = build_scheduler(config, self.model_config, info.num_kv_blocks, self.max_model_len,
                                          latency_model_for(config, self.model_config, info.device))
+        trace = None if config.trace_file is None else PipelineTrace(
+            config.trace_file, config.pipeline_parallel_size * config.kv_parallel_size)
+        self.pipeline = Pipeline(self.executor, self.scheduler, config.sequence_pipelining, trace)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
-        self.last_plan: StepPlan | None = None
-        """The latest step's plan, for per-step stats (batch size) in the engine-core process."""
 
     # -- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -88,17 +92,30 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        self.last_plan = plan
-        if not plan.chunks:
-            return []
-        result = self.executor.execute(plan)
-        updated = self.scheduler.update(plan, result)
+        """Schedule and submit a micro-batch if stage 0 is free, wait for the pipeline to move, and
+        return the outputs of the steps that finished (none, while the first micro-batches fill it)."""
+        plan = self.scheduler.schedule() if self.pipeline.has_room else None
+        finished = self.pipeline.advance(plan)
+        outputs = []
+        for done_plan, result in finished:
+            updated = self.scheduler.update(done_plan, result)
+            self._record_logprobs(result, {request.request_id for request in updated})
+            outputs += [self._emit(request) for request in updated]
+        return outputs
+
+    @property
+    def last_plan(self) -> StepPlan | None:
+        """For per-step stats in the engine-core process: the plan the latest step submitted, else
+        the latest one it landed, else one still in flight; None only when nothing runs."""
+        return self.pipeline.last_plan
+
+    def _record_logprobs(self, result: StepResult, updated_ids: set[str]) -> None:
+        """Keep the logprobs of tokens the scheduler accepted (not those of a request preempted or
+        aborted while its step ran)."""
         for request_id, lp in zip(result.request_ids, result.logprobs, strict=True):
-            tracked = self._tracked.get(request_id)
+            tracked = self._tracked.get(request_id) if request_id in updated_ids else None
             if tracked is not None and tracked.logprobs is not None and lp is not None:
                 tracked.logprobs.append(lp)
-        return [self._emit(request) for request in updated]
 
     def _emit(self, request: Request) -> RequestOutput:
         tracked = self._tracked[request.request_id]
@@ -117,7 +134,10 @@ class LLMEngine:
                              [completion], finished, request.metrics, request.num_computed_tokens)
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        try:
+            self.pipeline.close()  # writes --trace-file
+        finally:
+            self.executor.shutdown()
 
 
 def _make_executor(config: EngineConfig, model_config, loader):

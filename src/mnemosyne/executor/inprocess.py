@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
+import torch
+
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.executor.worker import RuntimeInfo, Worker
 from mnemosyne.models.loaders import ModelLoader
-from mnemosyne.plan import StepPlan, StepResult
+from mnemosyne.plan import StageDone, StepEvent, StepPlan, StepResult
 
 
 class InProcessExecutor:
+    num_stages = 1
+
     def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader):
         self.worker = Worker(config, model_config, loader)
+        self._is_timed = config.trace_file is not None
+        self._events: list[StepEvent] = []
 
     @property
     def info(self) -> RuntimeInfo:
@@ -18,6 +26,21 @@ class InProcessExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.worker.execute(plan)
+
+    def submit(self, plan: StepPlan) -> None:
+        """Run the plan now; its events wait for `wait_events`."""
+        start_s = time.time()
+        result = self.worker.execute(plan)
+        if self._is_timed:
+            if self.worker.device.type == "cuda":
+                torch.cuda.synchronize(self.worker.device)
+            self._events.append(StageDone(plan.step_id, 0, 0, start_s, time.time()))
+        self._events.append(result)
+
+    def wait_events(self, timeout_s: float | None = None) -> list[StepEvent]:
+        """The events of submitted steps, in order; never waits (submit already ran them)."""
+        events, self._events = self._events, []
+        return events
 
     def shutdown(self) -> None:
         pass

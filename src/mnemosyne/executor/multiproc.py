@@ -1,6 +1,7 @@
 """World size > 1: one worker process per device. The engine publishes each plan over ZeroMQ,
-waits for the output rank's result, and watches every rank: a worker that raises, dies or falls
-silent ends the run with an error naming it, and the others are shut down."""
+collects stage-0 reports and the output rank's results (several steps may be in flight through
+the pipeline stages), and watches every rank: a worker that raises, dies or falls silent ends the
+run with an error naming it, and the others are shut down."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from mnemosyne.executor.channel import HEARTBEAT_INTERVAL_S, EngineChannel
 from mnemosyne.executor.replica_results import ReplicaResults
 from mnemosyne.executor.worker import RuntimeInfo
 from mnemosyne.executor.worker_process import WorkerSpec
-from mnemosyne.plan import StepPlan, StepResult
+from mnemosyne.plan import StepEvent, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +50,17 @@ class WorkerFailedError(RuntimeError):
 
 
 def layout_of(config: EngineConfig) -> ParallelLayout:
-    return ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size)
+    return ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size,
+                          config.layer_split)
 
 
 def check_layout(config: EngineConfig, model_config: ModelConfig) -> ParallelLayout:
     """The layout, or ValueError (before any process starts) if it cannot run yet or cannot be sharded."""
     layout = layout_of(config)
-    if layout.pp_size > 1:
-        raise ValueError("--pipeline-parallel-size > 1 is not supported yet: it lands with the SPP issue")
     check_shardable(model_config, layout)
+    if config.pp_scatter_gather and model_config.hidden_size % layout.tp_size:
+        raise ValueError(f"--pp-scatter-gather: the model's hidden size {model_config.hidden_size} is not "
+                         f"divisible by --tensor-parallel-size {layout.tp_size}")
     return layout
 
 
@@ -88,17 +91,37 @@ class MultiprocExecutor:
         """Global rank -> pid of the workers this process started."""
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
+    @property
+    def num_stages(self) -> int:
+        return self.layout.pp_size
+
     def execute(self, plan: StepPlan) -> StepResult:
-        """Publish the plan to every rank and return the output rank's result; raises
-        WorkerFailedError (and shuts every worker down) if any rank fails meanwhile."""
+        """Publish the plan to every rank and return the output rank's result (nothing else may be in
+        flight); raises WorkerFailedError (and shuts every worker down) if any rank fails meanwhile."""
+        self.submit(plan)
+        while True:
+            for event in self.wait_events():
+                if isinstance(event, StepResult) and event.step_id == plan.step_id:
+                    return event
+
+    def submit(self, plan: StepPlan) -> None:
+        """Publish the plan to every rank; each stage runs its plans in the order they were submitted."""
         if self._failure is not None:
             raise self._failure
         self._channel.publish(wire.TOPIC_PLAN, wire.encode_plan(plan))
+
+    def wait_events(self, timeout_s: float | None = None) -> list[StepEvent]:
+        """Stage reports and results that arrived, waiting up to timeout_s (None: until one does);
+        results come in step order. Raises WorkerFailedError if any rank failed."""
+        if self._failure is not None:
+            raise self._failure
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            for result in self._results.add([wire.DECODERS[kind].decode(body) for kind, body in self._receive()
-                                             if kind == wire.KIND_RESULT]):
-                if result.step_id == plan.step_id:
-                    return result
+            wait_s = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            events = self._results.add([wire.DECODERS[kind].decode(body) for kind, body in self._receive(wait_s)
+                                        if kind in (wire.KIND_RESULT, wire.KIND_STAGE_DONE)])
+            if events or (deadline is not None and time.monotonic() >= deadline):
+                return events
 
     def shutdown(self) -> None:
         self._stop()
@@ -114,9 +137,9 @@ class MultiprocExecutor:
         info = self._readies[self.layout.output_rank]
         return replace(info, num_kv_blocks=min(i.num_kv_blocks for i in self._readies.values()))
 
-    def _receive(self) -> list[tuple[bytes, bytes]]:
+    def _receive(self, timeout_s: float = _POLL_S) -> list[tuple[bytes, bytes]]:
         """Messages other than heartbeats and errors; raises on a worker error or a dead rank."""
-        messages = self._collect(_POLL_S)
+        messages = self._collect(timeout_s)
         if self._errors or self._silent_ranks():
             self._fail()
         return messages

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import msgspec
 
 from mnemosyne.executor.worker import RuntimeInfo
-from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan, StepResult
+from mnemosyne.plan import NewRequest, ScheduledChunk, StageDone, StepPlan, StepResult
 from mnemosyne.request import SamplingParams
 
 _CHUNK_FIELDS = 4
@@ -98,6 +98,7 @@ class WorkerError:
 
 
 KIND_READY, KIND_RESULT, KIND_ERROR, KIND_HEARTBEAT = b"ready", b"result", b"error", b"beat"
+KIND_STAGE_DONE = b"stage"
 """First frame of every worker -> engine message; the second is the msgpack body."""
 
 TOPIC_PLAN, TOPIC_STOP = b"plan", b"stop"
@@ -107,6 +108,7 @@ _encoder = msgspec.msgpack.Encoder()
 DECODERS = {
     KIND_READY: msgspec.msgpack.Decoder(WorkerReady),
     KIND_RESULT: msgspec.msgpack.Decoder(StepResult),
+    KIND_STAGE_DONE: msgspec.msgpack.Decoder(StageDone),
     KIND_ERROR: msgspec.msgpack.Decoder(WorkerError),
     KIND_HEARTBEAT: msgspec.msgpack.Decoder(int),
 }

@@ -21,6 +21,7 @@ from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
 from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.model_runner import ModelRunner
+from mnemosyne.runner.stage_link import StageLink
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 class Worker:
     """Builds this rank's shard of the model and its KV cache. `world_group` is the group over which
     the KV block count must agree (every rank takes the minimum, so no rank is over-committed);
-    `kvp_group` joins this rank to its peers in the other KV-parallel replicas, over which partial
-    attention is merged."""
+    `pp_group` links this pipeline stage to its neighbours; `kvp_group` joins this rank to its peers in
+    the other KV-parallel replicas, over which partial attention is merged."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader,
                  tp_group: Group = SINGLE, layer_range: tuple[int, int] | None = None,
-                 device: torch.device | None = None, world_group: Group = SINGLE, kvp_group: Group = SINGLE):
+                 device: torch.device | None = None, world_group: Group = SINGLE, pp_group: Group = SINGLE,
+                 kvp_group: Group = SINGLE):
         self.config = config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -101,9 +103,12 @@ class Worker:
         backend = select_backend(config.attention_backend, self.device, self.dtype)
         if kvp_group.size > 1:
             backend = KvpAttention(backend, kvp_group)
-        self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device,
+        link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,
+                         config.pp_scatter_gather, is_timed=config.trace_file is not None)
+        self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device, link,
                                   kvp_rank=kvp_group.rank, blocks_per_group=num_blocks, scratch_slot=num_slots)
-        if getattr(backend, "supports_cuda_graphs", False) and not config.enforce_eager:
+        # The graphs capture the whole model, embedding to logits: one pipeline stage runs eagerly.
+        if getattr(backend, "supports_cuda_graphs", False) and not config.enforce_eager and pp_group.size == 1:
             from mnemosyne.runner.cuda_graphs import DecodeGraphs  # imports Triton
 
             self.runner.graphs = DecodeGraphs(

@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from mnemosyne.executor import wire
 from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
 from mnemosyne.executor.worker import Worker
 from mnemosyne.models.loaders import resolve_model
+from mnemosyne.plan import StageDone
 
 logger = logging.getLogger("mnemosyne.executor.worker_process")  # also when run as __main__
 
@@ -89,24 +91,45 @@ def run_worker(spec: WorkerSpec) -> int:
 
 def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: WorkerChannel) -> None:
     config = spec.config
-    layout = ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size)
+    layout = ParallelLayout(config.kv_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size,
+                            config.layer_split)
     topology = build_topology(layout, world)
     loader = resolve_model(config.model, seed=config.seed)
     model_config = loader.load_config()
     layer_range = layout.layer_range(topology.pp_rank, model_config.num_layers)
-    worker = Worker(config, model_config, loader, topology.tp_group, layer_range, device, world,
+    worker = Worker(config, model_config, loader, topology.tp_group, layer_range, device, world, topology.pp_group,
                     kvp_group=topology.kvp_group)
     channel.send(wire.KIND_READY, wire.encode(wire.WorkerReady(spec.rank, worker.info)))
     logger.info("ready: kvp_rank %d, pp_rank %d, tp_rank %d, layers %s, %d KV blocks", topology.kvp_rank,
                 topology.pp_rank, topology.tp_rank, layer_range, worker.info.num_kv_blocks)
+    # Stage 0 tells the engine when a micro-batch has left it (the SPP rule needs it); with a trace
+    # every stage reports its timing. tp rank 0 speaks for its tp group.
+    reports_stage = topology.tp_rank == 0 and (config.trace_file is not None or (
+        topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
     while True:
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
+            worker.runner.link.wait()
             channel.stopping.set()
             return
-        result = worker.execute(wire.decode_plan(payload))
+        plan = wire.decode_plan(payload)
+        begin_s = time.time()
+        result = worker.execute(plan)
+        if reports_stage:
+            end_s = _stage_end_s(device)
+            start_s = min(max(begin_s, worker.runner.link.received_s), end_s)
+            channel.send(wire.KIND_STAGE_DONE, wire.encode(StageDone(
+                plan.step_id, topology.kvp_rank, topology.pp_rank, start_s, end_s)))
         if topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
             channel.send(wire.KIND_RESULT, wire.encode(result))
+
+
+def _stage_end_s(device: torch.device) -> float:
+    """When this stage's work on the step is done: on a GPU, once its kernels have run (the send to
+    the next stage is queued behind them), so a stage-0 report never runs ahead of the device."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return time.time()
 
 
 def _report(channel: WorkerChannel | None, rank: int, error: BaseException) -> None:

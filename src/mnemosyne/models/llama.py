@@ -117,9 +117,11 @@ class LlamaForCausalLM(nn.Module):
         return h, residual
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        """A whole model: token_ids, positions [T] int64 -> final-normed hidden [T, hidden]."""
-        h, residual = self.forward_stage(token_ids, positions, kv_caches, meta, backend)
+                meta: AttentionMetadata, backend: AttentionBackend, hidden: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """A whole model, or the last pipeline stage given the previous stage's hidden and residual
+        [T, hidden]: token_ids, positions [T] int64 -> final-normed hidden [T, hidden]."""
+        h, residual = self.forward_stage(token_ids, positions, kv_caches, meta, backend, hidden, residual)
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

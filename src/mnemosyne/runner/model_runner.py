@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mnemosyne.runner.cuda_graphs import DecodeGraphs
 from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.kvp_section import KvShards, SectionRow, plan_section
+from mnemosyne.runner.stage_link import StageLink
 
 
 @dataclass
@@ -45,7 +46,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_tables: BlockTables,
-                 backend: AttentionBackend, device: torch.device,
+                 backend: AttentionBackend, device: torch.device, link: StageLink | None = None,
                  kvp_rank: int = 0, blocks_per_group: int = 1 << 62, scratch_slot: int = -1):
         self.model = model
         self.kv_caches = kv_caches
@@ -63,6 +64,8 @@ class ModelRunner:
         """A cache slot no request owns: where rows that must not write their K/V point."""
         self.graphs: DecodeGraphs | None = None
         """Set by the worker on a GPU; replays decode-only steps."""
+        self.link = link or StageLink(device=device)
+        """Activations from the previous pipeline stage and to the next one."""
 
     def apply_plan(self, plan: StepPlan) -> None:
         """Bring the replicated request state up to date with the plan's diff."""
@@ -94,14 +97,24 @@ class ModelRunner:
                 and self.graphs.bucket(meta.num_decodes)):
             logits = self.graphs.run(inputs)  # decode-only: every row samples, in batch order
         else:
-            hidden = self.model(inputs.token_ids, inputs.positions, self.kv_caches, meta, self.backend)
-            if not inputs.sample_ids:
+            hidden = self._forward(inputs)
+            if hidden is None or not inputs.sample_ids:  # not the last stage, or nothing to sample
                 return StepResult(plan.step_id, (), (), ())
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
         states = [self.requests[r] for r in inputs.sample_ids]
         out = sample(logits, _sampling_batch(states))
         return StepResult(plan.step_id, tuple(inputs.sample_ids), tuple(out.token_ids.tolist()),
                           _logprobs(out, [s.params.logprobs for s in states]))
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """This stage's layers. The last stage returns the final-normed hidden [T, hidden]; the others
+        hand (hidden, residual) to the next stage and return None."""
+        args = (inputs.token_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        hidden, residual = self.link.recv(len(inputs.token_ids))
+        if self.model.is_last_pp_stage:
+            return self.model(*args, hidden, residual)
+        self.link.send(*self.model.forward_stage(*args, hidden, residual))
+        return None
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         """Flat inputs and metadata for this KVP group's section of the plan, single-token chunks first.

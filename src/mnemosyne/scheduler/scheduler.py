@@ -56,6 +56,10 @@ class Scheduler:
         self._freed_ids: list[str] = []
         self._seeds: dict[str, int] = {}
         self._step_id = 0
+        self._stage0_cleared: set[int] = set()
+        """Steps in flight whose micro-batch has left pipeline stage 0 (see `stage_cleared`)."""
+        self._preempted_at: dict[str, int] = {}
+        """Request id -> the last step planned before it was preempted: older plans' work for it is void."""
         self.num_preemptions = 0
 
     # -- admission -------------------------------------------------------------------------
@@ -107,6 +111,8 @@ class Scheduler:
             is_running = request.request_id in self._running_ids
             if request.num_uncomputed_tokens == 0 or request.request_id in self._preempted_ids:
                 continue  # waiting on in-flight tokens, or preempted earlier in this loop
+            if request.num_stage0_tokens:
+                continue  # its previous chunk has not left pipeline stage 0 yet
             if not is_running and (not is_admitting or len(self.running) >= self.limits.max_num_seqs):
                 continue
             num_new = self._fit(step, request, shortest_after[i + 1], now)
@@ -143,20 +149,34 @@ class Scheduler:
         share = self.policy.yield_share(request, now_s) if shortest_after < max_new else 0.0
         return step.fit(start, max_new, share)
 
+    def stage_cleared(self, plan: StepPlan) -> None:
+        """Pipeline stage 0 finished the plan's micro-batch: its requests' next chunks may be scheduled
+        now (sequence pipelining). Their KV dependencies on this chunk are met in every stage because
+        each stage runs micro-batches in plan order. Idempotent; `update` does it if nobody did."""
+        if plan.step_id in self._stage0_cleared:
+            return
+        self._stage0_cleared.add(plan.step_id)
+        for chunk in plan.chunks:
+            request = self._live(chunk.request_id, plan)
+            if request is not None:
+                request.num_stage0_tokens -= chunk.num_new_tokens
+
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Land a finished step: computed counts, sampled tokens, stop checks. Returns the requests
-        that got a token (finished ones included, with finish_reason set)."""
+        that got a token (finished ones included, with finish_reason set). Steps land in plan order."""
         now = self.clock()
+        self.stage_cleared(plan)
+        self._stage0_cleared.discard(plan.step_id)
         for chunk in plan.chunks:
-            request = self.requests.get(chunk.request_id)
+            request = self._live(chunk.request_id, plan)
             if request is not None:
                 request.num_inflight_tokens -= chunk.num_new_tokens
                 request.num_computed_tokens += chunk.num_new_tokens
         updated = []
         for request_id, token_id in zip(result.request_ids, result.token_ids, strict=True):
-            request = self.requests.get(request_id)
+            request = self._live(request_id, plan)
             if request is None:
-                continue  # aborted while its step ran
+                continue  # aborted or preempted while its step ran
             request.append_token(token_id)
             request.metrics.record_token(now)
             reason = request.check_stop(self.max_model_len)
@@ -166,6 +186,14 @@ class Scheduler:
         return updated
 
     # -- helpers ---------------------------------------------------------------------------
+    def _live(self, request_id: str, plan: StepPlan) -> Request | None:
+        """The request the plan's work belongs to; None if it has finished, or was preempted after
+        the plan was made (with several steps in flight a request can be preempted mid-flight)."""
+        request = self.requests.get(request_id)
+        if request is None or self._preempted_at.get(request_id, -1) >= plan.step_id:
+            return None
+        return request
+
     def _admit(self, request: Request, num_new: int) -> bool:
         """Move a waiting request to running with blocks for num_new tokens, if they are free; a request
         spanning several KVP groups reserves all it can ever need in each of them."""
@@ -205,6 +233,7 @@ class Scheduler:
         request.num_synced_tokens = request.num_tokens
         request.num_synced_blocks = len(request.block_ids)
         request.num_inflight_tokens += num_new
+        request.num_stage0_tokens += num_new
         if request.metrics.first_scheduled_s is None:
             request.metrics.first_scheduled_s = self.clock()
         return ScheduledChunk(request.request_id, start, num_new, new_block_ids, new_token_ids)
@@ -221,7 +250,8 @@ class Scheduler:
         self.running.remove(request)
         self._running_ids.discard(request.request_id)
         self._preempted_ids.add(request.request_id)
-        request.num_computed_tokens = request.num_inflight_tokens = 0
+        request.num_computed_tokens = request.num_inflight_tokens = request.num_stage0_tokens = 0
+        self._preempted_at[request.request_id] = self._step_id
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, request)
@@ -238,6 +268,7 @@ class Scheduler:
         del self.requests[request.request_id]
         del self._seeds[request.request_id]
         del self._arrival_rank[request.request_id]
+        self._preempted_at.pop(request.request_id, None)
         return request
 
 

@@ -1,0 +1,120 @@
+"""Micro-batches in flight through the pipeline stages, as the engine core sees them: at most one
+per stage, and a new one enters only when stage 0 is free. A stage-0 report releases the next
+chunks of the micro-batch's requests (sequence pipelining); results land in step order."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from mnemosyne.engine.trace import PipelineTrace
+from mnemosyne.plan import StageDone, StepEvent, StepPlan, StepResult
+from mnemosyne.scheduler.scheduler import Scheduler
+
+
+class StepExecutor(Protocol):
+    """The executor as the pipeline drives it (in-process, or worker processes)."""
+
+    @property
+    def num_stages(self) -> int: ...
+
+    def submit(self, plan: StepPlan) -> None:
+        """Start the plan; every stage runs plans in submission order."""
+
+    def wait_events(self, timeout_s: float | None = None) -> list[StepEvent]:
+        """Events of submitted steps, waiting up to timeout_s for the first (None: until one comes)."""
+        ...
+
+
+@dataclass
+class _MicroBatch:
+    plan: StepPlan
+    has_cleared_stage0: bool = False
+
+
+class Pipeline:
+    """Submits plans and turns executor events into scheduler calls.
+
+    With `is_sequence_pipelined`, stage 0's report of a micro-batch calls `scheduler.stage_cleared`,
+    so a prefill's next chunk may enter stage 0 while this one is still in later stages. Without,
+    the report only frees stage 0 for other requests' work, and a request's next chunk waits until
+    `scheduler.update` lands the step. A decode token always waits for its predecessor's sample.
+    """
+
+    def __init__(self, executor: StepExecutor, scheduler: Scheduler, is_sequence_pipelined: bool,
+                 trace: PipelineTrace | None = None):
+        self.executor = executor
+        self.scheduler = scheduler
+        self.is_sequence_pipelined = is_sequence_pipelined
+        self.trace = trace
+        self.depth = executor.num_stages
+        self._inflight: dict[int, _MicroBatch] = {}
+        """Step id -> micro-batch, oldest first."""
+        self._freed_ids: tuple[str, ...] = ()
+        """Freed by plans that had no chunks (so were not sent): they ride on the next plan sent."""
+        self.last_plan: StepPlan | None = None
+        """The plan the latest `advance` submitted, else the latest it landed, else one still in
+        flight: None only when the pipeline is idle."""
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a new micro-batch may enter: stage 0 is free and not every stage is busy."""
+        return len(self._inflight) < self.depth and all(m.has_cleared_stage0 for m in self._inflight.values())
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def advance(self, plan: StepPlan | None) -> list[tuple[StepPlan, StepResult]]:
+        """Submit `plan` (if it has chunks), then wait until the pipeline moves: a micro-batch clears
+        stage 0 or a step finishes. Returns the finished steps, oldest first, for `scheduler.update`;
+        stage-0 reports have already gone to the scheduler. Returns at once when nothing is in flight."""
+        submitted = self._submit(plan) if plan is not None else None
+        finished: list[tuple[StepPlan, StepResult]] = []
+        has_moved = False
+        while self._inflight and not has_moved:
+            for event in self.executor.wait_events():
+                has_moved |= self._on_event(event, finished)
+        self.last_plan = submitted or (finished[-1][0] if finished else None) or next(
+            (m.plan for m in self._inflight.values()), None)
+        return finished
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write the trace once late stage reports are in (up to timeout_s); nothing is in flight."""
+        if self.trace is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while not self.trace.is_complete and (left_s := deadline - time.monotonic()) > 0:
+            for event in self.executor.wait_events(min(left_s, 0.05)):
+                self._on_event(event, [])
+        self.trace.write()
+
+    def _submit(self, plan: StepPlan) -> StepPlan | None:
+        if not plan.chunks:
+            self._freed_ids += plan.freed_ids
+            return None
+        if self._freed_ids:  # freed first: a request freed then re-added is rebuilt, not lost
+            plan = replace(plan, freed_ids=self._freed_ids + plan.freed_ids)
+            self._freed_ids = ()
+        self.executor.submit(plan)
+        self._inflight[plan.step_id] = _MicroBatch(plan)
+        if self.trace is not None:
+            self.trace.add_plan(plan)
+        return plan
+
+    def _on_event(self, event: StepEvent, finished: list[tuple[StepPlan, StepResult]]) -> bool:
+        """Apply one event; True if the pipeline moved (stage 0 freed, or a step finished)."""
+        if isinstance(event, StageDone):
+            if self.trace is not None:
+                self.trace.record(event)
+            batch = self._inflight.get(event.step_id)
+            if event.pp_rank != 0 or event.kvp_rank != 0 or batch is None or batch.has_cleared_stage0:
+                return False  # only stage 0 of replica 0 paces the engine; the rest are for the trace
+            batch.has_cleared_stage0 = True
+            if self.is_sequence_pipelined:
+                self.scheduler.stage_cleared(batch.plan)
+            return True
+        batch = self._inflight.pop(event.step_id)
+        finished.append((batch.plan, event))
+        return True
