@@ -84,12 +84,13 @@ class EngineCore:
         outputs = self.engine.step()
         step_s = time.perf_counter() - start_s
         plan = self.engine.last_plan
-        if plan is None or not plan.chunks:
+        if not outputs and (plan is None or not plan.chunks):
             return False
         deltas = [self._delta(out) for out in outputs]
         for delta in deltas:
             self._last_report_s.pop(delta.request_id, None)  # it has tokens now: no more progress
-        self.send(StepReport(deltas, self._progress(), self._stats(step_s, plan.num_tokens, len(plan.chunks))))
+        num_tokens, num_requests = (plan.num_tokens, len(plan.chunks)) if plan is not None else (0, 0)
+        self.send(StepReport(deltas, self._progress(), self._stats(step_s, num_tokens, num_requests)))
         self._is_stats_stale = False
         return True
 
