@@ -64,10 +64,11 @@ def bench_engine(config: EngineConfig, prefill_lens: list[int], decode_shapes: l
             engine.step()
         engine.step()  # first decode step
         gaps = []
+        start = time.perf_counter()
         while engine.has_unfinished_requests():
-            start = time.perf_counter()
-            engine.step()
-            gaps.append(time.perf_counter() - start)
+            if engine.step():  # token to token: with pipeline stages some steps only submit
+                gaps.append(time.perf_counter() - start)
+                start = time.perf_counter()
         rows.append(Row("mnemosyne", "decode", context, batch, statistics.median(gaps),
                         decode_bytes(cfg, batch, context) / ceilings.copy_bytes_per_s))
     engine.shutdown()
