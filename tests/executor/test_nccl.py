@@ -51,6 +51,20 @@ def test_nccl_kvp2_matches_single_gpu():
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("sequence_pipelining", [True, False])
+def test_nccl_pp2_matches_single_gpu(tmp_path, sequence_pipelining):
+    # dummy:tiny has 2 layers: one per stage. The trace makes every stage sync and report.
+    llm = LLM("dummy:tiny", pipeline_parallel_size=2, sequence_pipelining=sequence_pipelining,
+              trace_file=str(tmp_path / "trace.json"), **ENGINE)
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == _greedy(1)
+    assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+@pytest.mark.timeout(180)
 def test_nccl_killed_worker_fails_fast():
     # NCCL peers do not notice a dead rank (they wait in the collective): the engine sees the death
     # through the process handle and terminates the survivor.

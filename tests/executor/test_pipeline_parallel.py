@@ -6,11 +6,17 @@ the pp=2 run shows stage 0 working on a prompt's next chunk while stage 1 works 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from mnemosyne import LLM, SamplingParams
+from mnemosyne.executor.multiproc import WorkerFailedError
+from tests.executor.test_faults import _wait_gone
 
 MODEL = "dummy:tiny-6l"
 # With a 16-token budget the long prompts are prefilled in up to 4 chunks while the short ones
@@ -112,3 +118,26 @@ def test_trace_shows_a_prompts_chunks_in_two_stages_at_once(pp2_trace):
 def test_layer_split_that_does_not_cover_the_model_is_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="pp-layer-split 1,1,1 covers 3 layers; the model has 6"):
         LLM(MODEL, pipeline_parallel_size=3, pp_layer_split="1,1,1", **ENGINE)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_killed_stage0_worker_ends_generate_with_a_clear_error_within_10s():
+    llm = LLM(MODEL, pipeline_parallel_size=2, **ENGINE)
+    pids = llm.engine.executor.worker_pids
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pids[0], signal.SIGKILL)
+
+    killer = threading.Timer(1.5, kill)
+    killer.start()
+    try:
+        with pytest.raises(WorkerFailedError, match=r"worker rank 0 died unexpectedly") as info:
+            llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=3000, ignore_eos=True), use_tqdm=False)
+    finally:
+        killer.cancel()
+    assert killed_at and time.monotonic() - killed_at[0] < 10
+    assert info.value.rank == 0
+    assert _wait_gone(list(pids.values()), timeout_s=10), "the other stage was not shut down"

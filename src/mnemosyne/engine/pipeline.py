@@ -81,14 +81,19 @@ class Pipeline:
         return finished
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Write the trace once late stage reports are in (up to timeout_s); nothing is in flight."""
+        """Write the trace once late stage reports are in (up to timeout_s; after a worker failure,
+        what arrived before it)."""
         if self.trace is None:
             return
         deadline = time.monotonic() + timeout_s
-        while not self.trace.is_complete and (left_s := deadline - time.monotonic()) > 0:
-            for event in self.executor.wait_events(min(left_s, 0.05)):
-                self._on_event(event, [])
-        self.trace.write()
+        try:
+            while not self.trace.is_complete and (left_s := deadline - time.monotonic()) > 0:
+                for event in self.executor.wait_events(min(left_s, 0.05)):
+                    self._on_event(event, [])
+        except RuntimeError:  # a worker failed: the engine has already raised it
+            pass
+        finally:
+            self.trace.write()
 
     def _submit(self, plan: StepPlan) -> StepPlan | None:
         if not plan.chunks:
