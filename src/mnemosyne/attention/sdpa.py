@@ -12,21 +12,28 @@ import torch
 from mnemosyne.attention.backend import AttentionMetadata, merge_attention
 
 
-def _decode_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query row per head over all keys, as plain matmuls with the GQA group folded into rows.
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slots: tuple[torch.Tensor, ...], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """All single-token queries of a step at once, keys padded to the longest context and masked.
 
-    On CPU the fused kernel hands even this tiny work to its thread pool, which a profile of the
-    default model's decode showed as most of the step on a busy 2-core machine; plain matmuls
-    compute the same softmax exactly. q [1, Hq, D], k/v [Lk, Hk, D].
+    One set of ops per layer instead of one per request: on CPU the per-request calls dominated a
+    batched decode step (and the fused kernel hands even one row's work to its thread pool).
+    q [B, Hq, D]; slots[b] [L_b] -> out [B, Hq, D] in q's dtype, lse [B, Hq] float32.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k.shape[1]
-    qf = q.float().view(num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(qf, k.float().permute(1, 2, 0)) * scale  # [Hk, G, Lk], float32 like the kernels
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    lengths = torch.tensor([s.numel() for s in slots])
+    index = torch.nn.utils.rnn.pad_sequence(list(slots), batch_first=True)  # [B, L], padded with slot 0
+    longest = index.shape[1]
+    k = k_cache.index_select(0, index.flatten()).view(batch, longest, num_kv_heads, head_dim).float()
+    v = v_cache.index_select(0, index.flatten()).view(batch, longest, num_kv_heads, head_dim).float()
+    qf = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
+    padded = torch.arange(longest).unsqueeze(0) >= lengths.unsqueeze(1)  # [B, L]
+    scores.masked_fill_(padded[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(scores - lse), v.float().transpose(0, 1))  # [Hk, G, D]
-    return out.reshape(1, num_heads, head_dim).to(q.dtype), lse.reshape(1, num_heads)
+    out = torch.einsum("bhgl,blhd->bhgd", torch.exp(scores - lse), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype), lse.reshape(batch, num_heads)
 
 
 def _sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -55,15 +62,19 @@ class SdpaBackend:
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         outs, lses = [], []
-        for i, seq_len in enumerate(meta.seq_lens):
+        num_batched = meta.num_decodes if q.device.type == "cpu" else 0
+        if num_batched:
+            out, lse = _batched_decode(q[:num_batched], k_cache, v_cache, meta.kv_slots[:num_batched], scale)
+            outs.append(out)
+            lses.append(lse)
+        for i in range(num_batched, meta.num_requests):
+            seq_len = meta.seq_lens[i]
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             num_new = end - start
             slots = meta.kv_slots[i]
             qi = q[start:end]
             sees_all = num_new == 1 or (bool(meta.is_prefix_only) and meta.is_prefix_only[i])
-            if num_new == 1 and q.device.type == "cpu":
-                out, lse = _decode_with_lse(qi, *_gather(k_cache, v_cache, slots), scale)
-            elif sees_all:  # a decode token, or a KVP group's earlier shard: every key, no causal part
+            if sees_all:  # a decode token, or a KVP group's earlier shard: every key, no causal part
                 out, lse = _sdpa_with_lse(qi, *_gather(k_cache, v_cache, slots), scale, False)
             else:
                 new = slots[seq_len - num_new:]
