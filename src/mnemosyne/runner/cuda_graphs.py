@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
-from mnemosyne.attention.triton_decode import num_splits_for
+from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.null_row, self.scratch_slot = null_row, scratch_slot
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.splits: dict[int, int] = {}
+        """Decode-kernel splits baked into each bucket's graph (from the batch size only)."""
         self.logits: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -49,7 +51,8 @@ class DecodeGraphs:
                 query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
                 slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
                 seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
-                decode_splits=num_splits_for(b, num_kv_heads, max_seq_len, num_sms))
+                decode_splits=self.splits.setdefault(
+                    b, num_splits_for(b, num_kv_heads, max_seq_len, num_sms, by_length=False)))
 
             def forward(b=b, meta=meta) -> torch.Tensor:
                 hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
@@ -62,14 +65,19 @@ class DecodeGraphs:
             self.graphs[b] = graph
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def bucket(self, batch: int) -> int | None:
-        return next((b for b in self.buckets if b >= batch), None)
+    def bucket(self, batch: int, max_seq_len: int = 0) -> int | None:
+        """The graph for this decode batch, or None to run it eagerly: too large a batch, or a
+        context too long for the graph's fixed splits (eager steps size splits to the context)."""
+        b = next((b for b in self.buckets if b >= batch), None)
+        if b is None or max_seq_len > self.splits[b] * MAX_SPLIT_TOKENS:
+            return None
+        return b
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Replay the smallest graph that fits a decode-only batch; returns logits [batch, vocab] float32."""
         meta = inputs.meta
         batch = meta.num_requests
-        b = self.bucket(batch)
+        b = self.bucket(batch, max(meta.seq_lens))
         self.token_ids[:batch].copy_(inputs.token_ids)
         self.positions[:batch].copy_(inputs.positions)
         self.slot_mapping[:batch].copy_(meta.slot_mapping)

@@ -94,7 +94,7 @@ class ModelRunner:
         if meta.num_requests == 0 and meta.kvp is None:  # nothing of this step lives on this KVP group
             return StepResult(plan.step_id, (), (), ())
         if (self.graphs is not None and meta.num_decodes == meta.num_requests and meta.kvp is None
-                and self.graphs.bucket(meta.num_decodes)):
+                and self.graphs.bucket(meta.num_decodes, max(meta.seq_lens))):
             logits = self.graphs.run(inputs)  # decode-only: every row samples, in batch order
         else:
             hidden = self._forward(inputs)
