@@ -1,4 +1,4 @@
-"""The `mnemosyne` command: serve | generate | bench | profile | plan.
+"""The `mnemosyne` command: serve | generate | bench | profile | simulate.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, so the help text
 and the config can never disagree.
