@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.plan import StepPlan
+from tests.executor.parallel_checks import assert_same_outputs
 
 GROUP = 64
 NUM_NEW = 32
@@ -51,18 +51,6 @@ def _run(num_prompts_kvp: int, **engine) -> tuple[list, list[StepPlan]]:
         llm.engine.shutdown()
 
 
-def _assert_same(reference: list, parallel: list) -> None:
-    for ref, out in zip(reference, parallel, strict=True):
-        assert out.token_ids == ref.token_ids
-        assert len(out.token_ids) == NUM_NEW
-        if ref.logprobs is None:
-            continue
-        for ref_lp, lp in zip(ref.logprobs, out.logprobs, strict=True):
-            assert lp.top_token_ids == ref_lp.top_token_ids
-            torch.testing.assert_close(torch.tensor(lp.top_logprobs), torch.tensor(ref_lp.top_logprobs),
-                                       rtol=1e-4, atol=1e-4)
-
-
 def _multi_group_chunks(plan: StepPlan) -> int:
     """Chunks whose tokens lie past the first group: their requests are active on several groups."""
     return sum(1 for c in plan.chunks if c.start + c.num_new_tokens > GROUP)
@@ -88,7 +76,7 @@ def kvp2() -> Iterator[LLM]:
 @pytest.mark.timeout(120)
 def test_kvp2_matches_single_process(reference, kvp2):
     outputs, plans = _generate(kvp2, PROMPTS[2])
-    _assert_same(reference[2], outputs)
+    assert_same_outputs(reference[2], outputs, NUM_NEW)
     assert max(_multi_group_chunks(p) for p in plans) >= 2
     assert kvp2.engine.scheduler.pool.num_free_blocks == kvp2.engine.scheduler.pool.num_blocks
 
@@ -105,7 +93,7 @@ def test_a_request_over_kvp_times_l_is_rejected_at_once(kvp2):
 @pytest.mark.timeout(120)
 def test_kvp3_batches_several_multi_group_requests_with_short_ones(reference):
     outputs, plans = _run(3, kv_parallel_size=3)
-    _assert_same(reference[3], outputs)
+    assert_same_outputs(reference[3], outputs, NUM_NEW)
     mixed = [p for p in plans if _multi_group_chunks(p) >= 2 and len(p.chunks) > _multi_group_chunks(p)]
     assert mixed  # steps with two or more multi-group requests and single-group ones
     assert any(c.start + c.num_new_tokens > 2 * GROUP for p in plans for c in p.chunks)  # a third group
@@ -114,7 +102,7 @@ def test_kvp3_batches_several_multi_group_requests_with_short_ones(reference):
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_kvp2_with_tp2_matches_single_process(reference):
-    _assert_same(reference[2], _run(2, kv_parallel_size=2, tensor_parallel_size=2)[0])
+    assert_same_outputs(reference[2], _run(2, kv_parallel_size=2, tensor_parallel_size=2)[0], NUM_NEW)
 
 
 @pytest.mark.slow
@@ -126,4 +114,4 @@ def test_kvp2_with_pp2_matches_single_process(reference):
         if "pipeline-parallel-size" in str(e):
             pytest.skip(f"pipeline parallelism has not landed: {e}")
         raise
-    _assert_same(reference[2], outputs)
+    assert_same_outputs(reference[2], outputs, NUM_NEW)

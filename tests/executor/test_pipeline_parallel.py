@@ -12,10 +12,10 @@ import threading
 import time
 
 import pytest
-import torch
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.executor.multiproc import WorkerFailedError
+from tests.executor.parallel_checks import assert_same_outputs
 from tests.executor.test_faults import _wait_gone
 
 MODEL = "dummy:tiny-6l"
@@ -41,18 +41,6 @@ def _generate(**engine) -> list:
         llm.engine.shutdown()
 
 
-def _assert_same(reference: list, parallel: list, is_seed_replayed: bool = True) -> None:
-    for ref, out, params in zip(reference, parallel, PARAMS, strict=True):
-        assert len(out.token_ids) == NUM_NEW
-        if params.seed is not None and not is_seed_replayed:
-            continue  # a preempted request's generator restarts from its seed
-        assert out.token_ids == ref.token_ids
-        for ref_lp, lp in zip(ref.logprobs or (), out.logprobs or (), strict=True):
-            assert lp.top_token_ids == ref_lp.top_token_ids
-            torch.testing.assert_close(torch.tensor(lp.top_logprobs), torch.tensor(ref_lp.top_logprobs),
-                                       rtol=1e-4, atol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def reference() -> list:
     return _generate()
@@ -61,7 +49,7 @@ def reference() -> list:
 @pytest.fixture(scope="module")
 def pp2_trace(tmp_path_factory, reference) -> dict:
     path = tmp_path_factory.mktemp("trace") / "spp.json"
-    _assert_same(reference, _generate(pipeline_parallel_size=2, trace_file=str(path)))
+    assert_same_outputs(reference, _generate(pipeline_parallel_size=2, trace_file=str(path)), NUM_NEW)
     return json.loads(path.read_text())
 
 
@@ -75,19 +63,22 @@ def test_pp2_matches_single_process(pp2_trace):
 @pytest.mark.timeout(90)
 def test_pp3_uneven_split_with_preemption_in_flight_matches_single_process(reference):
     out = _generate(pipeline_parallel_size=3, pp_layer_split="1,4,1", kv_cache_memory=TINY_KV_GIB)
-    _assert_same(reference, out, is_seed_replayed=False)
+    # a preempted request's generator restarts from its seed: compare only the unseeded ones
+    assert_same_outputs(reference, out, NUM_NEW, [p.seed is None for p in PARAMS])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_pp2_tp2_scatter_gather_matches_single_process(reference):
-    _assert_same(reference, _generate(pipeline_parallel_size=2, tensor_parallel_size=2, pp_scatter_gather=True))
+    out = _generate(pipeline_parallel_size=2, tensor_parallel_size=2, pp_scatter_gather=True)
+    assert_same_outputs(reference, out, NUM_NEW)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_pp3_tp2_without_sequence_pipelining_matches_single_process(reference):
-    _assert_same(reference, _generate(pipeline_parallel_size=3, tensor_parallel_size=2, sequence_pipelining=False))
+    out = _generate(pipeline_parallel_size=3, tensor_parallel_size=2, sequence_pipelining=False)
+    assert_same_outputs(reference, out, NUM_NEW)
 
 
 @pytest.mark.slow

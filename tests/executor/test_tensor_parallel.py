@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mnemosyne import LLM, SamplingParams
+from tests.executor.parallel_checks import assert_same_outputs
 
 # Token-id prompts of several lengths: with a 16-token budget the long ones are prefilled in chunks
 # while the short ones already decode, so steps mix decodes and prefill chunks.
@@ -24,18 +25,6 @@ def _generate(model: str, tp: int) -> list:
         return [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     finally:
         llm.engine.shutdown()
-
-
-def _assert_same(reference: list, parallel: list) -> None:
-    for ref, out in zip(reference, parallel, strict=True):
-        assert out.token_ids == ref.token_ids
-        assert len(out.token_ids) == 32
-        if ref.logprobs is None:
-            continue
-        for ref_lp, lp in zip(ref.logprobs, out.logprobs, strict=True):
-            assert lp.top_token_ids == ref_lp.top_token_ids
-            torch.testing.assert_close(torch.tensor(lp.top_logprobs), torch.tensor(ref_lp.top_logprobs),
-                                       rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +51,13 @@ def kv1_model(tmp_path_factory) -> str:
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_matches_single_process(tiny_reference, tp):
     # dummy:tiny has 2 kv heads: at tp=4 each is replicated on two ranks.
-    _assert_same(tiny_reference, _generate("dummy:tiny", tp))
+    assert_same_outputs(tiny_reference, _generate("dummy:tiny", tp), 32)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_tp4_with_one_kv_head_matches_single_process(kv1_model):
-    _assert_same(_generate(kv1_model, tp=1), _generate(kv1_model, tp=4))
+    assert_same_outputs(_generate(kv1_model, tp=1), _generate(kv1_model, tp=4), 32)
 
 
 @pytest.mark.timeout(30)
