@@ -12,27 +12,14 @@ import torch
 from mnemosyne.attention.backend import build_metadata
 from mnemosyne.attention.gpu import chunk_attention
 from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
+from mnemosyne.bench.floors import measure_ceilings, time_s
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
 
 
 def time_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def copy_tbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / time_ms(lambda: dst.copy_(src)) / 1e9
+    return time_s(fn, repeats) * 1e3
 
 
 def decode_case(batch: int, context: int, sms: int, programs_per_sm: int = 4) -> tuple[float, float]:
@@ -62,8 +49,10 @@ def chunk_case(chunk: int, prefix: int) -> tuple[float, float]:
 
 def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bw = copy_tbps()
-    print(f"{torch.cuda.get_device_name(0)}: copy {bw:.2f} TB/s (read+write), {sms} SMs")
+    ceilings = measure_ceilings(torch.device("cuda"))
+    bw = ceilings.copy_bytes_per_s / 1e12
+    print(f"{torch.cuda.get_device_name(0)}: copy {bw:.2f} TB/s (read+write), "
+          f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s, {sms} SMs")
     print("decode (Triton paged, KV read only)")
     for batch, context in ((1, 131072), (1, 1 << 20), (64, 4096), (8, 32768)):
         ms, tbps = decode_case(batch, context, sms)

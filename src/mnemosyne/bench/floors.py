@@ -19,7 +19,8 @@ class Ceilings:
     """Device-to-device copy, bytes read plus written per second."""
 
 
-def _time_s(fn, repeats: int) -> float:
+def time_s(fn, repeats: int) -> float:
+    """Mean seconds of fn() on the current CUDA stream, after three warm-up calls (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(3):
         fn()
@@ -33,9 +34,9 @@ def _time_s(fn, repeats: int) -> float:
 
 def measure_ceilings(device: torch.device) -> Ceilings:
     n, num_bytes = 8192, 1 << 30
-    matmul_s = _time_s(functools.partial(torch.matmul, *torch.randn(2, n, n, device=device, dtype=torch.bfloat16)), 20)
+    matmul_s = time_s(functools.partial(torch.matmul, *torch.randn(2, n, n, device=device, dtype=torch.bfloat16)), 20)
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-    copy_s = _time_s(functools.partial(torch.empty_like(src).copy_, src), 20)
+    copy_s = time_s(functools.partial(torch.empty_like(src).copy_, src), 20)
     torch.cuda.empty_cache()
     return Ceilings(2 * n**3 / matmul_s, 2 * num_bytes / copy_s)
 
