@@ -3,15 +3,7 @@
 # kernels, and run `mnemosyne bench latency` against floors and HF transformers.
 #   device: bash benchmarks/device_run.sh [quick]      (carry .whl; logs and plots land in $OUT)
 set -uo pipefail
-out="${OUT:-out}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MNEMOSYNE_QUIET=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:src:." || exit 1
-else
-  export PYTHONPATH="src:."
-fi
+. benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "== GPU tests"
 python3 -m pytest -q -m gpu tests/attention/test_gpu.py tests/layers/test_triton_ops.py tests/runner/test_gpu_numerics.py -p no:cacheprovider 2>&1 \

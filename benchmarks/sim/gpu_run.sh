@@ -4,15 +4,7 @@
 # FCFS + fixed:2048, each next to the simulator's prediction for the same trace.
 #   device: bash benchmarks/sim/gpu_run.sh      (carry .whl; the profile, logs and JSON land in $OUT)
 set -uo pipefail
-out="${OUT:-out}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MNEMOSYNE_QUIET=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:src:." || exit 1
-else
-  export PYTHONPATH="src:."
-fi
+. benchmarks/device_env.sh
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr 'H' 'h')
 profile="$out/profile-${gpu:-gpu}-llama-3.1-8b.json"
 echo "== profile + check"

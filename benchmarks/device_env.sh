@@ -1,0 +1,11 @@
+# Sourced by the device scripts: output folder, quiet unbuffered Python, and the carried wheels
+# (pyzmq, fastapi, … that the GPU image lacks) installed into a scratch site first on PYTHONPATH.
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MNEMOSYNE_QUIET=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:src:." || exit 1
+else
+  export PYTHONPATH="src:."
+fi
