@@ -53,3 +53,17 @@ def test_triton_decode_splits_merge_exactly(splits):
     ref_out, ref_lse = ReferenceBackend().forward(q.float(), k.float(), v.float(), meta, d ** -0.5)
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_decode_graph_tuning_runs_on_real_context():
+    """The graphs' warm-up decodes empty rows, so the kernel is tuned first on a real context: a
+    configuration is cached for the bucket's split count before any graph is captured."""
+    from mnemosyne.attention.triton_decode import _tuned_decode_kernel
+    from mnemosyne.runner.cuda_graphs import tune_decode
+
+    page, kv_heads, heads, splits = 16, 2, 8, 7
+    kv = torch.randn(2, 64 * page, kv_heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    before = set(_tuned_decode_kernel.cache)
+    tune_decode(kv, heads, page, batch=3, splits=splits, scale=SCALE)
+    new = set(_tuned_decode_kernel.cache) - before
+    assert any(splits in key for key in new), new

@@ -3,7 +3,8 @@ batch-size bucket, replayed with inputs copied into static buffers. Removes the 
 launch cost that dominates small decode batches.
 
 Padding rows of a bucket read a null block-table row with seq_len 0 (the kernel returns zeros for
-them) and write their K/V into a scratch page that no request owns.
+them) and write their K/V into a scratch page that no request owns. Before capture, the decode
+kernel of each bucket is tuned on a real context (`tune_decode`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
-from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for
+from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for, paged_decode
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -46,13 +47,15 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_kv_heads = kv_caches[0].shape[2]
+        attn = model.layers[0].self_attn
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            self.splits[b] = num_splits_for(b, num_kv_heads, max_seq_len, num_sms, by_length=False)
+            tune_decode(kv_caches[0], attn.num_heads, page_size, b, self.splits[b], attn.scale)
             meta = AttentionMetadata(
                 query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
                 slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
                 seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
-                decode_splits=self.splits.setdefault(
-                    b, num_splits_for(b, num_kv_heads, max_seq_len, num_sms, by_length=False)))
+                decode_splits=self.splits[b])
 
             def forward(b=b, meta=meta) -> torch.Tensor:
                 hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
@@ -91,3 +94,27 @@ class DecodeGraphs:
             self.seq_lens[batch:b].zero_()
         self.graphs[b].replay()
         return self.logits[b][:batch]
+
+
+TUNE_TOKENS_PER_SPLIT = 2048
+"""Context per split that the decode kernel is tuned on: 128K for one request over the ~64 splits
+of an H200's batch-1 graph, 4K each for a batch of 64 with one split."""
+
+
+def tune_decode(kv_cache: torch.Tensor, num_heads: int, page_size: int, batch: int, splits: int,
+                scale: float) -> None:
+    """Run the decode kernel once on real work of this bucket's shape, so that its autotuner picks
+    a configuration on a realistic context. The graph warm-up runs with every seq_len 0, where all
+    configurations time alike and the pick is noise."""
+    num_slots, head_dim = kv_cache.shape[1], kv_cache.shape[3]
+    num_pages = (num_slots - page_size) // page_size  # not the scratch page
+    context = min(max(splits * TUNE_TOKENS_PER_SPLIT, 4096), num_pages * page_size)
+    pages_per_request = -(-context // page_size)
+    if pages_per_request == 0:
+        return
+    device = kv_cache.device
+    first_page = torch.arange(batch, device=device)[:, None] * pages_per_request
+    tables = ((first_page + torch.arange(pages_per_request, device=device)) % num_pages).to(torch.int32)
+    q = torch.randn(batch, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
+    paged_decode(q, kv_cache[0], kv_cache[1], tables, torch.arange(batch, dtype=torch.int32, device=device),
+                 torch.full((batch,), context, dtype=torch.int32, device=device), page_size, scale, splits)
