@@ -64,3 +64,21 @@ def test_tp4_with_one_kv_head_matches_single_process(kv1_model):
 def test_unshardable_layout_is_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="tensor-parallel-size 3 does not divide the model's attention heads"):
         LLM("dummy:tiny", tensor_parallel_size=3, **ENGINE)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_each_tp_rank_holds_only_its_shard():
+    def infos(tp: int) -> dict:
+        llm = LLM("dummy:tiny", tensor_parallel_size=tp, **ENGINE)
+        try:
+            return llm.engine.executor.worker_infos
+        finally:
+            llm.engine.shutdown()
+
+    [whole] = infos(1).values()
+    shards = infos(2)
+    assert sorted(shards) == [0, 1]
+    for info in shards.values():  # only the norms are replicated
+        assert 0.45 * whole.weight_bytes < info.weight_bytes < 0.55 * whole.weight_bytes
+        assert info.kv_cache_bytes > 0

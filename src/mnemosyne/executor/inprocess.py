@@ -24,6 +24,11 @@ class InProcessExecutor:
     def info(self) -> RuntimeInfo:
         return self.worker.info
 
+    @property
+    def worker_infos(self) -> dict[int, RuntimeInfo]:
+        """Global rank -> what that worker found at start-up."""
+        return {0: self.worker.info}
+
     def execute(self, plan: StepPlan) -> StepResult:
         return self.worker.execute(plan)
 

@@ -92,6 +92,11 @@ class MultiprocExecutor:
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
     @property
+    def worker_infos(self) -> dict[int, RuntimeInfo]:
+        """Global rank -> what that worker found at start-up (devices, shard and KV-cache sizes)."""
+        return dict(sorted(self._readies.items()))
+
+    @property
     def num_stages(self) -> int:
         return self.layout.pp_size
 

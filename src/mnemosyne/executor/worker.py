@@ -37,6 +37,10 @@ class RuntimeInfo:
     dtype: str
     num_kv_blocks: int
     kv_bytes_per_token: int
+    weight_bytes: int = 0
+    """This worker's model shard, for memory reports."""
+    kv_cache_bytes: int = 0
+    """This worker's KV-cache allocation, scratch page included."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +120,9 @@ class Worker:
                 scratch_slot=num_slots, page_size=config.block_size, backend=backend,
                 max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device)
         self.info = RuntimeInfo(str(self.device), str(self.dtype).removeprefix("torch."), num_blocks,
-                                self.kv_bytes_per_token)
+                                self.kv_bytes_per_token,
+                                weight_bytes=sum(t.nbytes for t in self.model.state_dict().values()),
+                                kv_cache_bytes=kv.nbytes)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_slots * self.kv_bytes_per_token / 2**30)
 
