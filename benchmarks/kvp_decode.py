@@ -9,6 +9,7 @@ tokens are not meaningful. --prefill runs the real prefill instead (and reports 
 
     python benchmarks/kvp_decode.py --kvp 4 --context 1048576          # decode at 1M over 4 groups
     python benchmarks/kvp_decode.py --kvp 4 --context 1048576 --prefill --decode-steps 8
+    python benchmarks/kvp_decode.py --kvp 4 --context max     # the longest context the KV caches hold
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> None:
     p.add_argument("--model", default="dummy:llama-3-8b")
     p.add_argument("--kvp", type=int, default=4, help="KV-parallel groups (one GPU each at tp=1)")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--context", type=int, default=1 << 20, help="prompt tokens")
+    p.add_argument("--context", type=_context, default=1 << 20,
+                   help="prompt tokens, or 'max': the most that the groups' KV caches hold")
     p.add_argument("--group-max-tokens", type=int, default=None,
                    help="--kvp-group-max-tokens; default: the context split evenly over the groups")
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed (median reported)")
@@ -43,9 +45,12 @@ def main() -> None:
     args = p.parse_args()
 
     block = 16
-    total = args.context + args.decode_steps + 4
-    per_group = -(-total // args.kvp)
-    group = args.group_max_tokens or -(-per_group // block) * block
+    if args.context is None:  # sized from the caches once the workers have them
+        total, group = 1 << 26, args.group_max_tokens
+    else:
+        total = args.context + args.decode_steps + 4
+        per_group = -(-total // args.kvp)
+        group = args.group_max_tokens or -(-per_group // block) * block
     on_gpu = args.device == "cuda"
     ceilings = measure_ceilings(torch.device("cuda")) if on_gpu else None  # before the workers take the memory
     if on_gpu:
@@ -61,6 +66,11 @@ def main() -> None:
                           kv_cache_memory=None if on_gpu else 0.05)
     engine = LLMEngine(config)
     cfg = engine.model_config
+    if args.context is None:
+        placement = engine.scheduler.pool
+        group = placement.group_max_tokens
+        args.context = placement.max_request_tokens - args.decode_steps - 4 - block
+        per_group = group
     prompt = torch.randint(3, cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     request_id = engine.add_request(prompt, SamplingParams(max_tokens=args.decode_steps + 3, ignore_eos=True))
     if not args.prefill:  # the prompt's KV is "there" already: only its last token is computed
@@ -92,6 +102,10 @@ def main() -> None:
         _floors(result, args, cfg, ceilings, per_group)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
+
+
+def _context(text: str) -> int | None:
+    return None if text == "max" else int(text)
 
 
 def _floors(result: dict, args: argparse.Namespace, cfg: ModelConfig, ceilings: Ceilings, shard: int) -> None:
