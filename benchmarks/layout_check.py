@@ -81,11 +81,12 @@ def release_gpu() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    contexts = [int(c) for c in str(args.decode_context).split(",")]
     started = time.perf_counter()
     engine, how = start_engine(
         model=args.model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
         kv_parallel_size=args.kvp, kvp_group_max_tokens=args.kvp_group_max_tokens, device=args.device,
-        dtype=args.dtype, max_model_len=args.prompt_len + max(args.tokens, args.decode_steps) + 64,
+        dtype=args.dtype, max_model_len=max(args.prompt_len + args.tokens, max(contexts) + args.decode_steps) + 64,
         max_num_seqs=4, max_num_batched_tokens=args.chunk, enforce_eager=args.enforce_eager)
     startup_s = time.perf_counter() - started
     try:
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "dtype": args.dtype, "startup_s": startup_s, **how,
                   **greedy_tokens(engine, seeded_prompt(vocab, args.prompt_len), args.tokens)}
         if args.decode_steps:
-            result.update(decode_tbt(engine, seeded_prompt(vocab, args.decode_context, seed=1), args.decode_steps),
-                          decode_context=args.decode_context)
+            result["decode"] = {c: decode_tbt(engine, seeded_prompt(vocab, c, seed=1), args.decode_steps)
+                                for c in contexts}
+            result.update(result["decode"][contexts[0]], decode_context=contexts[0])
     finally:
         engine.shutdown()
     import torch
@@ -109,15 +111,15 @@ def compare(paths: list[Path]) -> str:
     runs = [json.loads(p.read_text()) for p in paths]
     base = runs[0]
     lines = [f"reference: {_layout(base)}, {base['model']}, {base['prompt_len']}-token prompt, {base['dtype']}",
-             f"{'layout':<18} {'tokens':>7} {'first diff':>10} {'ref margin':>10} {'TBT ms':>8} {'vs ref':>7} graphs"]
+             f"{'layout':<18} {'tokens':>7} {'first diff':>10} {'ref margin':>10} {'TBT ms at context':>24} graphs"]
     for r in runs:
         n = min(len(r["tokens"]), len(base["tokens"]))
         diff = next((i for i in range(n) if r["tokens"][i] != base["tokens"][i]), None)
         margin = "" if diff is None else f"{base['top2'][diff][1][0] - base['top2'][diff][1][1]:.4f}"
         same = f"{n if diff is None else diff}/{n}"
-        tbt = r.get("tbt_ms", float("nan"))
-        lines.append(f"{_layout(r):<18} {same:>7} {'-' if diff is None else diff:>10} {margin:>10} {tbt:>8.2f} "
-                     f"{tbt / base.get('tbt_ms', float('nan')):>7.2f} {r.get('cuda_graphs')}")
+        tbts = " ".join(f"{d['tbt_ms']:.2f}@{c}" for c, d in r.get("decode", {}).items())
+        lines.append(f"{_layout(r):<18} {same:>7} {'-' if diff is None else diff:>10} {margin:>10} {tbts:>24} "
+                     f"{r.get('cuda_graphs')}")
     return "\n".join(lines)
 
 
@@ -135,7 +137,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared across layouts")
     p.add_argument("--decode-steps", type=int, default=64, help="decode steps timed at batch 1 (0: none)")
-    p.add_argument("--decode-context", type=int, default=4096)
+    p.add_argument("--decode-context", default="4096", help="contexts of the timed decodes, comma-separated")
     p.add_argument("--chunk", type=int, default=8192, help="--max-num-batched-tokens")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda")

@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--kvp", type=int, default=1)
     p.add_argument("--kvp-group-max-tokens", type=int, default=None,
                    help="default: the context split evenly over the KVP groups")
-    p.add_argument("--context", type=int, default=1 << 20, help="prompt tokens")
+    p.add_argument("--context", type=int, default=1 << 20, help="prompt tokens (0: the exactness check only)")
     p.add_argument("--chunk", type=int, default=16384, help="--max-num-batched-tokens")
     p.add_argument("--chunking", default="adaptive", help="adaptive (no SLO pressure: the largest chunk) or fixed:N")
     p.add_argument("--decode-steps", type=int, default=16)
@@ -111,10 +111,11 @@ def main() -> None:
     block = 16
     group = args.kvp_group_max_tokens
     if group is None and args.kvp > 1:
-        group = -(-(args.context + args.decode_steps + 64) // args.kvp // block) * block
+        longest = max(args.context, args.check_len) + args.decode_steps + 64
+        group = -(-longest // args.kvp // block) * block
     engine = LLMEngine(EngineConfig(
         model=args.model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, kv_parallel_size=args.kvp,
-        kvp_group_max_tokens=group, max_model_len=args.context + args.decode_steps + 64,
+        kvp_group_max_tokens=group, max_model_len=max(args.context, args.check_len) + args.decode_steps + 64,
         dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
         kv_cache_memory=None if on_gpu else 0.05, max_num_batched_tokens=args.chunk, chunking=args.chunking))
     result: dict[str, Any] = {
@@ -135,22 +136,24 @@ def main() -> None:
                                        compared=n)
             print(f"check: {args.check_len}-token prompt -> {check['tokens']}", flush=True)
 
-        prompt = seeded_prompt(vocab, args.context, seed=2)
-        if sampler:
-            sampler.reset()
-        request_id = engine.add_request(prompt, SamplingParams(max_tokens=args.decode_steps + 2, ignore_eos=True))
-        request = engine.scheduler.requests[request_id]
-        with tqdm(total=args.context, desc="prefill", unit="tok", unit_scale=True, mininterval=10) as bar:
-            while not request.num_output_tokens:
-                engine.step()
-                bar.update(min(request.num_computed_tokens, args.context) - bar.n)
-        prefill_peak = list(sampler.peak) if sampler else []
-        out = drain(engine, request_id)
-        gaps = out.metrics.inter_token_s[1:]  # the first gap includes the decode warm-up
-        result["ttft_s"] = out.metrics.ttft_s
-        result["tbt_ms"] = sorted(gaps)[len(gaps) // 2] * 1e3
-        result["tbt_max_ms"] = max(gaps) * 1e3
-        infos = engine.executor.worker_infos
+        if args.context:  # 0: the exactness check alone
+            prompt = seeded_prompt(vocab, args.context, seed=2)
+            if sampler:
+                sampler.reset()
+            params = SamplingParams(max_tokens=args.decode_steps + 2, ignore_eos=True)
+            request_id = engine.add_request(prompt, params)
+            request = engine.scheduler.requests[request_id]
+            with tqdm(total=args.context, desc="prefill", unit="tok", unit_scale=True, mininterval=10) as bar:
+                while not request.num_output_tokens:
+                    engine.step()
+                    bar.update(min(request.num_computed_tokens, args.context) - bar.n)
+            prefill_peak = list(sampler.peak) if sampler else []
+            out = drain(engine, request_id)
+            gaps = out.metrics.inter_token_s[1:]  # the first gap includes the decode warm-up
+            result["ttft_s"] = out.metrics.ttft_s
+            result["tbt_ms"] = sorted(gaps)[len(gaps) // 2] * 1e3
+            result["tbt_max_ms"] = max(gaps) * 1e3
+            infos = engine.executor.worker_infos
     finally:
         engine.shutdown()
         if sampler:
@@ -161,9 +164,15 @@ def main() -> None:
     if "equal_prefix" in check:
         print(f"  exactness: {check['equal_prefix']}/{check['compared']} greedy tokens equal to tp=pp=kvp=1 "
               f"on a {check['prompt_len']}-token prompt")
+    if not args.context:
+        return
     print(f"  TTFT {result['ttft_s']:.1f} s; decode TBT {result['tbt_ms']:.2f} ms (max {result['tbt_max_ms']:.2f})")
     if ceilings and sampler:
         _floors_and_memory(result, args, cfg, ceilings, group, infos, baseline, prefill_peak, sampler.total)
+    _finish(result, args)
+
+
+def _finish(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")

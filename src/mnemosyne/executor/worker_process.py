@@ -121,6 +121,10 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
             channel.send(wire.KIND_STAGE_DONE, wire.encode(StageDone(
                 plan.step_id, topology.kvp_rank, topology.pp_rank, start_s, end_s)))
         if topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
+            if not config.sequence_pipelining and not result.token_ids and device.type == "cuda":
+                # Without SPP the next chunk waits for the whole pipeline: a step that sampled
+                # nothing (no host sync) is reported once its kernels have run, not when queued.
+                torch.cuda.current_stream(device).synchronize()
             channel.send(wire.KIND_RESULT, wire.encode(result))
 
 
