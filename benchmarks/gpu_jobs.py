@@ -5,6 +5,7 @@ time limit and log; a deadline for the whole list stops new jobs and kills late 
 a time-limited machine still returns its results.
 
 Jobs file, one job per line:   <gpus> <name> <timeout_s> <shell command…>   (# comments, --- barriers)
+$OUT in a command is the output folder.
 
     python benchmarks/gpu_jobs.py benchmarks/jobs/multi_gpu.txt --deadline 560 --out $OUT
 """
@@ -81,7 +82,8 @@ class Runner:
 
     def _start(self, job: Job) -> None:
         job.devices, self.free = self.free[:job.gpus], self.free[job.gpus:]
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)), JOB_NAME=job.name)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)), JOB_NAME=job.name,
+                   OUT=str(self.out))
         log = open(self.out / "logs" / f"{job.name}.log", "w")  # noqa: SIM115 (closed with the process)
         job.start_s = self.now()
         print(f"[{job.start_s:6.0f}s] start {job.name} on GPUs {job.devices}", flush=True)
