@@ -98,6 +98,7 @@ class Runner:
             if proc.poll() is None and late:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                _kill_descendants(job.name)
                 job.note = "killed: " + ("job timeout" if self.now() - job.start_s > job.timeout_s else "deadline")
             if proc.poll() is None:
                 continue
@@ -109,6 +110,18 @@ class Runner:
             if job.rc != 0:
                 tail = (self.out / "logs" / f"{job.name}.log").read_text(errors="replace").splitlines()[-8:]
                 print("        " + "\n        ".join(tail), flush=True)
+
+
+def _kill_descendants(name: str) -> None:
+    """Kill what a killed job left behind in other sessions (a server it launched keeps its GPU
+    memory otherwise): every process that inherited the job's JOB_NAME."""
+    marker = f"JOB_NAME={name}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def main() -> None:

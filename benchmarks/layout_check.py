@@ -69,7 +69,7 @@ def start_engine(**fields: Any) -> tuple[LLMEngine, dict[str, Any]]:
             raise
         print(f"engine failed to start with CUDA graphs ({type(e).__name__}: {e}); retrying eagerly", flush=True)
         release_gpu()
-        return LLMEngine(EngineConfig(**fields, enforce_eager=True)), {"cuda_graphs": False, "graph_error": repr(e)}
+        return LLMEngine(EngineConfig(**{**fields, "enforce_eager": True})), {"cuda_graphs": False, "graph_error": repr(e)}
 
 
 def release_gpu() -> None:

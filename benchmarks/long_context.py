@@ -165,7 +165,7 @@ def main() -> None:
         print(f"  exactness: {check['equal_prefix']}/{check['compared']} greedy tokens equal to tp=pp=kvp=1 "
               f"on a {check['prompt_len']}-token prompt")
     if not args.context:
-        return
+        return _finish(result, args)
     print(f"  TTFT {result['ttft_s']:.1f} s; decode TBT {result['tbt_ms']:.2f} ms (max {result['tbt_max_ms']:.2f})")
     if ceilings and sampler:
         _floors_and_memory(result, args, cfg, ceilings, group, infos, baseline, prefill_peak, sampler.total)
