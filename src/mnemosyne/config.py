@@ -174,6 +174,9 @@ class EngineConfig:
     """KV-cache size in GiB per device; defaults to a fraction of free memory."""
     kv_cache_memory_fraction: float = 0.9
     """Fraction of the memory left after weights and activations given to the KV cache."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose tokens, from position 0, match an earlier request's (exact: the
+    same KV, not recomputed); --no-enable-prefix-caching recomputes every prompt."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step (prefill chunks plus decodes)."""
     max_num_seqs: int = 256

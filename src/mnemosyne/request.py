@@ -126,6 +126,12 @@ class Request:
         """Tokens whose ids the workers already hold (prompt sent once, then sampled ids)."""
         self.num_synced_blocks = 0
         """Blocks of block_ids the workers already hold."""
+        self.block_hashes: list[bytes] = []
+        """Chained hashes of the first full blocks of token_ids, computed as the prefix cache needs them
+        (kv/block_hash.py); they stay valid across preemptions, since tokens are only appended."""
+        self.num_cached_tokens = 0
+        """Prompt tokens whose KV was reused from the prefix cache at the latest admission; while the
+        request waits for its first one, those it is expected to reuse (for deadlines and work)."""
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(eos_token_ids)

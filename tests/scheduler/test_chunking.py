@@ -83,7 +83,7 @@ def test_chunks_are_clipped_at_kvp_group_boundaries():
 
 
 def test_a_custom_group_boundary_hook_is_honoured():
-    sched, clock = make_scheduler(budget=64, group_boundary=lambda r: r.num_computed_tokens + 10)
+    sched, clock = make_scheduler(budget=64, group_boundary=lambda start: start + 10)
     add(sched, "a", 35, 0.0, max_tokens=1)
     plans = run_steps(sched, clock, synthetic_model(), 10)
     assert [p.chunks[0].num_new_tokens for p in plans] == [10, 10, 10, 5]

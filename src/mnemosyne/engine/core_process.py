@@ -107,7 +107,8 @@ class EngineCore:
         if completion.logprobs is not None:
             recent = completion.logprobs[len(completion.logprobs) - len(new_ids):] if new_ids else []
             logprobs = [Logprob(lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)) for lp in recent]
-        return Delta(out.request_id, completion.new_text, list(new_ids), logprobs, completion.finish_reason)
+        return Delta(out.request_id, completion.new_text, list(new_ids), logprobs, completion.finish_reason,
+                     out.num_cached_tokens)
 
     def _progress(self) -> list[Progress]:
         now_s = time.monotonic()
@@ -126,8 +127,10 @@ class EngineCore:
     def _stats(self, step_s: float, num_step_tokens: int, num_step_requests: int) -> Stats:
         scheduler = self.engine.scheduler
         num_preempted = sum(1 for r in scheduler.waiting if r.metrics.num_preemptions)
+        pool = scheduler.pool
         return Stats(len(scheduler.running), len(scheduler.waiting), num_preempted, scheduler.num_preemptions,
-                     scheduler.pool.usage, step_s, num_step_tokens, num_step_requests)
+                     pool.usage, step_s, num_step_tokens, num_step_requests, pool.num_queried_tokens,
+                     pool.num_hit_tokens, pool.num_evicted_blocks)
 
     def run(self, inbox: zmq.Socket, parent_pid: int) -> None:
         """Step until told to shut down or orphaned; input is drained between steps."""

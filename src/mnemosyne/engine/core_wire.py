@@ -79,6 +79,8 @@ class Delta(_Wire):
     """One per new token, when the request asked for logprobs."""
     finish_reason: str | None
     """'stop', 'length' or 'abort' on the request's last delta."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV the request reused from the prefix cache (at its latest admission)."""
 
 
 class Progress(_Wire):
@@ -103,6 +105,12 @@ class Stats(_Wire):
     step_s: float
     num_step_tokens: int
     num_step_requests: int
+    num_prefix_queried_tokens: int = 0
+    """Since the core started: tokens of requests admitted with prefix caching on (readmissions too)."""
+    num_prefix_hit_tokens: int = 0
+    """Since the core started: of those, tokens whose KV was reused from the prefix cache."""
+    num_prefix_evicted_blocks: int = 0
+    """Since the core started: cached KV blocks evicted to make room."""
 
 
 class StepReport(_Wire):

@@ -131,7 +131,8 @@ class LLMEngine:
         if finished:
             del self._tracked[request.request_id]
         return RequestOutput(request.request_id, tracked.prompt, tracked.prompt_token_ids,
-                             [completion], finished, request.metrics, request.num_computed_tokens)
+                             [completion], finished, request.metrics, request.num_computed_tokens,
+                             request.num_cached_tokens)
 
     def shutdown(self) -> None:
         try:

@@ -32,3 +32,5 @@ class RequestOutput:
     metrics: RequestMetrics
     num_computed_tokens: int = 0
     """Prompt progress, for prefill progress reports."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV was reused from the prefix cache instead of computed."""

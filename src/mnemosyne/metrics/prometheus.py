@@ -62,6 +62,16 @@ class ServerMetrics:
                                      buckets=_BATCH_TOKEN_BUCKETS, registry=r)
         self.step_requests = Histogram("mnemosyne_step_batch_requests", "Requests in one engine step",
                                        buckets=_BATCH_REQUEST_BUCKETS, registry=r)
+        self.prefix_queried_tokens = Counter(
+            "mnemosyne_prefix_cache_queried_tokens",
+            "Tokens of requests admitted with prefix caching on (readmissions after preemption too)", registry=r)
+        self.prefix_hit_tokens = Counter("mnemosyne_prefix_cache_hit_tokens",
+                                         "Of the queried tokens, those whose KV was reused from the prefix cache",
+                                         registry=r)
+        self.prefix_evicted_blocks = Counter("mnemosyne_prefix_cache_evicted_blocks",
+                                             "Cached KV blocks evicted from the prefix cache to make room", registry=r)
+        self._prefix_totals = (0, 0, 0)
+        """The core's running totals at its previous report: the counters grow by the difference."""
         self.is_core_alive = Gauge("mnemosyne_engine_core_alive", "1 while the engine-core process serves",
                                    registry=r)
 
@@ -75,6 +85,11 @@ class ServerMetrics:
         self.num_preempted.set(stats.num_waiting_preempted)
         self.num_preemptions.set(stats.num_preemptions)
         self.kv_usage.set(stats.kv_usage)
+        totals = (stats.num_prefix_queried_tokens, stats.num_prefix_hit_tokens, stats.num_prefix_evicted_blocks)
+        counters = (self.prefix_queried_tokens, self.prefix_hit_tokens, self.prefix_evicted_blocks)
+        for counter, total, previous in zip(counters, totals, self._prefix_totals, strict=True):
+            counter.inc(max(0, total - previous))
+        self._prefix_totals = totals
         if stats.num_step_requests:
             self.step_s.observe(stats.step_s)
             self.step_tokens.observe(stats.num_step_tokens)

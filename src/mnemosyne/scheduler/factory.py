@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.kv.kvp_placement import KvpPlacement
-from mnemosyne.request import Request
 from mnemosyne.scheduler.chunking import make_chunking
 from mnemosyne.scheduler.latency_model import LatencyModel, Layout, build_latency_model, detect_device
 from mnemosyne.scheduler.policy import Deadlines, PolicyContext, make_policy
@@ -29,9 +28,8 @@ def latency_model_for(config: EngineConfig, model: ModelConfig, device: str) -> 
 def kvp_group_boundary(group_max_tokens: int) -> GroupBoundary:
     """Boundaries every group_max_tokens tokens: a chunk ends where the next KVP group starts."""
 
-    def boundary(request: Request) -> int:
-        done = request.num_computed_tokens + request.num_inflight_tokens
-        return (done // group_max_tokens + 1) * group_max_tokens
+    def boundary(start: int) -> int:
+        return (start // group_max_tokens + 1) * group_max_tokens
 
     return boundary
 
@@ -43,7 +41,8 @@ def build_scheduler(config: EngineConfig, model: ModelConfig, num_kv_blocks: int
     deadlines = Deadlines(latency.prefill_work_s, ttft_slo_s, config.deadline_work_factor)
     policy = make_policy(config.scheduler, PolicyContext(deadlines, config.rho_max))
     chunking = make_chunking(config.chunking, latency, tbt_slo_s, config.max_num_batched_tokens)
-    placement = KvpPlacement(config.kv_parallel_size, num_kv_blocks, config.block_size, config.kvp_group_max_tokens)
+    placement = KvpPlacement(config.kv_parallel_size, num_kv_blocks, config.block_size, config.kvp_group_max_tokens,
+                             config.enable_prefix_caching)
     boundary = kvp_group_boundary(placement.group_max_tokens) if placement.num_groups > 1 else None
     limits = SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
     return Scheduler(limits, placement, policy, clock, chunking, boundary)

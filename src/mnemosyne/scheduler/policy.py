@@ -41,18 +41,21 @@ class Deadlines:
     """A deadline is at least this many times the request's predicted prefill work."""
     _fixed: WeakKeyDictionary[Request, tuple[float, float]] = field(
         default_factory=WeakKeyDictionary, compare=False, repr=False)
-    """Per request, (deadline, total work): both fixed by its prompt, so found once."""
+    """Per request, (deadline, total work): both fixed by its prompt (and the prefix cache when it was
+    queued), so found once."""
 
     def deadline_s(self, request: Request) -> float:
         """Seconds after arrival by which the request's first token is due."""
         return self._of(request)[0]
 
     def total_work_s(self, request: Request) -> float:
-        """Predicted time to prefill the request's prompt alone."""
+        """Predicted time to prefill the request's prompt alone, past what the prefix cache held when
+        it was queued."""
         return self._of(request)[1]
 
     def remaining_work_s(self, request: Request) -> float:
-        done = request.num_computed_tokens + request.num_inflight_tokens
+        # a waiting request's cached prefix is as good as computed: only the rest is work
+        done = max(request.num_computed_tokens + request.num_inflight_tokens, request.num_cached_tokens)
         return 0.0 if done + 1 >= request.num_tokens else self.work_s(done, request.num_tokens)
 
     def slack_s(self, request: Request, now_s: float) -> float:
@@ -61,7 +64,7 @@ class Deadlines:
     def _of(self, request: Request) -> tuple[float, float]:
         fixed = self._fixed.get(request)
         if fixed is None:
-            total = self.work_s(0, request.num_prompt_tokens)
+            total = self.work_s(request.num_cached_tokens, request.num_prompt_tokens)
             if request.deadline_s is not None:
                 deadline = request.deadline_s
             else:

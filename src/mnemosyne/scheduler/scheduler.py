@@ -5,6 +5,9 @@ waiting, in the policy's order; the chunking policy sizes each one's chunk again
 budget (tokens, or predicted time). Blocks that run out are won back by preempting running
 requests that arrived later: their blocks are freed and their tokens recomputed, so nothing is
 lost, and since that order never changes two requests cannot keep preempting each other.
+
+With prefix caching, a waiting request is admitted with the longest cached prefix of its tokens:
+those count as computed, and its first chunk starts after them.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mnemosyne.kv.block_pool import BlockPool
-from mnemosyne.kv.kvp_placement import KvpPlacement
+from mnemosyne.kv.kvp_placement import NO_HIT, KvpPlacement
 from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan, StepResult
 from mnemosyne.request import FinishReason, Request
 from mnemosyne.scheduler.chunking import Chunking, FixedChunking, StepBudget
 from mnemosyne.scheduler.policy import Policy
 
-GroupBoundary = Callable[[Request], "int | None"]
-"""Token index at which the request's next KVP group starts (a chunk must not cross it), or None."""
+GroupBoundary = Callable[[int], "int | None"]
+"""Given a chunk's first token index, the index at which the next KVP group starts (the chunk must
+not cross it), or None."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Scheduler:
             raise ValueError(f"the prompt has {n} tokens, more than max_model_len ({self.limits.max_model_len})")
         if n > self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens, more than {self.pool.limit_text}")
+        # what the prefix cache holds now: an estimate of the work left, until the request is admitted
+        request.num_cached_tokens = min(self.pool.lookup(request).num_tokens, n)
         self.requests[request.request_id] = request
         self._seeds[request.request_id] = seed
         self._arrival_rank[request.request_id] = self._num_added
@@ -115,14 +121,18 @@ class Scheduler:
                 continue  # its previous chunk has not left pipeline stage 0 yet
             if not is_running and (not is_admitting or len(self.running) >= self.limits.max_num_seqs):
                 continue
-            num_new = self._fit(step, request, shortest_after[i + 1], now)
-            if num_new == 0:
-                continue
-            if not is_running and not self._admit(request, num_new):
-                is_admitting = False  # a less urgent request must not overtake one blocked on memory
-                continue
-            if is_running and not self._reserve(request, num_new, scheduled):
-                continue
+            if is_running:
+                start = request.num_computed_tokens + request.num_inflight_tokens
+                num_new = self._fit(step, request, start, shortest_after[i + 1], now)
+                if num_new == 0 or not self._reserve(request, num_new, scheduled):
+                    continue
+            else:
+                admitted = self._admit(step, request, shortest_after[i + 1], now)
+                if admitted is None:
+                    is_admitting = False  # a less urgent request must not overtake one blocked on memory
+                if not admitted:
+                    continue
+                num_new = admitted
             step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
@@ -136,12 +146,11 @@ class Scheduler:
         ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: one-token chunks (decodes) first
         return ordered
 
-    def _fit(self, step: StepBudget, request: Request, shortest_after: int, now_s: float) -> int:
-        """The request's chunk: the chunking policy's choice, clipped at its next KVP group boundary.
-        It yields part of the budget only when shorter work waits behind it."""
-        start = request.num_computed_tokens + request.num_inflight_tokens
-        max_new = request.num_uncomputed_tokens
-        boundary = self.group_boundary(request) if self.group_boundary else None
+    def _fit(self, step: StepBudget, request: Request, start: int, shortest_after: int, now_s: float) -> int:
+        """The request's chunk from token `start` on: the chunking policy's choice, clipped at its next
+        KVP group boundary. It yields part of the budget only when shorter work waits behind it."""
+        max_new = request.num_tokens - start
+        boundary = self.group_boundary(start) if self.group_boundary else None
         if boundary is not None:
             max_new = min(max_new, boundary - start)
         if max_new <= 0:
@@ -172,6 +181,7 @@ class Scheduler:
             if request is not None:
                 request.num_inflight_tokens -= chunk.num_new_tokens
                 request.num_computed_tokens += chunk.num_new_tokens
+                self.pool.cache_computed(request, request.num_computed_tokens)
         updated = []
         for request_id, token_id in zip(result.request_ids, result.token_ids, strict=True):
             request = self._live(request_id, plan)
@@ -194,16 +204,26 @@ class Scheduler:
             return None
         return request
 
-    def _admit(self, request: Request, num_new: int) -> bool:
-        """Move a waiting request to running with blocks for num_new tokens, if they are free; a request
-        spanning several KVP groups reserves all it can ever need in each of them."""
+    def _admit(self, step: StepBudget, request: Request, shortest_after: int, now_s: float) -> int | None:
+        """Move a waiting request to running with blocks for its first chunk, if they are free, and
+        return the chunk's size: 0 if the budget has no room for it (it stays waiting), None if the
+        blocks are short. The longest cached prefix is reused and counts as computed; if its KVP
+        groups cannot take the request now, it is tried without it. A request spanning several KVP
+        groups reserves all it can ever need in each of them."""
         final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
-        if not self.pool.admit(request, request.num_computed_tokens + num_new, final_len):
-            return False
-        self.waiting.remove(request)
-        self.running.append(request)
-        self._running_ids.add(request.request_id)
-        return True
+        hit = self.pool.lookup(request)
+        for attempt in (hit, NO_HIT) if hit.num_tokens else (hit,):
+            num_new = self._fit(step, request, attempt.num_tokens, shortest_after, now_s)
+            if num_new == 0:
+                return 0
+            if self.pool.admit(request, attempt.num_tokens + num_new, final_len, attempt):
+                request.num_computed_tokens = attempt.num_tokens
+                request.num_cached_tokens = min(attempt.num_tokens, request.num_prompt_tokens)
+                self.waiting.remove(request)
+                self.running.append(request)
+                self._running_ids.add(request.request_id)
+                return num_new
+        return None
 
     def _reserve(self, request: Request, num_new: int, scheduled: set[str]) -> bool:
         """Give a running request blocks for num_new more tokens, preempting unscheduled requests that
@@ -273,8 +293,10 @@ class Scheduler:
 
 
 def _shortest_after(requests: Sequence[Request]) -> list[int]:
-    """[i] = fewest uncomputed tokens among requests[i:]; one more entry, for the end."""
+    """[i] = fewest tokens left to compute among requests[i:] (a waiting request's cached prefix is not
+    work); one more entry, for the end."""
     shortest = [1 << 62] * (len(requests) + 1)
     for i in range(len(requests) - 1, -1, -1):
-        shortest[i] = min(shortest[i + 1], requests[i].num_uncomputed_tokens)
+        r = requests[i]
+        shortest[i] = min(shortest[i + 1], r.num_uncomputed_tokens, r.num_tokens - r.num_cached_tokens)
     return shortest

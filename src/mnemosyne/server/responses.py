@@ -21,6 +21,8 @@ class Choice:
     num_prompt_tokens: int
     num_computed_tokens: int = 0
     """Prefill progress, from the core's reports."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache, from the core's deltas."""
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
@@ -33,6 +35,7 @@ class Choice:
         self.token_ids.extend(delta.new_token_ids)
         self.logprobs.extend(delta.new_logprobs or ())
         self.finish_reason = delta.finish_reason
+        self.num_cached_tokens = delta.num_cached_tokens
 
     @property
     def text(self) -> str:
@@ -129,11 +132,17 @@ class ResponseBuilder:
                 "text_offset": offsets}
 
 
-def usage(choices: Sequence[Choice]) -> dict[str, int]:
-    """Prompt tokens count once per prompt, however many choices share it."""
-    prompt = sum({c.prompt_index: c.num_prompt_tokens for c in choices}.values())
+def usage(choices: Sequence[Choice]) -> dict[str, Any]:
+    """Prompt tokens count once per prompt, however many choices share it; so do cached ones (OpenAI's
+    `prompt_tokens_details.cached_tokens`: those of the prompt's first choice)."""
+    first = {}
+    for c in sorted(choices, key=lambda c: c.index):
+        first.setdefault(c.prompt_index, c)
+    prompt = sum(c.num_prompt_tokens for c in first.values())
+    cached = sum(c.num_cached_tokens for c in first.values())
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _chat_token(text: str, logprob: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.plan import StepPlan, StepResult
@@ -107,7 +107,8 @@ def simulate(trace: Sequence[TraceRequest], config: EngineConfig, model: ModelCo
     clock = VirtualClock()
     capacity = kv_capacity_tokens(model, layout_of(config), device, config)
     longest = max(r.num_prompt_tokens + r.num_output_tokens for r in trace)
-    scheduler = build_scheduler(config, model, capacity // config.block_size,
+    # trace requests have no token ids (the sim gives them zeros): a prefix cache would match them all
+    scheduler = build_scheduler(replace(config, enable_prefix_caching=False), model, capacity // config.block_size,
                                 max_model_len or config.max_model_len or longest, latency, clock)
     executor = SimExecutor(latency)
     pending = sorted(trace, key=lambda r: r.arrival_s)
