@@ -11,7 +11,6 @@ from mnemosyne.models.loaders.dummy import PRESETS
 from mnemosyne.planner.hardware import GPUS, PowerProfile
 from mnemosyne.planner.interconnect import Interconnect
 from mnemosyne.planner.predict import (
-    STAGE_DISPATCH_S,
     Candidate,
     chunk_runs,
     group_tokens,
@@ -97,7 +96,7 @@ def test_spp_ttft_is_the_pipeline_simulated_chunk_by_chunk(layout, budget_s, rel
     steps = [lm.step_time_s([(n, start)]) for start, n in chunks]
     hops = [lm.comm.hop_fixed_s + lm.comm.hop_per_token_s * n for _, n in chunks]
     stage = [(t - h) / layout.pp for t, h in zip(steps, hops, strict=True)]
-    simulated = simulate_pipeline(stage, [h / (layout.pp - 1) for h in hops], layout.pp, STAGE_DISPATCH_S)
+    simulated = simulate_pipeline(stage, [h / (layout.pp - 1) for h in hops], layout.pp, H100.stage_dispatch_s)
     assert pred.ttft_s == pytest.approx(simulated, rel=rel)
     assert pred.ttft_no_spp_s == pytest.approx(sum(steps), rel=1e-3)
     assert pred.max_step_s == pytest.approx(max(steps), rel=1e-6)

@@ -51,6 +51,10 @@ class Gpu:
     eager_layer_s: float
     """Launch overhead per layer of a decode step run eagerly instead of from a CUDA graph (pipeline
     stages and multi-group KVP steps are not captured)."""
+    stage_dispatch_s: float = 0.3e-3
+    """Host time between two micro-batches on a pipeline stage: stage 0 waits one control-plane round
+    trip for the next plan (about 0.3 ms, docs/pipeline.md). The step's other fixed costs are taken to
+    be kernel launches, which split across stages with the layers."""
 
 
 # Power: both boards are 700 W parts. Compute-bound prefill runs close to the cap, a bandwidth-bound

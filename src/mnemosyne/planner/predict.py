@@ -20,8 +20,6 @@ from mnemosyne.planner.interconnect import Interconnect, comm_costs
 from mnemosyne.scheduler.chunking import GRANULARITY, make_chunking
 from mnemosyne.scheduler.latency_model import LatencyModel, Layout, Profile, build_latency_model
 
-STAGE_DISPATCH_S = 0.3e-3
-"""Stage 0 waits one control-plane round trip for each micro-batch's plan (docs/pipeline.md)."""
 RESERVED_BYTES = 2 * 2**30
 """Per GPU, outside weights, KV and activations: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers."""
 KV_MEMORY_FRACTION = 0.9
@@ -124,7 +122,7 @@ def predict(model: ModelConfig, gpu: Gpu, net: Interconnect, candidate: Candidat
         raise ValueError(f"{context} tokens need {-(-context // group)} KVP groups of {group}, "
                          f"the layout has {layout.kvp}")
     lm = latency_model(model, gpu, net, layout, profile)
-    prefill = _prefill(lm, candidate, context, group, sequence_pipelining)
+    prefill = _prefill(lm, candidate, context, group, sequence_pipelining, gpu.stage_dispatch_s)
     eager = layout.pp > 1 or (group is not None and context > group)  # no CUDA graph for these steps
     tbt_s = lm.step_time_s([(1, context)]) + (gpu.eager_layer_s * model.num_layers if eager else 0.0)
     n, p = candidate.num_gpus, gpu.power
@@ -147,7 +145,7 @@ class _Prefill:
 
 
 def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | None,
-             sequence_pipelining: bool) -> _Prefill:
+             sequence_pipelining: bool, dispatch_s: float) -> _Prefill:
     """With SPP, chunk i takes the same t_i on every stage: a proportionate flow shop, whose last chunk
     leaves the last stage after sum(t_i) + (pp - 1) max(t_i) when buffers are unlimited. The engine adds
     three things. Stage 0 waits a dispatch for each plan. At most pp micro-batches are in flight, so
@@ -157,7 +155,6 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
     an explicit chunk-by-chunk simulation of the pipeline."""
     layout = candidate.layout
     pp, comm = layout.pp, lm.comm
-    dispatch_s = STAGE_DISPATCH_S if pp > 1 else 0.0
     sum_period = sum_step = busy = max_step = last_hops_s = 0.0
     stages: list[tuple[float, float, int]] = []  # per run: first and last chunk's stage time, chunks
     for run in chunk_runs(lm, candidate, context, group):

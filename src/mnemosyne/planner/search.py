@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from mnemosyne.config import ModelConfig
 from mnemosyne.planner.hardware import Gpu
 from mnemosyne.planner.interconnect import Interconnect
-from mnemosyne.planner.predict import Candidate, Prediction, group_tokens, predict
+from mnemosyne.planner.predict import KV_MEMORY_FRACTION, Candidate, Prediction, group_tokens, predict
 from mnemosyne.scheduler.latency_model import Layout, Profile
 
 RANK_KEYS = ("ttft", "tbt", "energy")
@@ -67,7 +67,8 @@ def judge(prediction: Prediction, slos: Slos) -> Verdict:
     reasons = []
     m = prediction.memory
     if not m.fits:
-        reasons.append(f"memory: needs {m.total / 2**30:.0f} GiB of {m.capacity / 2**30:.0f}")
+        reasons.append(f"memory: needs {m.total / 2**30:.0f} GiB of {m.capacity / 2**30:.0f} "
+                       f"(KV gets {KV_MEMORY_FRACTION:.0%} of what is left)")
     if slos.ttft_s is not None and prediction.ttft_s > slos.ttft_s:
         reasons.append(f"TTFT {prediction.ttft_s:.1f}s > {slos.ttft_s:g}s")
     if slos.tbt_s is not None:
