@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from mnemosyne.bench.floors import prefill_flops
-from mnemosyne.config import ModelConfig
+from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.planner.hardware import Gpu
 from mnemosyne.planner.interconnect import Interconnect, comm_costs
 from mnemosyne.scheduler.chunking import GRANULARITY, make_chunking
@@ -36,7 +36,7 @@ class Candidate:
     """Adaptive chunking's budget for a whole step (every stage); None: chunks are the token cap."""
     chunking: str = "adaptive"
     """adaptive, or fixed:N."""
-    max_num_batched_tokens: int = 16384
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     """Token cap of a step: the largest chunk, and the activation memory."""
 
     @property
@@ -75,7 +75,7 @@ class Prediction:
     candidate: Candidate
     context: int
     ttft_s: float
-    """Prefill of the whole context, with sequence pipelining."""
+    """Prefill of the whole context: with sequence pipelining unless predicted without."""
     ttft_no_spp_s: float
     """The same chunks through ordinary pipeline parallelism (each waits for the last stage)."""
     tbt_s: float

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mnemosyne.config import ModelConfig
+from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.planner.hardware import Gpu
 from mnemosyne.planner.interconnect import Interconnect
 from mnemosyne.planner.predict import KV_MEMORY_FRACTION, Candidate, Prediction, group_tokens, predict
@@ -103,7 +103,7 @@ class Search:
     slos: Slos = Slos()
     budgets_s: tuple[float | None, ...] = (None,)
     chunking: str = "adaptive"
-    max_num_batched_tokens: int = 16384
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     profile: Profile | None = None
     sequence_pipelining: bool = True
 
