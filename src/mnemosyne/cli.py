@@ -1,4 +1,4 @@
-"""The `mnemosyne` command: serve | generate | bench | profile | simulate.
+"""The `mnemosyne` command: serve | generate | bench | profile | simulate | plan.
 
 Engine flags are generated from `EngineConfig`'s fields and their docstrings, so the help text
 and the config can never disagree.
@@ -173,6 +173,13 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     sim_cli.add_arguments(p)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from mnemosyne.planner import cli as plan_cli
+
+    p = sub.add_parser("plan", help="rank parallel layouts for a long context: predicted TTFT, TBT, memory, J/token")
+    plan_cli.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnemosyne", description="Exact long-context LLM inference.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -182,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_profile(sub)
     _add_simulate(sub)
+    _add_plan(sub)
     return parser
 
 

@@ -263,30 +263,61 @@ def _interp2(xs: Sequence[float], ys: Sequence[float], table: Sequence[Sequence[
     return interp(xs, [interp(ys, row, y) for row in table], x)
 
 
+@dataclass(frozen=True)
+class CommCosts:
+    """Collective time a step adds to its StepCosts, each term affine in the step's new tokens."""
+
+    tp_fixed_s: float = 0.0
+    """TP all-reduces of one step (every layer), latency part."""
+    tp_per_token_s: float = 0.0
+    """TP all-reduces, per new token."""
+    hop_fixed_s: float = 0.0
+    """Point-to-point sends between pipeline stages (all pp - 1 of them), latency part."""
+    hop_per_token_s: float = 0.0
+    """Stage-to-stage sends, per new token."""
+    merge_fixed_s: float = 0.0
+    """KVP (out, LSE) gathers of one step (every layer), in a step with a multi-group request."""
+    merge_per_token_s: float = 0.0
+    """KVP gathers, per new token of a multi-group request."""
+
+
+def flat_comm_costs(model: ModelConfig, device: DeviceSpec, layout: Layout, measured_tp: int = 1) -> CommCosts:
+    """The default CommCosts: every TP and PP transfer on the device's link, KVP merges on its network.
+    TP all-reduces are left out when the costs were measured at this tp (they include them)."""
+    b, tp, lat = device.dtype_bytes, layout.tp, device.collective_latency_s
+    needs_tp = tp > 1 and measured_tp != tp
+    # Two all-reduces of [tokens, hidden] per layer; a ring moves 2(tp-1)/tp of the bytes.
+    return CommCosts(
+        tp_fixed_s=2 * model.num_layers * lat if needs_tp else 0.0,
+        tp_per_token_s=(2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * b / device.link_bytes_per_s
+                        if needs_tp else 0.0),
+        hop_fixed_s=(layout.pp - 1) * lat,
+        hop_per_token_s=(layout.pp - 1) * model.hidden_size * b / device.link_bytes_per_s,
+        # Every group's partial out and LSE per layer, gathered over the network.
+        merge_fixed_s=model.num_layers * lat,
+        merge_per_token_s=model.num_layers * model.num_heads / tp * (model.head_dim * b + 4) / device.network_bytes_per_s,
+    )
+
+
 class LatencyModel:
     """Predicted step time for a layout. Adds what the costs leave out: TP all-reduces (roofline, or a
     profile taken at another TP size), pipeline hops, and KVP: a request's attention runs on its KV
-    shard of at most kvp_group_max_tokens, in parallel across groups, then an LSE merge."""
+    shard of at most kvp_group_max_tokens, in parallel across groups, then an LSE merge. `comm`
+    replaces the flat collective costs of `device` (the planner's interconnect model supplies it)."""
 
     WORK_CHUNK = 512
     """Nominal chunk for predicting a whole prefill's work (ranking and deadlines)."""
     _WORK_GRID = (0, 1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
 
-    def __init__(self, costs: StepCosts, model: ModelConfig, device: DeviceSpec, layout: Layout = Layout()):
+    def __init__(self, costs: StepCosts, model: ModelConfig, device: DeviceSpec, layout: Layout = Layout(),
+                 comm: CommCosts | None = None):
         self.costs = costs
         self.layout = layout
-        b, tp, lat = device.dtype_bytes, layout.tp, device.collective_latency_s
-        # Two all-reduces of [tokens, hidden] per layer; a ring moves 2(tp-1)/tp of the bytes.
-        needs_tp = tp > 1 and costs.measured_tp != tp
-        self._comm_fixed_s = (2 * model.num_layers * lat if needs_tp else 0.0) + (layout.pp - 1) * lat
-        self._comm_per_token_s = (
-            (2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * b / device.link_bytes_per_s
-             if needs_tp else 0.0)
-            + (layout.pp - 1) * model.hidden_size * b / device.link_bytes_per_s)
-        # KVP merge: every group's partial out and LSE per layer, gathered over the network.
-        self._merge_fixed_s = model.num_layers * lat
-        self._merge_per_token_s = (model.num_layers * model.num_heads / tp * (model.head_dim * b + 4)
-                                   / device.network_bytes_per_s)
+        self.comm = comm or flat_comm_costs(model, device, layout, costs.measured_tp)
+        self._comm_fixed_s = self.comm.tp_fixed_s + self.comm.hop_fixed_s
+        self._comm_per_token_s = self.comm.tp_per_token_s + self.comm.hop_per_token_s
+        self._merge_fixed_s = self.comm.merge_fixed_s
+        self._merge_per_token_s = self.comm.merge_per_token_s
         self._group_tokens = layout.kvp_group_max_tokens if layout.kvp > 1 else None
         self._work_cum: list[float] = []
         self._work_rate: list[float] = []
@@ -393,9 +424,13 @@ class StepEstimate:
         return t
 
 
-def build_latency_model(model: ModelConfig, layout: Layout, device: str = "h100",
-                        profile: str | Path | None = None) -> LatencyModel:
-    """A profiled model when a profile path is given, else the roofline of `device` (a DEVICES key)."""
-    spec = device_spec(device)
-    costs: StepCosts = Profiled(Profile.load(profile), layout.tp) if profile else Roofline(model, spec, layout.tp)
-    return LatencyModel(costs, model, spec, layout)
+def build_latency_model(model: ModelConfig, layout: Layout, device: str | DeviceSpec = "h100",
+                        profile: str | Path | Profile | None = None, comm: CommCosts | None = None) -> LatencyModel:
+    """A profiled model when a profile (or its path) is given, else the roofline of `device` (a DEVICES
+    key, or a spec); `comm` replaces the device's flat collective costs."""
+    spec = device if isinstance(device, DeviceSpec) else device_spec(device)
+    if not profile:
+        costs: StepCosts = Roofline(model, spec, layout.tp)
+    else:
+        costs = Profiled(profile if isinstance(profile, Profile) else Profile.load(profile), layout.tp)
+    return LatencyModel(costs, model, spec, layout, comm)
