@@ -49,6 +49,15 @@ USER = [{"role": "user", "content": "hi"}]
     (COMPLETIONS, {"model": MODEL, "prompt": [1, 2, 10**7]}, "prompt"),
     (COMPLETIONS, {"model": MODEL, "prompt": ""}, "prompt"),
     (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": 1.0}, "presence_penalty"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "priority": "high"}, "priority"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "priority": 1.5}, "priority"),
+    (CHAT, {"model": MODEL, "messages": USER, "priority": 11}, "priority"),
+    (CHAT, {"model": MODEL, "messages": USER, "priority": -11}, "priority"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "deadline": 0}, "deadline"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "hi", "deadline": -2.5}, "deadline"),
+    (CHAT, {"model": MODEL, "messages": USER, "deadline": "soon"}, "deadline"),
+    (CHAT, {"model": MODEL, "messages": USER, "deadline": True}, "deadline"),
+    (CHAT, {"model": MODEL, "messages": USER, "deadline": 1e7}, "deadline"),
 ])
 def test_bad_fields_are_400(server: Server, path: str, body: dict, param: str):
     _assert_error(_post(server, path, json=body), 400, param)

@@ -142,8 +142,11 @@ class AsyncEngine:
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                    queue: asyncio.Queue[Event], arrival_s: float | None = None) -> asyncio.Future[None]:
+                    queue: asyncio.Queue[Event], arrival_s: float | None = None, priority: int = 0,
+                    deadline_s: float | None = None) -> asyncio.Future[None]:
         """Send a request to the core now; it counts as queued at once. Its events then go to `queue`.
+        `priority` (lower is more urgent) and `deadline_s` (first token due this long after arrival)
+        steer the deadline-aware schedulers.
 
         The returned future resolves when the core accepted it, or raises ValueError (the core's message)
         if it can never run, or EngineDeadError if the core is gone.
@@ -155,7 +158,7 @@ class AsyncEngine:
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         self._acks[request_id] = ack
         self._live[request_id] = _Live(queue, len(token_ids), arrival_s)
-        self._send(AddRequest(request_id, pack_token_ids(token_ids), params, arrival_s))
+        self._send(AddRequest(request_id, pack_token_ids(token_ids), params, arrival_s, priority, deadline_s))
         return ack
 
     def abort(self, request_ids: list[str]) -> None:

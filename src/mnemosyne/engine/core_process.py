@@ -63,7 +63,8 @@ class EngineCore:
         if isinstance(message, AddRequest):
             try:
                 self.engine.add_request(unpack_token_ids(message.token_ids), message.params,
-                                        message.request_id, message.arrival_s)
+                                        message.request_id, message.arrival_s, message.priority,
+                                        message.deadline_s)
             except ValueError as e:
                 self.send(Rejected(message.request_id, str(e)))
                 return True

@@ -25,6 +25,10 @@ class AddRequest(_Wire):
     params: SamplingParams
     arrival_s: float
     """time.monotonic() in the API process when the HTTP request arrived (same clock host-wide)."""
+    priority: int = 0
+    """Lower is more urgent; scales the TTFT deadline by 2 ** priority."""
+    deadline_s: float | None = None
+    """First token due this long after arrival; None: from --ttft-slo-ms and predicted work."""
 
 
 class AbortRequests(_Wire):

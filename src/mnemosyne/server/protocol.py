@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 BodyT = TypeVar("BodyT", bound=BaseModel)
+MAX_PRIORITY = 10
+"""`priority` lies in [-MAX_PRIORITY, MAX_PRIORITY]: it scales a deadline by 2 ** priority."""
+MAX_DEADLINE_S = 1e6
+"""Longest `deadline` accepted, so that the scaled deadline stays finite."""
 
 
 class APIError(Exception):
@@ -56,15 +60,16 @@ class _SamplingRequest(_Body):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Extensions (vLLM-style sampling knobs, and scheduling hints a later scheduler will use).
+    # Extensions: vLLM-style sampling knobs, and scheduling hints for the deadline-aware policies.
     top_k: StrictInt = -1
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
-    priority: StrictInt | None = None
-    """Accepted and ignored for now."""
-    deadline: float | None = None
-    """Seconds after arrival by which the request should finish; accepted and ignored for now."""
+    priority: Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] | None = None
+    """Lower is more urgent: each step below 0 halves the request's TTFT deadline, each above doubles it;
+    None is 0."""
+    deadline: Annotated[StrictFloat, Field(gt=0.0, le=MAX_DEADLINE_S, allow_inf_nan=False)] | None = None
+    """Seconds after arrival by which the first token is due; None: from --ttft-slo-ms and predicted work."""
 
     def check_unsupported(self) -> None:
         if self.presence_penalty or self.frequency_penalty:

@@ -193,7 +193,7 @@ class OpenAIServing:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         params = [self._sampling_params(body, max_tokens[c.index // body.n], logprobs, c.index % body.n)
                   for c in choices]
-        await self._submit(choices, prompts, params, queue, arrival_s, body.n)
+        await self._submit(choices, prompts, params, queue, arrival_s, body.n, body.priority or 0, body.deadline)
         if self.config.log_requests:
             logger.info("request %s: %d choices, prompt tokens %s, max_tokens %s", builder.response_id,
                         len(choices), [len(p) for p in prompts], max_tokens)
@@ -219,10 +219,12 @@ class OpenAIServing:
             raise APIError(400, str(e)) from None
 
     async def _submit(self, choices: list[Choice], prompts: list[list[int]], params: list[SamplingParams],
-                      queue: asyncio.Queue[Event], arrival_s: float, n: int) -> None:
+                      queue: asyncio.Queue[Event], arrival_s: float, n: int, priority: int,
+                      deadline_s: float | None) -> None:
         # Registration is synchronous, right after the admission checks, so that concurrent requests
         # can never all pass the checks before any of them counts as queued.
-        acks = [self.engine.add_request(c.request_id, prompts[c.index // n], p, queue, arrival_s)
+        acks = [self.engine.add_request(c.request_id, prompts[c.index // n], p, queue, arrival_s,
+                                        priority, deadline_s)
                 for c, p in zip(choices, params, strict=True)]
         try:
             results = await asyncio.gather(*acks, return_exceptions=True)
