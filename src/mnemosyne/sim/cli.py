@@ -8,17 +8,51 @@ import json
 from pathlib import Path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_trace_arguments(p: argparse.ArgumentParser, num_requests: int = 1000, rate: float = 1.0,
+                        long_fraction: float = 0.02) -> None:
+    """The trace flags, shared with `mnemosyne bench serve` so that both can run the same trace."""
     src = p.add_argument_group("trace (a file, or a generated Poisson mix of short and long requests)")
     src.add_argument("--trace", help="JSONL: arrival_s, num_prompt_tokens, num_output_tokens per line")
-    src.add_argument("--num-requests", type=int, default=1000, help="generated requests (default: 1000)")
-    src.add_argument("--rate", type=float, default=1.0, help="generated arrivals per second (default: 1)")
-    src.add_argument("--long-fraction", type=float, default=0.02, help="share of long prompts (default: 0.02)")
+    src.add_argument("--num-requests", type=int, default=num_requests,
+                     help=f"generated requests (default: {num_requests})")
+    src.add_argument("--rate", type=float, default=rate, help=f"generated arrivals per second (default: {rate})")
+    src.add_argument("--long-fraction", type=float, default=long_fraction,
+                     help=f"share of long prompts among the generated requests (default: {long_fraction})")
+    src.add_argument("--long-at-s", default="",
+                     help="also a long request at each of these times, in seconds (comma-separated)")
     src.add_argument("--long-prompt-tokens", default="131072,1048576", help="long prompt range MIN,MAX")
     src.add_argument("--short-prompt-tokens", default="128,4096", help="short prompt range MIN,MAX")
     src.add_argument("--output-tokens", default="32,512", help="output length range MIN,MAX")
     src.add_argument("--trace-seed", type=int, default=0, help="seed of the generated trace (default: 0)")
     src.add_argument("--save-trace", help="write the trace used here as JSONL")
+
+
+def trace_from_args(args: argparse.Namespace) -> list:
+    """The --trace file, or the generated mix (with --long-at-s requests); written to --save-trace."""
+    from mnemosyne.sim.trace import MixedWorkload, load_trace, save_trace, with_long_requests
+
+    if args.trace:
+        trace = load_trace(args.trace)
+    else:
+        long_tokens = _range(args.long_prompt_tokens, "--long-prompt-tokens")
+        output_tokens = _range(args.output_tokens, "--output-tokens")
+        trace = MixedWorkload(args.num_requests, args.rate, args.long_fraction, long_tokens,
+                              _range(args.short_prompt_tokens, "--short-prompt-tokens"), output_tokens,
+                              args.trace_seed).generate()
+        try:
+            long_at_s = [float(t) for t in args.long_at_s.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--long-at-s must be seconds separated by commas, got {args.long_at_s!r}") from None
+        trace = with_long_requests(trace, long_at_s, long_tokens, output_tokens, args.trace_seed)
+    if not trace:
+        raise ValueError("the trace has no requests")
+    if args.save_trace:
+        save_trace(args.save_trace, trace)
+    return trace
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_trace_arguments(p)
     out = p.add_argument_group("report")
     out.add_argument("--long-threshold", type=int, default=32768,
                      help="prompts of at least this many tokens are reported as long (default: 32768)")
@@ -45,22 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from mnemosyne.scheduler.policy import Deadlines
     from mnemosyne.sim.report import plot, summarize
     from mnemosyne.sim.simulator import simulate
-    from mnemosyne.sim.trace import MixedWorkload, load_trace, save_trace
 
     config = engine_config(args)
     device = "h100" if config.roofline_device == "auto" else config.roofline_device
     model = resolve_model(config.model, seed=config.seed).load_config()
-    if args.trace:
-        trace = load_trace(args.trace)
-    else:
-        trace = MixedWorkload(args.num_requests, args.rate, args.long_fraction,
-                              _range(args.long_prompt_tokens, "--long-prompt-tokens"),
-                              _range(args.short_prompt_tokens, "--short-prompt-tokens"),
-                              _range(args.output_tokens, "--output-tokens"), args.trace_seed).generate()
-    if not trace:
-        raise ValueError("the trace has no requests")
-    if args.save_trace:
-        save_trace(args.save_trace, trace)
+    trace = trace_from_args(args)
     latency = build_latency_model(model, layout_of(config), device, config.latency_profile)
     result = simulate(trace, config, model, latency, device_spec(device))
     ttft_slo_s = None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3

@@ -1,5 +1,6 @@
-"""Request traces for the simulator: JSONL files of (arrival, prompt length, output length), and
-seeded generators (Poisson arrivals of chat-sized requests mixed with a few very long ones)."""
+"""Request traces for the simulator and `mnemosyne bench serve`: JSONL files of (arrival, prompt length,
+output length), and seeded generators (Poisson arrivals of chat-sized requests mixed with a few very
+long ones, some at given times)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ class MixedWorkload:
             prompt = _log_uniform(rng, self.long_prompt_tokens if is_long else self.short_prompt_tokens)
             trace.append(TraceRequest(round(now_s, 6), prompt, _log_uniform(rng, self.output_tokens)))
         return trace
+
+
+def with_long_requests(trace: Iterable[TraceRequest], arrivals_s: Iterable[float],
+                       prompt_tokens: tuple[int, int], output_tokens: tuple[int, int],
+                       seed: int = 0) -> list[TraceRequest]:
+    """The trace plus one long request at each of `arrivals_s`, lengths log-uniform within the ranges,
+    sorted by arrival."""
+    rng = random.Random(f"long:{seed}")
+    added = [TraceRequest(round(t, 6), _log_uniform(rng, prompt_tokens), _log_uniform(rng, output_tokens))
+             for t in arrivals_s]
+    return sorted([*trace, *added], key=lambda r: r.arrival_s)
 
 
 def _log_uniform(rng: random.Random, bounds: tuple[int, int]) -> int:
