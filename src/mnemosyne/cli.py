@@ -143,6 +143,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per shape (median reported)")
     lat.add_argument("--compare", choices=["hf", "none"], default="hf", help="peer measured in the same run")
     lat.add_argument("-o", "--output", default=None, help="folder for latency.json, latency.txt and latency.png")
+    from mnemosyne.bench import serve
+
+    serve.add_arguments(kinds.add_parser("serve", help="replay a request trace against a server over streaming HTTP"))
 
 
 def _profile(args: argparse.Namespace) -> int:
