@@ -35,6 +35,7 @@ case "$layout" in
     ;;
   *) echo "usage: $0 [1gpu|kvp4|pp4|cpu]" >&2; exit 2 ;;
 esac
+"$python" -c "import httpx" || { echo "bench serve needs httpx: carry its wheels (httpx, httpcore, h11) in .whl" >&2; exit 1; }
 dest="$out/serve-$layout"
 mkdir -p "$dest"
 echo "== bench serve: $layout, $model"

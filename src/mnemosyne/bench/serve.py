@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import shlex
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from mnemosyne.sim.cli import trace_from_args
 
     _check_args(args)
+    if importlib.util.find_spec("httpx") is None:
+        raise ValueError("bench serve needs httpx: pip install httpx")
     trace = trace_from_args(args)
     slos = Slos(args.ttft_slo_ms / 1e3, args.long_ttft_slo_ms_per_ktok / 1e3 / 1024, args.tbt_slo_ms / 1e3,
                 args.long_threshold)
@@ -177,10 +180,8 @@ def _write(out: Path, args: argparse.Namespace, runs: list, results: dict[str, R
 async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int, label: str,
                   long_threshold: int, seed: int) -> RunResult:
     """Warm up, send `num_solo` short requests one at a time, then replay the trace at its arrival times."""
-    try:
-        import httpx
-    except ImportError:
-        raise ValueError("bench serve needs httpx: pip install httpx") from None
+    import httpx
+
     from mnemosyne.sim.trace import TraceRequest
 
     headers = {"Content-Type": "application/json"}
