@@ -93,17 +93,19 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     runs = run_configs(args.launch, args.compare)
-    try:
-        results = {label: _measure_run(args, trace, label, serve_args, i, out)
-                   for i, (label, serve_args) in enumerate(runs)}
-    except RuntimeError as e:
-        print(f"mnemosyne: error: {e}", file=sys.stderr)
-        return 1
-    summaries = {label: summarize(r.timings, r.solo, slos, r.duration_s, r.energy_j) for label, r in results.items()}
-    table = format_table(summaries)
-    print(table)
-    if out is not None:
-        _write(out, args, runs, results, summaries, slos, table)
+    results: dict[str, RunResult] = {}
+    summaries: dict[str, dict] = {}
+    for i, (label, serve_args) in enumerate(runs):
+        try:
+            result = _measure_run(args, trace, label, serve_args, i, out)
+        except RuntimeError as e:  # a server that would not start or serve: keep the runs already done
+            print(f"mnemosyne: error: {label}: {e}", file=sys.stderr)
+            return 1
+        results[label] = result
+        summaries[label] = summarize(result.timings, result.solo, slos, result.duration_s, result.energy_j)
+        if out is not None:  # after every run, so a later failure loses nothing
+            _write(out, args, runs, results, summaries, slos, format_table(summaries))
+    print(format_table(summaries))
     return 0
 
 
