@@ -2,19 +2,22 @@
 # Mixed serving (issue 9): Poisson chat traffic plus long prompts, replayed over streaming HTTP by
 # `mnemosyne bench serve` against a launched `mnemosyne serve`: LARS + adaptive chunking, then FCFS +
 # fixed:2048, on the same trace. The table, serve.json, serve.png and the server logs land in $OUT.
-#   device: bash benchmarks/serve_mixed.sh [1gpu|kvp4|pp4]   (carry .whl; about 3 min per configuration)
+#   device: bash benchmarks/serve_mixed.sh [1gpu|kvp4|pp4]   (carry .whl; at most ~3.5 min per configuration)
 #   here:   PYTHON=.venv/bin/python bash benchmarks/serve_mixed.sh cpu   (smoke test: dummy:tiny, ~1 min)
+# Environment: TBT_MS (50) and TTFT_MS (2000), the SLOs given to the servers and judged by the bench;
+# RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed.
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
 layout="${1:-1gpu}"
-tbt_ms=50
-ttft_ms=2000
+tbt_ms="${TBT_MS:-50}"
+ttft_ms="${TTFT_MS:-2000}"
+run_s="${RUN_S:-150}"
 case "$layout" in
   cpu)
     model=dummy:tiny
     engine="--device cpu --kv-cache-memory 0.1"
-    tbt_ms=500
+    tbt_ms="${TBT_MS:-500}"
     fixed=256
     trace="--num-requests 40 --rate 4 --long-fraction 0 --long-at-s 2,6 --long-prompt-tokens 3000,3500
            --short-prompt-tokens 16,256 --output-tokens 8,32 --long-threshold 1024 --long-ttft-slo-ms-per-ktok 2000"
@@ -45,7 +48,8 @@ start=$(date +%s)
   --launch "$model $engine --tbt-slo-ms $tbt_ms --ttft-slo-ms $ttft_ms" \
   --compare "--scheduler lars --chunking adaptive --max-num-batched-tokens 16384" \
             "--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed" \
-  $trace --tbt-slo-ms "$tbt_ms" --ttft-slo-ms "$ttft_ms" --save-trace "$dest/trace.jsonl" -o "$dest" \
+  $trace --tbt-slo-ms "$tbt_ms" --ttft-slo-ms "$ttft_ms" --trace-timeout-s "$run_s" \
+  --save-trace "$dest/trace.jsonl" -o "$dest" \
   > "$dest/bench.log" 2>&1
 status=$?
 tr '\r' '\n' < "$dest/bench.log" | grep -v -e '%|' -e '^$' | tail -30

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -129,3 +130,25 @@ def test_launch_and_compare(tmp_path):
     table = (out / "serve.txt").read_text()
     assert "lars+adaptive" in table and "fcfs+fixed:128" in table
     assert set(children_of(os.getpid())) <= children, "a launched server outlived the run"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_trace_timeout_still_reports(tiny_server: Server, tmp_path):
+    """Requests still streaming at --trace-timeout-s are closed (the server aborts them) and reported as
+    errors, as is one never sent; the report is written all the same."""
+    out = tmp_path / "t"
+    assert main(["bench", "serve", "--url", tiny_server.url, "--api-key", "sk-bench", "--num-requests", "3",
+                 "--rate", "10", "--long-fraction", "0", "--short-prompt-tokens", "8,8", "--output-tokens",
+                 "2900,2900", "--long-at-s", "30", "--long-prompt-tokens", "1100,1100", "--long-threshold", "1024",
+                 "--trace-timeout-s", "1", "--solo-requests", "0", *SLO_FLAGS, "-o", str(out)]) == 0
+    run = json.loads((out / "serve.json").read_text())["runs"]["server"]
+    short, long = run["timings"][:3], run["timings"][3]
+    for t in short:
+        assert t["error"].startswith("unfinished") and 0 < len(t["token_s"]) < 2900 and t["end_s"] < 3
+    assert long["error"].startswith("not sent") and long["token_s"] == []
+    assert run["summary"]["all"]["num_errors"] == 4 and run["summary"]["goodput_requests_per_s"] == 0
+    deadline_s = time.monotonic() + 20
+    while tiny_server.metrics()["mnemosyne_num_requests_running"] != 0:
+        assert time.monotonic() < deadline_s, "the closed streams' requests are still running"
+        time.sleep(0.2)

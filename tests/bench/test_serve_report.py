@@ -96,6 +96,13 @@ def test_target_met_and_no_energy():
     assert s["target"]["ttft_ratio"] == pytest.approx(1.5) and s["target"]["is_met"] is True
     assert s["energy"]["joules"] is None
     assert "energy n/a" in format_table({"x": s}) and "target (met)" in format_table({"x": s})
+    # nothing decoded beside the long prefill (the one gap ends after it): only the TTFT half counts
+    waiting = _timing(100, 2.0, [2.1, 5.5])
+    s = summarize([long, waiting], [_timing(100, 0.0, [0.1, 0.2])], SLOS, duration_s=6.0, energy_j=None)
+    assert s["target"]["short_tbt_p99_during_long_s"] is None and s["target"]["ttft_ratio"] == pytest.approx(1)
+    assert s["target"]["is_met"] is True
+    late = _timing(100, 2.0, [2.3, 5.5])
+    assert summarize([long, late], [_timing(100, 0.0, [0.1])], SLOS, 6.0, None)["target"]["is_met"] is False
     # without a long request there is nothing to compare
     alone = summarize([short], [], SLOS, duration_s=1.0, energy_j=None)
     assert alone["target"]["is_met"] is None and "target" not in format_table({"x": alone})

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "'--scheduler lars --chunking adaptive' '--scheduler fcfs --chunking fixed:2048')")
     srv.add_argument("--launch-timeout-s", type=float, default=900.0,
                      help="how long a launched server may take to load (default: 900)")
+    srv.add_argument("--trace-timeout-s", type=float, default=None,
+                     help="stop replaying this long after the trace's start; requests not finished by then are "
+                          "reported as errors (default: no limit)")
     add_trace_arguments(p, num_requests=200, rate=2.0)
     slo = p.add_argument_group("SLOs and report")
     slo.add_argument("--long-threshold", type=int, default=32768,
@@ -114,11 +117,11 @@ def _measure_run(args: argparse.Namespace, trace: Sequence, label: str, serve_ar
     """One replay: against --url, or against a server launched with `serve_args` for it."""
     if serve_args is None:
         return asyncio.run(measure(args.url, args.api_key, trace, args.solo_requests, label, args.long_threshold,
-                                   args.trace_seed))
+                                   args.trace_seed, args.trace_timeout_s))
     log_path = out / f"server-{index}.log" if out else Path(tempfile.gettempdir()) / f"mnemosyne-bench-server-{index}.log"
     with launched_server(serve_args, log_path, args.api_key, args.launch_timeout_s) as url:
         return asyncio.run(measure(url, args.api_key, trace, args.solo_requests, label, args.long_threshold,
-                                   args.trace_seed))
+                                   args.trace_seed, args.trace_timeout_s))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -127,6 +130,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("ttft_slo_ms", "long_ttft_slo_ms_per_ktok", "tbt_slo_ms", "long_threshold"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.trace_timeout_s is not None and args.trace_timeout_s <= 0:
+        raise ValueError(f"--trace-timeout-s must be positive, got {args.trace_timeout_s}")
     if args.solo_requests < 0:
         raise ValueError(f"--solo-requests must be >= 0, got {args.solo_requests}")
 
@@ -180,7 +185,7 @@ def _write(out: Path, args: argparse.Namespace, runs: list, results: dict[str, R
 
 # -- replay ----------------------------------------------------------------------------------------
 async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int, label: str,
-                  long_threshold: int, seed: int) -> RunResult:
+                  long_threshold: int, seed: int, timeout_s: float | None = None) -> RunResult:
     """Warm up, send `num_solo` short requests one at a time, then replay the trace at its arrival times."""
     import httpx
 
@@ -199,19 +204,20 @@ async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int,
                              f"is {max_model_len}; start it with --max-model-len {longest} or more")
         short = [t for t in trace if t.num_prompt_tokens < long_threshold] or [TraceRequest(0.0, 64, 8)]
         for i in range(NUM_WARMUP):
-            warmup = await _stream(client, _body(model, short[i % len(short)], (seed, 2, i), SOLO_OUTPUT_TOKENS), 0.0)
+            spec = short[i % len(short)]
+            warmup = await _stream(client, _body(model, spec, (seed, 2, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
+                                   _timing_sent_now(spec, SOLO_OUTPUT_TOKENS))
             if warmup.error is not None:
                 raise RuntimeError(f"a warm-up request to {url} failed: {warmup.error}")
         solo = []
-        for i in range(num_solo):
+        for i in range(num_solo):  # each on a clock of its own, starting at 0 when it is sent
             spec = short[i % len(short)]
-            clock0 = time.monotonic()
-            solo.append(await _stream(client, _body(model, spec, (seed, 1, i), SOLO_OUTPUT_TOKENS), clock0,
-                                      spec.num_prompt_tokens, SOLO_OUTPUT_TOKENS))
+            solo.append(await _stream(client, _body(model, spec, (seed, 1, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
+                                      _timing_sent_now(spec, SOLO_OUTPUT_TOKENS)))
         bodies = [_body(model, spec, (seed, 0, i)) for i, spec in enumerate(trace)]
         meter = GpuEnergy.open()
         before_j = meter.joules() if meter is not None else None
-        timings, duration_s = await _replay(client, trace, bodies, label, long_threshold)
+        timings, duration_s = await _replay(client, trace, bodies, label, long_threshold, timeout_s)
         after_j = meter.joules() if meter is not None else None
     energy_j = after_j - before_j if before_j is not None and after_j is not None else None
     return RunResult(model, max_model_len, timings, solo, duration_s, energy_j)
@@ -243,12 +249,17 @@ def _body(model: str, spec: Any, seed: tuple[int, ...], max_tokens: int | None =
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-async def _replay(client: Any, trace: Sequence, bodies: list[bytes], label: str,
-                  long_threshold: int) -> tuple[list, float]:
+async def _replay(client: Any, trace: Sequence, bodies: list[bytes], label: str, long_threshold: int,
+                  timeout_s: float | None) -> tuple[list, float]:
     """Send each request at its arrival time; returns the timings in trace order and the time from the
-    trace's start to its last response."""
+    trace's start to its last response. After `timeout_s`, requests still streaming are closed (the
+    server aborts them) and, like those never sent, reported as errors."""
     from tqdm import tqdm
 
+    from mnemosyne.bench.serve_report import Timing
+
+    timings = [Timing(spec.num_prompt_tokens, spec.num_output_tokens, spec.arrival_s, spec.arrival_s,
+                      error=f"not sent within --trace-timeout-s {timeout_s}") for spec in trace]
     bar = tqdm(total=len(trace), desc=label, unit="req", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     progress: dict[int, str] = {}
 
@@ -256,40 +267,43 @@ async def _replay(client: Any, trace: Sequence, bodies: list[bytes], label: str,
         progress[index] = text
         bar.set_postfix_str("long prefill " + ", ".join(progress.values()), refresh=False)
 
-    async def one(index: int, spec: Any, body: bytes, clock0: float) -> Any:
+    async def one(index: int, spec: Any, body: bytes) -> None:
+        timing = timings[index] = Timing(spec.num_prompt_tokens, spec.num_output_tokens, spec.arrival_s,
+                                         time.monotonic() - clock0)
         is_long = spec.num_prompt_tokens >= long_threshold
-        timing = await _stream(client, body, clock0, spec.num_prompt_tokens, spec.num_output_tokens,
-                               spec.arrival_s, (lambda text: on_progress(index, text)) if is_long else None)
+        await _stream(client, body, clock0, timing, (lambda text: on_progress(index, text)) if is_long else None)
         progress.pop(index, None)
         bar.update(1)
-        return timing
 
-    clock0 = time.monotonic()
-    tasks = []
-    try:
+    async def send_all() -> None:
         for index, (spec, body) in enumerate(zip(trace, bodies, strict=True)):
             delay_s = clock0 + spec.arrival_s - time.monotonic()
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
-            tasks.append(asyncio.create_task(one(index, spec, body, clock0)))
-        timings = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(one(index, spec, body)))
+        await asyncio.gather(*tasks)
+
+    clock0 = time.monotonic()
+    tasks: list[asyncio.Task] = []
+    sender = asyncio.ensure_future(send_all())
+    try:
+        await asyncio.wait({sender}, timeout=timeout_s)
     finally:
-        for task in tasks:
+        for task in [sender, *tasks]:
             task.cancel()
+        await asyncio.gather(sender, *tasks, return_exceptions=True)
         bar.close()
+    if not sender.cancelled() and sender.exception() is not None:
+        raise sender.exception()  # type: ignore[misc]  # a bug, not a slow server: do not hide it
     ends = [t.end_s for t in timings if t.end_s is not None]
-    return list(timings), max(ends, default=time.monotonic() - clock0)
+    return timings, max(ends, default=time.monotonic() - clock0)
 
 
-async def _stream(client: Any, body: bytes, clock0: float, num_prompt_tokens: int = 0, num_output_tokens: int = 0,
-                  arrival_s: float | None = None, on_progress: Any = None) -> Any:
-    """POST one streaming completion; the time of every chunk that carries a choice is a token's time."""
+async def _stream(client: Any, body: bytes, clock0: float, timing: Any, on_progress: Any = None) -> Any:
+    """POST one streaming completion into `timing` (a serve_report.Timing whose start_s is now); the time
+    of every chunk that carries a choice is a token's time. Returns `timing`."""
     import httpx
 
-    from mnemosyne.bench.serve_report import Timing
-
-    start_s = time.monotonic() - clock0
-    timing = Timing(num_prompt_tokens, num_output_tokens, start_s if arrival_s is None else arrival_s, start_s)
     try:
         async with client.stream("POST", "/v1/completions", content=body) as r:
             if r.status_code != 200:
@@ -310,8 +324,19 @@ async def _stream(client: Any, body: bytes, clock0: float, num_prompt_tokens: in
                         timing.num_tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
         timing.error = f"{type(e).__name__}: {e}"
-    timing.end_s = time.monotonic() - clock0
+    except asyncio.CancelledError:
+        timing.error = "unfinished when the run was stopped (--trace-timeout-s)"
+        raise
+    finally:
+        timing.end_s = time.monotonic() - clock0
     return timing
+
+
+def _timing_sent_now(spec: Any, max_tokens: int) -> Any:
+    """A Timing on a clock of its own, whose 0 is now."""
+    from mnemosyne.bench.serve_report import Timing
+
+    return Timing(spec.num_prompt_tokens, max_tokens, 0.0, 0.0)
 
 
 # -- a launched server -----------------------------------------------------------------------------

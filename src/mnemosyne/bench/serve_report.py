@@ -150,7 +150,8 @@ def _target(waiting: Sequence[Timing], gaps: Sequence[float], solo: Sequence[Tim
     alone = percentile([t.ttft_s for t in solo if t.ttft_s is not None], 99)  # type: ignore[misc]
     ratio = during / alone if during is not None and alone else None
     tbt = percentile(gaps, 99)
-    is_met = None if ratio is None or tbt is None else bool(ratio <= 2.0 and tbt <= slos.tbt_s)
+    # no gap ending inside a long prefill: nothing decoded beside it, so the TBT half holds trivially
+    is_met = None if ratio is None else bool(ratio <= 2.0 and (tbt is None or tbt <= slos.tbt_s))
     return {"short_ttft_p99_during_long_s": during, "solo_ttft_p99_s": alone, "ttft_ratio": ratio,
             "short_tbt_p99_during_long_s": tbt, "num_gaps_during_long": len(gaps), "is_met": is_met}
 
