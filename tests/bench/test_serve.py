@@ -82,8 +82,9 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 def test_replay_against_a_running_server(tiny_server: Server, tmp_path):
     before = tiny_server.metrics()
     out = tmp_path / "out"
-    assert main(["bench", "serve", "--url", tiny_server.url, "--api-key", "sk-bench", *TRACE_FLAGS, *SLO_FLAGS,
-                 "--solo-requests", "3", "--save-trace", str(tmp_path / "trace.jsonl"), "-o", str(out)]) == 0
+    flags = ["bench", "serve", "--url", tiny_server.url, "--api-key", "sk-bench", *TRACE_FLAGS, *SLO_FLAGS,
+             "--solo-requests", "3", "--save-trace", str(tmp_path / "trace.jsonl")]
+    assert main([*flags, "-o", str(out)]) == 0
     doc = json.loads((out / "serve.json").read_text())
     run = doc["runs"]["server"]
     trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
@@ -108,6 +109,12 @@ def test_replay_against_a_running_server(tiny_server: Server, tmp_path):
     assert summary["energy"]["joules"] is None or summary["energy"]["joules"] > 0
     assert "server" in (out / "serve.txt").read_text() and "energy n/a" in (out / "serve.txt").read_text()
     assert (out / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    # the same trace again: fresh prompts, so the prefix cache serves nothing from the first run
+    assert main([*flags, "-o", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "serve.json").read_text())["runs"]["server"]
+    assert [t["num_cached_tokens"] for t in again["timings"]] == [0] * len(trace)
+    assert tiny_server.metrics()["mnemosyne_prefix_cache_hit_tokens_total"] == \
+        before["mnemosyne_prefix_cache_hit_tokens_total"]
 
 
 @pytest.mark.slow

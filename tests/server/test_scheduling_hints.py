@@ -5,6 +5,7 @@ an earlier one of the same length (without the hint, the earlier one goes first)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 
@@ -26,6 +27,8 @@ MODEL = "dummy:tiny"
 PROMPT_TOKENS = 1024
 """64 steps of 16 tokens: long enough that a request sent after the first one's first progress report
 arrives while it is still being prefilled."""
+_PROMPT_IDS = itertools.count(1)
+"""Every prompt starts differently, so the prefix cache never shortens a prefill."""
 
 
 def test_hints_cross_the_wire_onto_the_request():
@@ -66,7 +69,8 @@ async def _first_token_order(server: Server, hints: dict) -> list[str]:
     started = asyncio.Event()
 
     async def stream(client: httpx.AsyncClient, name: str, extra: dict) -> None:
-        body = {"model": MODEL, "prompt": [(7 * i + len(name)) % 500 for i in range(PROMPT_TOKENS)],
+        salt = next(_PROMPT_IDS)
+        body = {"model": MODEL, "prompt": [(7 * i + 31 * salt) % 500 for i in range(PROMPT_TOKENS)],
                 "max_tokens": 2, "ignore_eos": True, "stream": True, **extra}
         async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()

@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -30,8 +31,8 @@ from mnemosyne.sim.cli import add_trace_arguments
 
 TOKEN_ID_RANGE = (20, 500)
 """Prompt token ids are drawn from here: inside every vocabulary served (dummy:tiny has 512), and clear
-of the special tokens at the start of small vocabularies. Each request draws its own, so no two
-prompts share a prefix."""
+of the special tokens at the start of small vocabularies. Each request of each run draws its own, so
+no two prompts share a prefix and the prefix cache never hits."""
 NUM_WARMUP = 2
 """Short requests sent first and not measured."""
 SOLO_OUTPUT_TOKENS = 2
@@ -117,11 +118,11 @@ def _measure_run(args: argparse.Namespace, trace: Sequence, label: str, serve_ar
     """One replay: against --url, or against a server launched with `serve_args` for it."""
     if serve_args is None:
         return asyncio.run(measure(args.url, args.api_key, trace, args.solo_requests, label, args.long_threshold,
-                                   args.trace_seed, args.trace_timeout_s))
+                                   args.trace_timeout_s))
     log_path = out / f"server-{index}.log" if out else Path(tempfile.gettempdir()) / f"mnemosyne-bench-server-{index}.log"
     with launched_server(serve_args, log_path, args.api_key, args.launch_timeout_s) as url:
         return asyncio.run(measure(url, args.api_key, trace, args.solo_requests, label, args.long_threshold,
-                                   args.trace_seed, args.trace_timeout_s))
+                                   args.trace_timeout_s))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -185,7 +186,7 @@ def _write(out: Path, args: argparse.Namespace, runs: list, results: dict[str, R
 
 # -- replay ----------------------------------------------------------------------------------------
 async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int, label: str,
-                  long_threshold: int, seed: int, timeout_s: float | None = None) -> RunResult:
+                  long_threshold: int, timeout_s: float | None = None) -> RunResult:
     """Warm up, send `num_solo` short requests one at a time, then replay the trace at its arrival times."""
     import httpx
 
@@ -203,18 +204,20 @@ async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int,
             raise ValueError(f"the trace's longest request needs {longest} tokens, but the server's max_model_len "
                              f"is {max_model_len}; start it with --max-model-len {longest} or more")
         short = [t for t in trace if t.num_prompt_tokens < long_threshold] or [TraceRequest(0.0, 64, 8)]
+        # Fresh prompts for every run, so that the server's prefix cache never serves one run from another's.
+        nonce = random.SystemRandom().randrange(2**32)
         for i in range(NUM_WARMUP):
             spec = short[i % len(short)]
-            warmup = await _stream(client, _body(model, spec, (seed, 2, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
+            warmup = await _stream(client, _body(model, spec, (nonce, 2, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
                                    _timing_sent_now(spec, SOLO_OUTPUT_TOKENS))
             if warmup.error is not None:
                 raise RuntimeError(f"a warm-up request to {url} failed: {warmup.error}")
         solo = []
         for i in range(num_solo):  # each on a clock of its own, starting at 0 when it is sent
             spec = short[i % len(short)]
-            solo.append(await _stream(client, _body(model, spec, (seed, 1, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
+            solo.append(await _stream(client, _body(model, spec, (nonce, 1, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
                                       _timing_sent_now(spec, SOLO_OUTPUT_TOKENS)))
-        bodies = [_body(model, spec, (seed, 0, i)) for i, spec in enumerate(trace)]
+        bodies = [_body(model, spec, (nonce, 0, i)) for i, spec in enumerate(trace)]
         meter = GpuEnergy.open()
         before_j = meter.joules() if meter is not None else None
         timings, duration_s = await _replay(client, trace, bodies, label, long_threshold, timeout_s)
@@ -322,6 +325,8 @@ async def _stream(client: Any, body: bytes, clock0: float, timing: Any, on_progr
                         timing.token_s.append(now_s)
                     elif chunk.get("usage"):
                         timing.num_tokens = chunk["usage"]["completion_tokens"]
+                        timing.num_cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get(
+                            "cached_tokens")
     except httpx.HTTPError as e:
         timing.error = f"{type(e).__name__}: {e}"
     except asyncio.CancelledError:

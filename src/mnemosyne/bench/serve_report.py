@@ -28,6 +28,8 @@ class Timing:
     tokens in one chunk. TBT is measured between these, as a user sees it."""
     num_tokens: int | None = None
     """Output tokens the server reported in its usage; None if it sent no usage."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens the server took from its prefix cache, as its usage says; None if it does not say."""
     end_s: float | None = None
     error: str | None = None
     """Why the request failed (HTTP status and message, or a transport error); None if it finished."""
@@ -140,6 +142,7 @@ def summarize(timings: Sequence[Timing], solo: Sequence[Timing], slos: Slos, dur
                        "prompt_tokens_per_s": num_prompt / duration_s},
         "energy": _energy(energy_j, duration_s, num_prompt, num_output),
         "max_send_lag_s": max((t.start_s - t.arrival_s for t in timings), default=0.0),
+        "num_cached_prompt_tokens": sum(t.num_cached_tokens or 0 for t in timings),
     }
 
 
