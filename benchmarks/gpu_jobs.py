@@ -53,6 +53,7 @@ def parse(text: str) -> list[list[Job]]:
 
 class Runner:
     def __init__(self, num_gpus: int, out: Path, deadline_s: float):
+        self.num_gpus = num_gpus
         self.free = list(range(num_gpus))
         self.out = out
         self.t0 = time.monotonic()
@@ -73,7 +74,7 @@ class Runner:
                     job.note = "not started: deadline"
                     print(f"[{self.now():6.0f}s] skip  {job.name}: deadline", flush=True)
                 pending = []
-            if pending and pending[0].gpus > len(self.free) + sum(j.gpus for j, _ in self.running.values()):
+            if pending and pending[0].gpus > self.num_gpus:
                 job = pending.pop(0)
                 job.note = "not started: needs more GPUs than the machine has"
                 print(f"[{self.now():6.0f}s] skip  {job.name}: needs {job.gpus} GPUs", flush=True)

@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def first_difference(reference: list[int], tokens: list[int]) -> int | None:
+    """Index of the first token where the two runs differ, over their common length; None if none."""
+    return next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b), None)
+
+
 def compare(paths: list[Path]) -> str:
     """A table of each layout against the first: tokens equal, first divergence and its margin, TBT."""
     runs = [json.loads(p.read_text()) for p in paths]
@@ -114,7 +119,7 @@ def compare(paths: list[Path]) -> str:
              f"{'layout':<18} {'tokens':>7} {'first diff':>10} {'ref margin':>10} {'TBT ms at context':>24} graphs"]
     for r in runs:
         n = min(len(r["tokens"]), len(base["tokens"]))
-        diff = next((i for i in range(n) if r["tokens"][i] != base["tokens"][i]), None)
+        diff = first_difference(base["tokens"], r["tokens"])
         margin = "" if diff is None else f"{base['top2'][diff][1][0] - base['top2'][diff][1][1]:.4f}"
         same = f"{n if diff is None else diff}/{n}"
         tbts = " ".join(f"{d['tbt_ms']:.2f}@{c}" for c, d in r.get("decode", {}).items())

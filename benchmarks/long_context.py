@@ -27,7 +27,7 @@ from typing import Any
 os.environ.setdefault("MNEMOSYNE_QUIET", "1")
 
 import torch
-from benchmarks.layout_check import drain, greedy_tokens, release_gpu, seeded_prompt
+from benchmarks.layout_check import drain, first_difference, greedy_tokens, release_gpu, seeded_prompt
 from tqdm import tqdm
 
 from mnemosyne.bench.floors import decode_bytes, measure_ceilings, prefill_flops
@@ -131,7 +131,7 @@ def main() -> None:
             if args.reference:
                 ref = json.loads(args.reference.read_text())
                 n = min(len(ref["tokens"]), len(check["tokens"]))
-                diff = next((i for i in range(n) if ref["tokens"][i] != check["tokens"][i]), None)
+                diff = first_difference(ref["tokens"], check["tokens"])
                 result["check"].update(reference_tokens=ref["tokens"], equal_prefix=n if diff is None else diff,
                                        compared=n)
             print(f"check: {args.check_len}-token prompt -> {check['tokens']}", flush=True)

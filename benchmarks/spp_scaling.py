@@ -9,13 +9,14 @@ appended to the JSON as they finish, so one long sweep can be split over several
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 from pathlib import Path
 
 os.environ.setdefault("MNEMOSYNE_QUIET", "1")
+
+from benchmarks.layout_check import drain, release_gpu
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
@@ -32,31 +33,16 @@ def measure(config: EngineConfig, prompt_len: int, decode_steps: int) -> dict[st
     try:
         vocab = engine.model_config.vocab_size
         warm_up = engine.add_request(_prompt(vocab, min(4096, prompt_len)), SamplingParams(max_tokens=4, ignore_eos=True))
-        _drain(engine, warm_up)
+        drain(engine, warm_up)
         request_id = engine.add_request(_prompt(vocab, prompt_len),
                                         SamplingParams(max_tokens=decode_steps + 1, ignore_eos=True))
-        metrics = _drain(engine, request_id).metrics
+        metrics = drain(engine, request_id).metrics
         gaps = metrics.inter_token_s
         return {"ttft_s": metrics.ttft_s, "tbt_s": statistics.median(gaps) if gaps else float("nan")}
     finally:
         engine.shutdown()
         del engine
-        gc.collect()
-        _empty_cuda_cache()
-
-
-def _drain(engine: LLMEngine, request_id: str):
-    while True:
-        for out in engine.step():
-            if out.request_id == request_id and out.finished:
-                return out
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+        release_gpu()
 
 
 def summarise(rows: list[dict]) -> str:

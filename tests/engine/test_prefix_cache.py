@@ -4,8 +4,6 @@ also when a tiny cache forces evictions and preemptions; the reused tokens are r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from mnemosyne import LLM
@@ -13,6 +11,7 @@ from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.engine.outputs import RequestOutput
 from mnemosyne.request import SamplingParams
+from tests.engine.staggered import run_staggered
 from tests.executor.parallel_checks import assert_same_outputs
 
 NUM_NEW = 12
@@ -37,30 +36,14 @@ def make_engine(is_caching: bool, num_blocks: int | None = None) -> LLMEngine:
     return engine
 
 
-def run(engine: LLMEngine, prompts: Sequence[list[int]], arrivals: Sequence[int]) -> list[RequestOutput]:
-    """Add prompt i at step arrivals[i]; run to completion; final outputs in prompt order."""
-    done: dict[str, RequestOutput] = {}
-    ids = [""] * len(prompts)
-    step = 0
-    while step <= max(arrivals) or engine.has_unfinished_requests():
-        for i, at in enumerate(arrivals):
-            if at == step:
-                ids[i] = engine.add_request(prompts[i], PARAMS)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        step += 1
-    return [done[i] for i in ids]
-
-
 @pytest.fixture(scope="module")
 def uncached() -> list[RequestOutput]:
-    return run(make_engine(is_caching=False), PROMPTS, ARRIVALS)
+    return run_staggered(make_engine(is_caching=False), PROMPTS, ARRIVALS, PARAMS)
 
 
 def test_interleaved_requests_sharing_prefixes_match_the_uncached_run(uncached):
     engine = make_engine(is_caching=True)
-    cached = run(engine, PROMPTS, ARRIVALS)
+    cached = run_staggered(engine, PROMPTS, ARRIVALS, PARAMS)
     assert_same_outputs([o.outputs[0] for o in uncached], [o.outputs[0] for o in cached], NUM_NEW)
     assert all(o.num_cached_tokens == 0 for o in uncached)
     hits = [o.num_cached_tokens for o in cached]
@@ -75,7 +58,7 @@ def test_interleaved_requests_sharing_prefixes_match_the_uncached_run(uncached):
 
 def test_eviction_and_preemption_in_a_tiny_cache_keep_outputs_exact(uncached):
     engine = make_engine(is_caching=True, num_blocks=14)  # the longest request needs 11 blocks of 16
-    cached = run(engine, PROMPTS, ARRIVALS)
+    cached = run_staggered(engine, PROMPTS, ARRIVALS, PARAMS)
     assert_same_outputs([o.outputs[0] for o in uncached], [o.outputs[0] for o in cached], NUM_NEW)
     pool = engine.scheduler.pool
     assert pool.num_evicted_blocks > 0 and engine.scheduler.num_preemptions > 0

@@ -8,6 +8,7 @@ import pytest
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.request import SamplingParams
+from tests.engine.staggered import run_staggered
 from tests.reference import hf_greedy, save_tiny
 
 NUM_NEW = 32
@@ -30,20 +31,9 @@ def expected(tiny_checkpoint):
 
 
 def run(engine: LLMEngine, arrival_steps: list[int]) -> list[list[int]]:
-    """Add prompt i at step arrival_steps[i]; run to completion; outputs in prompt order."""
-    params = SamplingParams(max_tokens=NUM_NEW, ignore_eos=True)
-    done: dict[str, list[int]] = {}
-    ids: list[str] = [""] * len(PROMPTS)
-    step = 0
-    while step <= max(arrival_steps) or engine.has_unfinished_requests():
-        for i, at in enumerate(arrival_steps):
-            if at == step:
-                ids[i] = engine.add_request(PROMPTS[i], params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        step += 1
-    return [done[i] for i in ids]
+    """Add prompt i at step arrival_steps[i]; run to completion; tokens in prompt order."""
+    outputs = run_staggered(engine, PROMPTS, arrival_steps, SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outputs]
 
 
 def make_engine(path, **overrides) -> LLMEngine:

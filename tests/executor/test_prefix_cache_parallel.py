@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from mnemosyne import LLM, SamplingParams
-from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.engine.outputs import RequestOutput
+from tests.engine.staggered import run_staggered
 from tests.executor.parallel_checks import assert_same_outputs
 
 GROUP = 64
@@ -27,22 +27,9 @@ ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=24, chunking="fixed:2
 LAYOUTS = {"kvp2": dict(kv_parallel_size=2, kvp_group_max_tokens=GROUP), "pp2": dict(pipeline_parallel_size=2)}
 
 
-def _staggered(engine: LLMEngine, prompts: list[list[int]], arrivals: list[int]) -> list[RequestOutput]:
-    done: dict[str, RequestOutput] = {}
-    ids = [""] * len(prompts)
-    step = 0
-    while step <= max(arrivals) or engine.has_unfinished_requests():
-        for i, at in enumerate(arrivals):
-            if at == step:
-                ids[i] = engine.add_request(prompts[i], PARAMS)
-        done.update((o.request_id, o) for o in engine.step() if o.finished)
-        step += 1
-    return [done[i] for i in ids]
-
-
 def _outputs(llm: LLM) -> list[RequestOutput]:
     """FIRST and SECOND interleaved, then SECOND again once nothing runs."""
-    interleaved = _staggered(llm.engine, FIRST + SECOND, ARRIVALS)
+    interleaved = run_staggered(llm.engine, FIRST + SECOND, ARRIVALS, PARAMS)
     return interleaved + llm.generate(SECOND, PARAMS, use_tqdm=False)
 
 
