@@ -24,9 +24,10 @@ from tests.server.harness import Server, start_server
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MODEL = "dummy:tiny"
-PROMPT_TOKENS = 1024
-"""64 steps of 16 tokens: long enough that a request sent after the first one's first progress report
-arrives while it is still being prefilled."""
+PROMPT_TOKENS = 3072
+"""384 steps of 8 tokens: long enough that a request sent after the first one's first progress report
+almost always arrives while it is still being prefilled. When it does not, the trial is run again."""
+ATTEMPTS = 4
 _PROMPT_IDS = itertools.count(1)
 """Every prompt starts differently, so the prefix cache never shortens a prefill."""
 
@@ -53,27 +54,32 @@ def test_hints_cross_the_wire_onto_the_request():
 
 @pytest.fixture(scope="module")
 def hint_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    """LARS with a 60 s TTFT SLO, and 16 prompt tokens a step, all to the most urgent request."""
+    """LARS with a 60 s TTFT SLO, and 8 prompt tokens a step, all to the most urgent request."""
     log_path = tmp_path_factory.mktemp("hints") / "server.log"
-    srv = start_server([MODEL, "--device", "cpu", "--kv-cache-memory", "0.05", "--max-num-batched-tokens", "16",
-                        "--chunking", "fixed:16", "--scheduler", "lars", "--ttft-slo-ms", "60000",
+    srv = start_server([MODEL, "--device", "cpu", "--kv-cache-memory", "0.05", "--max-num-batched-tokens", "8",
+                        "--chunking", "fixed:8", "--scheduler", "lars", "--ttft-slo-ms", "60000",
                         "--prefill-progress-s", "0.05"], log_path)
     yield srv
     srv.stop(signal.SIGKILL)
 
 
-async def _first_token_order(server: Server, hints: dict) -> list[str]:
+async def _first_token_order(server: Server, hints: dict) -> list[str] | None:
     """Stream 'first' (no hints); once its prefill is under way, stream 'second' with `hints`. Returns
-    the two names in the order their first tokens arrived."""
+    the two names in the order their first tokens arrived, or None when 'first' had its first token
+    before 'second' was admitted (the server answers a stream's headers only once the engine holds
+    the request), so that the trial shows nothing about scheduling."""
     order: list[str] = []
     started = asyncio.Event()
+    admitted_late = False
 
     async def stream(client: httpx.AsyncClient, name: str, extra: dict) -> None:
+        nonlocal admitted_late
         salt = next(_PROMPT_IDS)
         body = {"model": MODEL, "prompt": [(7 * i + 31 * salt) % 500 for i in range(PROMPT_TOKENS)],
                 "max_tokens": 2, "ignore_eos": True, "stream": True, **extra}
         async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
+            admitted_late = admitted_late or bool(order)
             async for line in r.aiter_lines():
                 if line.startswith(": prefill"):
                     started.set()
@@ -83,9 +89,8 @@ async def _first_token_order(server: Server, hints: dict) -> list[str]:
     async with httpx.AsyncClient(timeout=120) as client:
         first = asyncio.create_task(stream(client, "first", {}))
         await asyncio.wait_for(started.wait(), 60)
-        assert not order, "the first request finished its prefill before the second was sent"
         await asyncio.gather(first, stream(client, "second", hints))
-    return order
+    return None if admitted_late else order
 
 
 @pytest.mark.parametrize(("hints", "expected"), [
@@ -95,7 +100,13 @@ async def _first_token_order(server: Server, hints: dict) -> list[str]:
     ({"priority": -10, "deadline": 0.5}, ["second", "first"]),
 ])
 def test_urgent_hints_overtake_an_earlier_prefill(hint_server: Server, hints: dict, expected: list[str]):
-    assert asyncio.run(_first_token_order(hint_server, hints)) == expected
+    for _ in range(ATTEMPTS):
+        order = asyncio.run(_first_token_order(hint_server, hints))
+        if order is not None:
+            assert order == expected
+            return
+    pytest.fail(f"in {ATTEMPTS} trials, the first request always finished its prefill before the second was "
+                "admitted: the machine is too fast for this prompt length")
 
 
 def test_valid_hints_are_accepted_on_both_endpoints(server: Server):
