@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mnemosyne.attention.backend import build_metadata
-from mnemosyne.attention.kvp import KvpRows, merge_over_group
+from mnemosyne.attention.kvp import KvpRows, gather_size, merge_over_group
 from mnemosyne.attention.reference import ReferenceBackend
 from mnemosyne.attention.sdpa import SdpaBackend
 
@@ -131,3 +131,28 @@ def test_shard_partials_merged_over_groups_equal_full_attention(make_backend, de
             torch.testing.assert_close(lse[row:row + num_new].double().cpu(), want_lse, atol=atol, rtol=0)
             row += num_new
         assert row == meta.query_start_loc[-1]
+
+
+def test_graph_form_merges_like_the_eager_form() -> None:
+    """CUDA graphs gather every row of the batch (the rows of single-group requests at the spare row)
+    and keep the merge where `is_multi` says: the same result, bit for bit, as naming the rows."""
+    gen = torch.Generator().manual_seed(1)
+    seqs = [_seq(gen, 44, 1, 0), _seq(gen, 41, 1, 1), _seq(gen, 20, 1, 2), _seq(gen, 9, 1, -1)]
+    size = gather_size(3)
+    assert size == 4  # three decodes and the spare row
+    eager, dense = RecordingGroup(), RecordingGroup()
+    for pass_ in range(2):  # pass 0 records every group's part, pass 1 merges
+        for g in range(NUM_GROUPS):
+            q, k, v, meta = _group_batch(g, seqs, size)
+            out, lse = ReferenceBackend().forward(q, k, v, meta, SCALE)
+            rows = meta.kvp
+            every_row = torch.full((len(q),), size - 1)
+            every_row[rows.local_rows] = rows.gather_rows
+            is_multi = torch.zeros(len(q), dtype=torch.bool)
+            is_multi[rows.local_rows] = True
+            eager.rank = dense.rank = g
+            want = merge_over_group(out.clone(), lse.clone(), rows, eager)
+            got = merge_over_group(out.clone(), lse.clone(), KvpRows(size, None, every_row, is_multi), dense)
+            if pass_ == 1:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                assert not torch.equal(want[0][rows.local_rows], out[rows.local_rows])  # a merge happened

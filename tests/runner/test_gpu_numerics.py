@@ -52,8 +52,9 @@ def step_logits(worker: Worker, plan: StepPlan) -> torch.Tensor:
     inputs = runner.prepare(plan)
     meta = inputs.meta
     with torch.inference_mode():
-        if runner.graphs is not None and meta.num_decodes == meta.num_requests:
-            return runner.graphs.run(inputs).float().cpu()
+        graph = runner._graph_for(meta)
+        if graph is not None:
+            return runner.graphs.run(inputs, graph).float().cpu()
         hidden = runner.model(inputs.token_ids, inputs.positions, runner.kv_caches, meta, runner.backend)
         return runner.model.compute_logits(hidden[inputs.sample_rows]).float().cpu()
 

@@ -13,21 +13,39 @@ import torch
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata, merge_attention
 from mnemosyne.distributed.comm import Group
 
+GATHER_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
+"""Gather sizes of decode-sized steps: a CUDA graph is captured per (batch, gather) bucket."""
+
+
+def gather_size(num_gathered: int) -> int:
+    """Rows of the KVP gather for a step with num_gathered multi-group tokens: those plus one spare row
+    (where a graph's rows that belong to no multi-group request write), rounded up to a bucket for
+    decode-sized steps. Every group computes it from the plan alone, so the gather has the same shape
+    on every group, whether it replays a CUDA graph or runs eagerly."""
+    return next((b for b in GATHER_BUCKETS if b > num_gathered), num_gathered + 1)
+
 
 @dataclass(frozen=True)
 class KvpRows:
     """A step's rows of requests that span several KVP groups, as one group sees them.
 
-    Every group gathers the same `num_tokens` rows: all multi-group tokens of the plan, in plan order.
-    A group where such a request is not active (not onboarded yet) holds no row for it and sends
-    lse = -inf there, which the merge ignores.
+    Every group gathers the same `num_tokens` rows: all multi-group tokens of the plan, in plan order,
+    then padding. A group where such a request is not active (not onboarded yet) holds no row for it
+    and sends lse = -inf there, which the merge ignores.
+
+    Two forms: eager steps name the multi-group rows (`local_rows`); CUDA graphs, whose shapes are
+    fixed, take every row of the batch (`local_rows` None) and mark the multi-group ones (`is_multi`),
+    the others pointing at the spare last row.
     """
 
     num_tokens: int
-    local_rows: torch.Tensor
-    """[A] int64: rows of this group's flat batch that belong to multi-group requests."""
+    """Rows of the gather: `gather_size` of the plan's multi-group tokens."""
+    local_rows: torch.Tensor | None
+    """[A] int64: rows of this group's flat batch that belong to multi-group requests; None: all rows."""
     gather_rows: torch.Tensor
-    """[A] int64: the same rows' places in the gather, in [0, num_tokens)."""
+    """[A] (or [T], every row) int64: the rows' places in the gather, in [0, num_tokens)."""
+    is_multi: torch.Tensor | None = None
+    """[T] bool when local_rows is None: the rows that belong to multi-group requests."""
 
 
 class KvpAttention:
@@ -38,7 +56,7 @@ class KvpAttention:
         self.inner = inner
         self.kvp_group = kvp_group
         self.supports_cuda_graphs = getattr(inner, "supports_cuda_graphs", False)
-        """Decode graphs capture steps without multi-group rows only (the runner checks `meta.kvp`)."""
+        """The merge has static shapes in its graph form (`KvpRows.is_multi`), so graphs capture it."""
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +73,19 @@ def merge_over_group(out: torch.Tensor, lse: torch.Tensor, rows: KvpRows,
                      group: Group) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace, in place, the multi-group rows of this group's partial out [T, H, D] and lse [T, H]
     float32 by the exact merge of every group's partials (one all-gather of [num_tokens, H, D + 1]
-    float32); returns (out, lse)."""
+    float32); returns (out, lse). No host synchronisation: CUDA graphs capture it."""
     num_heads, head_dim = out.shape[1], out.shape[2]
     part = torch.zeros(rows.num_tokens, num_heads, head_dim + 1, dtype=torch.float32, device=out.device)
     part[..., head_dim] = float("-inf")
-    part[rows.gather_rows, :, :head_dim] = out[rows.local_rows].float()
-    part[rows.gather_rows, :, head_dim] = lse[rows.local_rows]
+    mine = slice(None) if rows.local_rows is None else rows.local_rows
+    part[rows.gather_rows, :, :head_dim] = out[mine].float()
+    part[rows.gather_rows, :, head_dim] = lse[mine]
     parts = group.all_gather(part.unsqueeze(0), dim=0)  # [kvp, num_tokens, H, D + 1], in group-rank order
     merged_out, merged_lse = merge_attention(list(parts[..., :head_dim]), list(parts[..., head_dim]))
-    out[rows.local_rows] = merged_out[rows.gather_rows].to(out.dtype)
-    lse[rows.local_rows] = merged_lse[rows.gather_rows]
+    merged_out, merged_lse = merged_out[rows.gather_rows].to(out.dtype), merged_lse[rows.gather_rows]
+    if rows.is_multi is None:
+        out[mine], lse[mine] = merged_out, merged_lse
+    else:  # every row went through the gather; the spare row's merge is garbage, and dropped here
+        out.copy_(torch.where(rows.is_multi[:, None, None], merged_out, out))
+        lse.copy_(torch.where(rows.is_multi[:, None], merged_lse, lse))
     return out, lse

@@ -118,7 +118,7 @@ class Worker:
             self.runner.graphs = DecodeGraphs(
                 self.model, self.runner.kv_caches, tables.ids, null_row=config.max_num_seqs,
                 scratch_slot=num_slots, page_size=config.block_size, backend=backend,
-                max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device)
+                max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device, kvp_size=kvp_group.size)
         self.info = RuntimeInfo(str(self.device), str(self.dtype).removeprefix("torch."), num_blocks,
                                 self.kv_bytes_per_token,
                                 weight_bytes=sum(t.nbytes for t in self.model.state_dict().values()),

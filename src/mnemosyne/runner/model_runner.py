@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
-from mnemosyne.attention.kvp import KvpRows
+from mnemosyne.attention.kvp import KvpRows, gather_size
 from mnemosyne.layers.sampler import SamplingBatch, make_generator, sample
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
@@ -93,9 +93,13 @@ class ModelRunner:
         meta = inputs.meta
         if meta.num_requests == 0 and meta.kvp is None:  # nothing of this step lives on this KVP group
             return StepResult(plan.step_id, (), (), ())
-        if (self.graphs is not None and meta.num_decodes == meta.num_requests and meta.kvp is None
-                and self.graphs.bucket(meta.num_decodes, max(meta.seq_lens))):
-            logits = self.graphs.run(inputs)  # decode-only: every row samples, in batch order
+        graph = self._graph_for(meta)
+        if graph is not None:  # decode-only: the graph's logits are the batch's rows, in order
+            logits = self.graphs.run(inputs, graph)
+            if not inputs.sample_ids:  # KVP: every row samples on another group
+                return StepResult(plan.step_id, (), (), ())
+            if len(inputs.sample_rows) != meta.num_requests:
+                logits = logits[inputs.sample_rows]
         else:
             hidden = self._forward(inputs)
             if hidden is None or not inputs.sample_ids:  # not the last stage, or nothing to sample
@@ -105,6 +109,13 @@ class ModelRunner:
         out = sample(logits, _sampling_batch(states))
         return StepResult(plan.step_id, tuple(inputs.sample_ids), tuple(out.token_ids.tolist()),
                           _logprobs(out, [s.params.logprobs for s in states]))
+
+    def _graph_for(self, meta: AttentionMetadata) -> tuple[int, int] | None:
+        """The CUDA graph that runs this step, or None to run it eagerly: only decode-only steps have one."""
+        if self.graphs is None or meta.num_decodes != meta.num_requests:
+            return None
+        return self.graphs.bucket(meta.num_requests, max(meta.seq_lens, default=0),
+                                  0 if meta.kvp is None else meta.kvp.num_tokens)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """This stage's layers. The last stage returns the final-normed hidden [T, hidden]; the others
@@ -157,7 +168,8 @@ class ModelRunner:
         if not all(writes):
             slots = torch.where(self._on_device(writes, torch.bool), slots, self.scratch_slot)
         kvp = None if num_gathered == 0 else KvpRows(
-            num_gathered, self._on_device(local_rows, torch.int64), self._on_device(gather_rows, torch.int64))
+            gather_size(num_gathered), self._on_device(local_rows, torch.int64),
+            self._on_device(gather_rows, torch.int64))
         meta = AttentionMetadata(
             query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens), slot_mapping=slots,
             block_tables=self.block_tables.ids, rows=self._on_device(host_rows, torch.int32),
