@@ -4,6 +4,7 @@ loaders and the local matmuls run, never a collective. Loads are copies, so chec
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -199,3 +200,58 @@ def test_row_ranks_sum_to_the_full_product(tp_size: int) -> None:
         assert torch.equal(layer.weight, w[:, rank * shard:(rank + 1) * shard])
         total += layer(x[:, rank * shard:(rank + 1) * shard])
     torch.testing.assert_close(total, F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+class ThreadGroup:
+    """all_reduce over `size` ranks played by threads: each waits for the others' parts, then sums in
+    rank order, in the part's dtype (as NCCL does)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.parts: list[torch.Tensor | None] = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def rank_view(self, rank: int) -> Group:
+        shared = self
+
+        @dataclass(frozen=True)
+        class View(Group):
+            def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+                shared.parts[self.rank] = x.clone()
+                shared.barrier.wait(timeout=30)
+                total = shared.parts[0].clone()
+                for part in shared.parts[1:]:
+                    total += part
+                shared.barrier.wait(timeout=30)
+                return x.copy_(total)
+
+        return View(rank=rank, size=shared.size)
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_row_reduce_in_float32_rounds_like_one_device(tp_size: int) -> None:
+    """bf16: partial sums all-reduced in float32 and rounded once give one device's output almost
+    everywhere (only float32 summation order differs); summed in bf16, a large share differs."""
+    in_features, out_features = 1024, 256
+    w = _randn(out_features, in_features, seed=1).to(torch.bfloat16)
+    x = _randn(64, in_features, seed=2).to(torch.bfloat16)
+    one_device = F.linear(x, w)
+    shard = in_features // tp_size
+    mismatch = {}
+    for reduce_float32 in (True, False):
+        group, outs = ThreadGroup(tp_size), [None] * tp_size
+
+        def run(rank: int, group: ThreadGroup = group, outs: list = outs, reduce_float32: bool = reduce_float32):
+            layer = RowParallelLinear(in_features, out_features, group.rank_view(rank), reduce_float32)
+            _load(layer.weight, w)
+            outs[rank] = layer.to(torch.bfloat16)(x[:, rank * shard:(rank + 1) * shard])
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(tp_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(torch.equal(out, outs[0]) for out in outs)  # every rank holds the same result
+        assert outs[0].dtype == torch.bfloat16
+        mismatch[reduce_float32] = (outs[0] != one_device).float().mean().item()
+    assert mismatch[True] < 0.01 < 0.1 < mismatch[False]

@@ -82,7 +82,7 @@ class Worker:
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(model_config, tp_group, layer_range)
+            self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32)
         names = stage_weight_names(model_config, self.model)
         weights = loader.iter_weights(self.device, self.dtype, frozenset(names))
         show = world_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")

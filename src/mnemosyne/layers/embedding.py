@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.layers.linear import _HAS_MM_OUT_DTYPE, matmul_float32
 
 _PAD_MULTIPLE = 64
 
@@ -41,10 +42,6 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(out)
 
 
-_HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
-"""torch.mm(..., out_dtype=float32) on half-precision CUDA inputs (torch 2.8 and later)."""
-
-
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits = h E^T over this rank's vocab slice, gathered across the group."""
 
@@ -55,7 +52,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         accumulator: rounded to bf16, the logits of a 128K vocabulary tie exactly at a top-2 spacing
         of 2^-8 relative, and greedy decoding would pick between ties by index."""
         if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _HAS_MM_OUT_DTYPE:
-            local = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            local = matmul_float32(hidden, self.weight)
         else:
             local = F.linear(hidden, self.weight).float()
         return self.group.all_gather(local, dim=-1)[:, : self.vocab_size]

@@ -19,11 +19,11 @@ from mnemosyne.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                                           bias=cfg.attention_bias, group=group)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group=group)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group, reduce_float32)
         self.rotary = rotary
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -42,10 +42,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: Group):
+    def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group=group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, reduce_float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -58,10 +58,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, group)
-        self.mlp = LlamaMLP(cfg, group)
+        self.self_attn = LlamaAttention(cfg, rotary, group, reduce_float32)
+        self.mlp = LlamaMLP(cfg, group, reduce_float32)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -87,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
     the final norm and LM head (pipeline stages hold a slice, a single process holds all)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group = SINGLE,
-                 layer_range: tuple[int, int] | None = None):
+                 layer_range: tuple[int, int] | None = None, tp_reduce_float32: bool = True):
         super().__init__()
         self.config = cfg
         self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group) \
             if self.is_first_pp_stage else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group, tp_reduce_float32)
                                     for _ in range(self.layer_start, self.layer_end))
         if self.is_last_pp_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -286,10 +286,11 @@ def flat_comm_costs(model: ModelConfig, device: DeviceSpec, layout: Layout, meas
     TP all-reduces are left out when the costs were measured at this tp (they include them)."""
     b, tp, lat = device.dtype_bytes, layout.tp, device.collective_latency_s
     needs_tp = tp > 1 and measured_tp != tp
-    # Two all-reduces of [tokens, hidden] per layer; a ring moves 2(tp-1)/tp of the bytes.
+    # Two all-reduces of [tokens, hidden] float32 per layer (layers/linear.py reduces in float32); a
+    # ring moves 2(tp-1)/tp of the bytes.
     return CommCosts(
         tp_fixed_s=2 * model.num_layers * lat if needs_tp else 0.0,
-        tp_per_token_s=(2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * b / device.link_bytes_per_s
+        tp_per_token_s=(2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * 4 / device.link_bytes_per_s
                         if needs_tp else 0.0),
         hop_fixed_s=(layout.pp - 1) * lat,
         hop_per_token_s=(layout.pp - 1) * model.hidden_size * b / device.link_bytes_per_s,
