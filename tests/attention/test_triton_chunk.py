@@ -1,4 +1,5 @@
-"""The short-chunk Triton kernel against the reference backend in float32. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (float16 only:
+"""The short-chunk Triton kernel, and the GPU backend that routes short chunks to it, against the
+reference backend in float32. Runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (float16 only:
 the interpreter multiplies bfloat16 bit patterns in tl.dot). Tolerances: out 2e-2 (one rounding of
 the probabilities to q's dtype), lse 1e-3."""
 
@@ -12,6 +13,8 @@ import torch
 
 from mnemosyne.attention.backend import build_metadata
 from mnemosyne.attention.reference import ReferenceBackend
+
+from .paged import SCALE, build_paged_batch
 
 pytestmark = pytest.mark.triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -88,3 +91,34 @@ def test_queries_without_keys_get_zero_and_minus_inf(triton_device):
         out, lse = paged_chunks(q, k, v, meta.block_tables, ShortChunks((0,), table, 5, 5, 0), PAGE,
                                 HEAD_DIM ** -0.5, splits)
         assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all() and (lse < 0).all()
+
+
+# Decodes first, as the runner orders them; scattered pages (block size 4); group 4.
+ROUTED = [
+    (19, 1, [0, 12, 28, 7, 19]),
+    (1, 1, [31]),
+    (22, 7, [9, 2, 30, 14, 5, 21]),  # short, over a prefix starting mid-block
+    (10, 10, [17, 3, 26]),  # short, no prefix
+    (30, 6, [6, 29, 1, 40, 44, 33, 35, 38]),  # short, a KVP group's earlier shard: sees all 30 keys
+    (11, 3, [41, 42, 43]),  # short, first new token starts a block
+]
+LONG = (100, 70, list(range(45, 70)))
+"""4 × 70 query rows per kv head, over SMALL_CHUNK_ROWS: cuDNN, so only on a GPU."""
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_routes_mixed_batch(dtype, triton_device):
+    from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
+
+    requests = ROUTED + ([LONG] if triton_device == "cuda" else [])
+    assert 4 * LONG[1] > SMALL_CHUNK_ROWS >= 4 * max(n for _, n, _ in ROUTED)
+    batch = build_paged_batch(requests, num_blocks=72, dtype=dtype, device=triton_device)
+    meta = dataclasses.replace(batch.meta, is_prefix_only=tuple(i == 4 for i in range(len(requests))))
+    ref_out, ref_lse = ReferenceBackend().forward(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
+                                                  meta, SCALE)
+    backend = GpuBackend(num_sms=8)
+    for _ in range(2):  # the second layer reuses the step's chunk table
+        out, lse = backend.forward(batch.q, batch.k_cache, batch.v_cache, meta, SCALE)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
