@@ -94,26 +94,28 @@ def test_queries_without_keys_get_zero_and_minus_inf(triton_device):
 
 
 # Decodes first, as the runner orders them; scattered pages (block size 4); group 4.
+PREFIX_ONLY = (30, 6, [6, 29, 1, 40, 44, 33, 35, 38])
+"""Short, a KVP group's earlier shard: every query sees all 30 keys."""
 ROUTED = [
     (19, 1, [0, 12, 28, 7, 19]),
     (1, 1, [31]),
     (22, 7, [9, 2, 30, 14, 5, 21]),  # short, over a prefix starting mid-block
     (10, 10, [17, 3, 26]),  # short, no prefix
-    (30, 6, [6, 29, 1, 40, 44, 33, 35, 38]),  # short, a KVP group's earlier shard: sees all 30 keys
+    PREFIX_ONLY,
     (11, 3, [41, 42, 43]),  # short, first new token starts a block
 ]
-LONG = (100, 70, list(range(45, 70)))
-"""4 × 70 query rows per kv head, over SMALL_CHUNK_ROWS: cuDNN, so only on a GPU."""
+LONG = (200, 140, list(range(45, 95)))
+"""4 × 140 query rows per kv head, over SMALL_CHUNK_ROWS: cuDNN, so only on a GPU, amid short chunks."""
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backend_routes_mixed_batch(dtype, triton_device):
     from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
 
-    requests = ROUTED + ([LONG] if triton_device == "cuda" else [])
+    requests = ROUTED[:4] + ([LONG] if triton_device == "cuda" else []) + ROUTED[4:]
     assert 4 * LONG[1] > SMALL_CHUNK_ROWS >= 4 * max(n for _, n, _ in ROUTED)
-    batch = build_paged_batch(requests, num_blocks=72, dtype=dtype, device=triton_device)
-    meta = dataclasses.replace(batch.meta, is_prefix_only=tuple(i == 4 for i in range(len(requests))))
+    batch = build_paged_batch(requests, num_blocks=96, dtype=dtype, device=triton_device)
+    meta = dataclasses.replace(batch.meta, is_prefix_only=tuple(r is PREFIX_ONLY for r in requests))
     ref_out, ref_lse = ReferenceBackend().forward(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
                                                   meta, SCALE)
     backend = GpuBackend(num_sms=8)

@@ -15,14 +15,15 @@ from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_ch
 from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
 
-SMALL_CHUNK_ROWS = 256
-"""Query rows per kv head (GQA group × new tokens: 64 tokens at Llama-3-8B's group of 4) up to which
+SMALL_CHUNK_ROWS = 512
+"""Query rows per kv head (GQA group × new tokens: 128 tokens at Llama-3-8B's group of 4) up to which
 a chunk goes to the split Triton kernel rather than cuDNN. cuDNN gives each kv head one program per
-128-row query tile whatever the context, so a 32-token chunk over 64K ran 8 programs on 132 SMs and
-took twelve times its bandwidth floor; the Triton kernel splits the context instead. Up to about 200
-rows it is bound by reading K/V (an H200 does about 200 FLOP per byte read), where the splits win
-outright; beyond, it competes with cuDNN on tensor-core efficiency. Provisional: set it from
-`benchmarks/gpu_kernels.py`'s comparison."""
+128-row query tile whatever the context: the H200 profile measured the same 24 ms (32 layers, 64K
+prefix) for 32- and 128-token chunks, 8 and 32 programs on 132 SMs, against a 2 ms bandwidth floor
+for the first. The Triton kernel splits the context instead. Up to about 200 rows it is bound by
+reading K/V (an H200 does about 200 FLOP per byte read); beyond, by its tensor-core throughput, which
+needs to beat cuDNN's at 4 tiles per kv head (about 180 TFLOP/s in that profile). Provisional: set it
+from `benchmarks/gpu_kernels.py`'s comparison."""
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
