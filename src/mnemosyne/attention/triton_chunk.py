@@ -108,8 +108,11 @@ class ShortChunks:
     [0, num_keys) in that row's pages), position of its first query (query j sees keys up to
     first + j), first row in q, number of queries, first row in the output."""
     num_queries: int
+    """Rows of the output: the chunks' new tokens."""
     max_new: int
+    """Most new tokens of one chunk; sets the programs' tile height."""
     max_keys: int
+    """Longest context of one chunk; sets the splits."""
 
 
 def short_chunks(meta: AttentionMetadata, requests: Sequence[int]) -> ShortChunks:
