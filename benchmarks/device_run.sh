@@ -6,7 +6,8 @@ set -uo pipefail
 . benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "== GPU tests"
-python3 -m pytest -q -m gpu tests/attention/test_gpu.py tests/layers/test_triton_ops.py tests/runner/test_gpu_numerics.py -p no:cacheprovider 2>&1 \
+python3 -m pytest -q -m "gpu or triton" tests/attention/test_gpu.py tests/attention/test_triton_chunk.py \
+  tests/layers/test_triton_ops.py tests/runner/test_gpu_numerics.py -p no:cacheprovider 2>&1 \
   | tee "$out/gpu_tests.log" | tail -15
 echo "== attention kernels"
 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$out/kernels.log"

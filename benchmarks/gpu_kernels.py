@@ -1,18 +1,22 @@
 """Attention kernels on the GPU at Llama-3-8B head shapes (32 q heads, 8 kv heads, d=128, bf16),
-against the ceilings DEVICE.md lists: decode KV-read bandwidth of the Triton paged kernel, and
-TFLOP/s of a prefill chunk over a long prefix through the cuDNN path (prefix + causal + merge).
+against the ceilings DEVICE.md lists: decode KV-read bandwidth of the Triton paged kernel, TFLOP/s
+of a prefill chunk over a long prefix through the cuDNN path (prefix + causal + merge), and short
+chunks through both the cuDNN path and the Triton chunk kernel, to set the threshold between them
+(`attention/gpu.py`'s SMALL_CHUNK_ROWS).
 
-    python benchmarks/gpu_kernels.py
+    python benchmarks/gpu_kernels.py [--only short] [--retune]
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from mnemosyne.attention.backend import build_metadata
-from mnemosyne.attention.gpu import chunk_attention
-from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
 from mnemosyne.bench.floors import measure_ceilings, time_s
+
+# The kernels import triton, which a CPU-only install lacks: they are imported where they run.
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -23,6 +27,8 @@ def time_ms(fn, repeats: int = 20) -> float:
 
 
 def decode_case(batch: int, context: int, sms: int, programs_per_sm: int = 4) -> tuple[float, float]:
+    from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
+
     pages_per = -(-context // PAGE)
     num_slots = batch * pages_per * PAGE
     k = torch.randn(num_slots, HKV, D, device="cuda", dtype=DT)
@@ -38,6 +44,8 @@ def decode_case(batch: int, context: int, sms: int, programs_per_sm: int = 4) ->
 
 
 def chunk_case(chunk: int, prefix: int) -> tuple[float, float]:
+    from mnemosyne.attention.gpu import chunk_attention
+
     k = torch.randn(prefix + chunk, HKV, D, device="cuda", dtype=DT)
     v = torch.randn_like(k)
     q = torch.randn(chunk, HQ, D, device="cuda", dtype=DT)
@@ -47,12 +55,7 @@ def chunk_case(chunk: int, prefix: int) -> tuple[float, float]:
     return ms, flops / ms / 1e9
 
 
-def main() -> None:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ceilings = measure_ceilings(torch.device("cuda"))
-    bw = ceilings.copy_bytes_per_s / 1e12
-    print(f"{torch.cuda.get_device_name(0)}: copy {bw:.2f} TB/s (read+write), "
-          f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s, {sms} SMs")
+def decode_report(sms: int, bw: float) -> None:
     print("decode (Triton paged, KV read only)")
     for batch, context in ((1, 131072), (1, 1 << 20), (64, 4096), (8, 32768)):
         ms, tbps = decode_case(batch, context, sms)
@@ -61,11 +64,100 @@ def main() -> None:
     for per_sm in (1, 2, 4, 8, 16):
         ms, tbps = decode_case(1, 131072, sms, per_sm)
         print(f"  {per_sm:>2} per SM  {ms:7.3f} ms  {tbps:5.2f} TB/s  {tbps / bw:5.1%} of copy")
-    print("prefill chunk over a prefix (cuDNN, prefix + causal + merge)")
-    for chunk, prefix in ((8192, 262144), (1024, 262144), (256, 1 << 20)):
-        ms, tflops = chunk_case(chunk, prefix)
-        print(f"  chunk={chunk:<5} prefix={prefix:<8} {ms:8.2f} ms  {tflops:6.0f} TFLOP/s")
 
+
+SHORT_CHUNKS = (8, 16, 32, 64, 128, 256)
+SHORT_PREFIXES = (16384, 65536, 262144)
+
+
+def chunk_bytes_flops(chunk: int, prefix: int) -> tuple[float, float]:
+    """K/V bytes read (prefix and chunk, once) and attention FLOP of one chunk over its prefix."""
+    return 2 * (prefix + chunk) * HKV * D * 2, 4 * chunk * (prefix + chunk / 2) * HQ * D
+
+
+def short_case(chunks: list[int], prefix: int, sms: int, programs_per_sm: int = 4,
+               retune: bool = False) -> tuple[float, float, str]:
+    """(cuDNN path ms, Triton chunk kernel ms, the kernel's config) for chunks of the given lengths,
+    each over its own prefix of `prefix` tokens in contiguous pages (cuDNN's best case): the cuDNN
+    path runs them one after the other, as GpuBackend did; the kernel in one launch."""
+    from mnemosyne.attention.gpu import chunk_attention
+    from mnemosyne.attention.triton_chunk import (
+        _tuned_chunks_kernel,
+        chunk_splits,
+        paged_chunks,
+        short_chunks,
+    )
+
+    pages_per = -(-(prefix + max(chunks)) // PAGE)
+    k = torch.randn(len(chunks) * pages_per * PAGE, HKV, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+    requests = [(prefix + c, c, list(range(i * pages_per, (i + 1) * pages_per))) for i, c in enumerate(chunks)]
+    meta = build_metadata(requests, PAGE, "cuda")
+    q = torch.randn(sum(chunks), HQ, D, device="cuda", dtype=DT)
+    bounds = [(meta.query_start_loc[i], meta.query_start_loc[i + 1], i * pages_per * PAGE) for i in range(len(chunks))]
+
+    def cudnn() -> None:
+        for (start, end, base), c in zip(bounds, chunks, strict=True):
+            chunk_attention(q[start:end], k[base + prefix:base + prefix + c], v[base + prefix:base + prefix + c],
+                            k, v, ((base, base + prefix),), D ** -0.5)
+
+    table = short_chunks(meta, range(len(chunks)))
+    splits = chunk_splits(table, HQ, HKV, sms, programs_per_sm)
+    if retune:
+        _tuned_chunks_kernel.cache.clear()
+    triton_ms = time_ms(lambda: paged_chunks(q, k, v, meta.block_tables, table, PAGE, D ** -0.5, splits))
+    cfg = _tuned_chunks_kernel.best_config
+    config = f"N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}, {splits} splits"
+    return time_ms(cudnn, 10), triton_ms, config
+
+
+def short_chunks_report(sms: int, retune: bool) -> None:
+    print("short chunk over a prefix: cuDNN path (prefix + causal + merge) against the Triton chunk kernel")
+    for prefix in SHORT_PREFIXES:
+        faster = []
+        for chunk in SHORT_CHUNKS:
+            cudnn_ms, triton_ms, config = short_case([chunk], prefix, sms, retune=retune)
+            kv_bytes, flops = chunk_bytes_flops(chunk, prefix)
+            print(f"  C={chunk:<4} P={prefix:<7} cuDNN {cudnn_ms:7.3f} ms {kv_bytes / cudnn_ms / 1e9:5.2f} TB/s "
+                  f"{flops / cudnn_ms / 1e9:4.0f} TFLOP/s | Triton {triton_ms:7.3f} ms "
+                  f"{kv_bytes / triton_ms / 1e9:5.2f} TB/s {flops / triton_ms / 1e9:4.0f} TFLOP/s "
+                  f"({config})  x{cudnn_ms / triton_ms:.2f}")
+            faster += [chunk] if triton_ms < cudnn_ms else []
+        print(f"  P={prefix}: Triton faster at C in {faster} (query rows per kv head: 4 × C)")
+    print("four chunks of 32 in one step, each over 64K (what LARS and adaptive chunking schedule)")
+    cudnn_ms, triton_ms, config = short_case([32] * 4, 65536, sms, retune=retune)
+    kv_bytes = 4 * chunk_bytes_flops(32, 65536)[0]
+    print(f"  cuDNN {cudnn_ms:7.3f} ms | Triton {triton_ms:7.3f} ms {kv_bytes / triton_ms / 1e9:5.2f} TB/s "
+          f"({config})  x{cudnn_ms / triton_ms:.2f}")
+    print("Triton chunk splits sweep, P=65536 (programs per SM)")
+    for chunk in (32, 128):
+        for per_sm in (1, 2, 4, 8):
+            _, triton_ms, config = short_case([chunk], 65536, sms, per_sm, retune)
+            kv_bytes, flops = chunk_bytes_flops(chunk, 65536)
+            print(f"  C={chunk:<4} {per_sm:>2} per SM  {triton_ms:7.3f} ms  {kv_bytes / triton_ms / 1e9:5.2f} TB/s "
+                  f"{flops / triton_ms / 1e9:4.0f} TFLOP/s ({config})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("decode", "chunk", "short"), help="one section (default: all)")
+    p.add_argument("--retune", action="store_true",
+                   help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
+    args = p.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ceilings = measure_ceilings(torch.device("cuda"))
+    bw = ceilings.copy_bytes_per_s / 1e12
+    print(f"{torch.cuda.get_device_name(0)}: copy {bw:.2f} TB/s (read+write), "
+          f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s, {sms} SMs")
+    if args.only in (None, "decode"):
+        decode_report(sms, bw)
+    if args.only in (None, "chunk"):
+        print("prefill chunk over a prefix (cuDNN, prefix + causal + merge)")
+        for chunk, prefix in ((8192, 262144), (1024, 262144), (256, 1 << 20)):
+            ms, tflops = chunk_case(chunk, prefix)
+            print(f"  chunk={chunk:<5} prefix={prefix:<8} {ms:8.2f} ms  {tflops:6.0f} TFLOP/s")
+    if args.only in (None, "short"):
+        short_chunks_report(sms, args.retune)
 
 if __name__ == "__main__":
     main()

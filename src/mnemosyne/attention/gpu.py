@@ -1,6 +1,6 @@
-"""GPU attention: single-token queries (decodes) go to the Triton paged kernel in one launch;
-chunks run cuDNN over their cached prefix, read as strided views of contiguous page runs, plus a
-causal pass over the chunk itself, all merged by LSE.
+"""GPU attention: decodes go to the Triton paged decode kernel and short chunks to the Triton chunk
+kernel, one launch each for the whole batch; longer chunks run cuDNN over their cached prefix, read
+as strided views of contiguous page runs, plus a causal pass over the chunk itself, all merged by LSE.
 
 cuDNN reads K/V per kv head; the q heads that share a kv head are folded into the query axis
 ([1, kv_heads, group × C, D]), so GQA needs no K/V expansion over the prefix.
@@ -11,8 +11,19 @@ from __future__ import annotations
 import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
+from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
 from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
+
+SMALL_CHUNK_ROWS = 512
+"""Query rows per kv head (GQA group × new tokens: 128 tokens at Llama-3-8B's group of 4) up to which
+a chunk goes to the split Triton kernel rather than cuDNN. cuDNN gives each kv head one program per
+128-row query tile whatever the context: the H200 profile measured the same 24 ms (32 layers, 64K
+prefix) for 32- and 128-token chunks, 8 and 32 programs on 132 SMs, against a 2 ms bandwidth floor
+for the first. The Triton kernel splits the context instead. Up to about 200 rows it is bound by
+reading K/V (an H200 does about 200 FLOP per byte read); beyond, by its tensor-core throughput, which
+needs to beat cuDNN's at 4 tiles per kv head (about 180 TFLOP/s in that profile). Provisional: set it
+from `benchmarks/gpu_kernels.py`'s comparison."""
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -58,11 +69,18 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     return out, lse
 
 
+def _is_short(num_new: int, group: int) -> bool:
+    return group * num_new <= SMALL_CHUNK_ROWS
+
+
 class GpuBackend:
     supports_cuda_graphs = True
 
-    def __init__(self) -> None:
-        self._num_sms: int | None = None
+    def __init__(self, num_sms: int | None = None) -> None:
+        """num_sms: streaming multiprocessors that context splits fill; None reads the device's."""
+        self._num_sms = num_sms
+        self._short: tuple[AttentionMetadata, ShortChunks] | None = None
+        """The last step's short chunks, built by its first layer and reused by the others."""
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +95,33 @@ class GpuBackend:
                                 meta.seq_lens_tensor[:nd], meta.page_size, scale, splits)
             outs.append(o)
             lses.append(lse)
-        for i in range(nd, meta.num_requests):
+        if meta.num_requests > nd:
+            chunk_outs, chunk_lses = self._chunks(q, k_cache, v_cache, meta, scale)
+            outs += chunk_outs
+            lses += chunk_lses
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs), torch.cat(lses)
+
+    def _chunks(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """out [C, Hq, D] and lse [C, Hq] of each chunk after the decodes, in batch order; the short
+        chunks' come from one Triton launch, stacked in that same order."""
+        num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+        group = num_heads // num_kv_heads
+        short = self._short_chunks(meta, group)
+        if short.requests:
+            splits = chunk_splits(short, num_heads, num_kv_heads, self._num_sms)
+            short_out, short_lse = paged_chunks(q, k_cache, v_cache, meta.block_tables, short, meta.page_size,
+                                                scale, splits)
+        outs, lses, short_row = [], [], 0
+        for i in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if _is_short(end - start, group):
+                outs.append(short_out[short_row:short_row + end - start])
+                lses.append(short_lse[short_row:short_row + end - start])
+                short_row += end - start
+                continue
             new_slots = meta.slot_mapping[start:end]
             has_own_keys = not (meta.is_prefix_only and meta.is_prefix_only[i])
             o, lse = chunk_attention(q[start:end], k_cache[new_slots] if has_own_keys else None,
@@ -86,6 +129,12 @@ class GpuBackend:
                                    meta.prefix_runs[i], scale)
             outs.append(o)
             lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        return torch.cat(outs), torch.cat(lses)
+        return outs, lses
+
+    def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
+        """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""
+        if self._short is None or self._short[0] is not meta:
+            qsl = meta.query_start_loc
+            requests = [i for i in range(meta.num_decodes, meta.num_requests) if _is_short(qsl[i + 1] - qsl[i], group)]
+            self._short = (meta, short_chunks(meta, requests))
+        return self._short[1]
