@@ -124,3 +124,20 @@ def test_backend_routes_mixed_batch(dtype, triton_device):
         assert out.dtype == dtype and lse.dtype == torch.float32
         torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+def test_warm_up_runs_every_tile_height_before_serving(triton_device, monkeypatch):
+    """GpuBackend.warm_up runs the chunk kernel once per tile height (16 to 128 rows) over a real
+    context, so that no short chunk mid-serving is the one whose configurations get compiled and timed."""
+    from mnemosyne.attention import gpu, triton_chunk
+
+    group, heights = 4, []
+    k = torch.randn(64 * PAGE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.float16, device=triton_device)
+
+    def recording(q, *args, **kwargs):
+        heights.append(triton_chunk._row_tiles(group, q.shape[0])[0])
+        return triton_chunk.paged_chunks(q, *args, **kwargs)
+
+    monkeypatch.setattr(gpu, "paged_chunks", recording)
+    gpu.GpuBackend(num_sms=8).warm_up(k, torch.randn_like(k), NUM_KV_HEADS * group, PAGE, SCALE, context=32 * PAGE)
+    assert heights == [16, 32, 64, 128]

@@ -103,6 +103,28 @@ class GpuBackend:
             return outs[0], lses[0]
         return torch.cat(outs), torch.cat(lses)
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
+                scale: float, context: int = 16384) -> None:
+        """Tune the chunk kernel for every tile height it can meet, on chunks over a real context,
+        before any request arrives: the autotuner would otherwise compile and time its configurations
+        on the first short chunk of each height, seconds in the middle of a step."""
+        num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        num_pages = min(context, k_cache.shape[0] - page_size) // page_size  # not the scratch page
+        if num_pages == 0:
+            return
+        if self._num_sms is None:
+            self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
+        tables = torch.arange(num_pages, dtype=torch.int32, device=k_cache.device)[None]
+        num_keys = num_pages * page_size
+        for num_new in sorted({max(1, rows // group) for rows in (16, 32, 64, 128)}):  # each tile height
+            q = torch.randn(num_new, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+            table = torch.tensor([[0, num_keys, num_keys - num_new, 0, num_new, 0]], dtype=torch.int32,
+                                 device=k_cache.device)
+            chunks = ShortChunks((0,), table, num_new, num_new, num_keys)
+            splits = chunk_splits(chunks, num_heads, num_kv_heads, self._num_sms)
+            paged_chunks(q, k_cache, v_cache, tables, chunks, page_size, scale, splits)
+
     def _chunks(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """out [C, Hq, D] and lse [C, Hq] of each chunk after the decodes, in batch order; the short

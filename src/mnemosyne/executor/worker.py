@@ -105,6 +105,8 @@ class Worker:
         if os.environ.get("MNEMOSYNE_RANDOM_KV_SEED"):  # benchmarks only: long-context decode without a prefill
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
         backend = select_backend(config.attention_backend, self.device, self.dtype)
+        if hasattr(backend, "warm_up"):
+            backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale)
         if kvp_group.size > 1:
             backend = KvpAttention(backend, kvp_group)
         link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,
