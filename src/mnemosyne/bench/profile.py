@@ -62,7 +62,7 @@ class Grid:
 
 
 GPU_GRID = Grid(linear_num_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384),
-                chunk_num_new=(32, 128, 512, 2048, 8192), chunk_num_prefix=(0, 4096, 16384, 65536, 131072),
+                chunk_num_new=(32, 128, 256, 512, 2048, 8192), chunk_num_prefix=(0, 4096, 16384, 65536, 131072),
                 decode_num_decodes=(1, 4, 16, 64, 256), decode_prefix_tokens=(0, 32768, 131072, 524288),
                 repeats=3, num_check=45)
 QUICK_GRID = Grid(linear_num_tokens=(16, 128), chunk_num_new=(32, 128), chunk_num_prefix=(0, 1024),
