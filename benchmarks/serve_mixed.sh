@@ -5,7 +5,8 @@
 #   device: bash benchmarks/serve_mixed.sh [1gpu|kvp4|pp4]   (carry .whl; at most ~3.5 min per configuration)
 #   here:   PYTHON=.venv/bin/python bash benchmarks/serve_mixed.sh cpu   (smoke test: dummy:tiny, ~1 min)
 # Environment: TBT_MS (50) and TTFT_MS (2000), the SLOs given to the servers and judged by the bench;
-# RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed.
+# RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed;
+# PROFILE, the step-time profile the servers schedule with (default: the H200 one, on an H200).
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
@@ -31,7 +32,9 @@ case "$layout" in
     # 75 s of chat at 3 requests/s; long prompts of 128K-192K tokens arrive at 10 s and 40 s.
     trace="--num-requests 225 --rate 3 --long-fraction 0 --long-at-s 10,40 --long-prompt-tokens 131072,196608
            --short-prompt-tokens 128,2048 --output-tokens 64,256"
-    if nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -q H200; then
+    if [ -n "${PROFILE:-}" ]; then
+      engine="$engine --latency-profile $PROFILE"
+    elif nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -q H200; then
       engine="$engine --latency-profile benchmarks/profiles/h200-llama-3-8b.json"
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

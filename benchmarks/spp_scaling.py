@@ -66,6 +66,8 @@ def main() -> None:
                         help="tokens per step: a prompt of n chunks fills pp stages with a bubble of ~(pp-1)/n")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--trace-file", help="Chrome trace of the runs (every stage syncs and reports, so "
+                        "time a traced run apart from the untraced ones; use it for one pp and mode)")
     parser.add_argument("-o", "--output", type=Path, default=Path("spp_scaling.json"))
     args = parser.parse_args()
     rows = json.loads(args.output.read_text()) if args.output.exists() else []
@@ -74,10 +76,13 @@ def main() -> None:
             config = EngineConfig(
                 model=args.model, pipeline_parallel_size=pp, sequence_pipelining=mode == "on",
                 max_model_len=args.prompt_len + args.decode_steps + 8, max_num_batched_tokens=args.chunk,
-                chunking=f"fixed:{args.chunk}", scheduler="fcfs", max_num_seqs=8, device=args.device)
+                chunking=f"fixed:{args.chunk}", scheduler="fcfs", max_num_seqs=8, device=args.device,
+                trace_file=args.trace_file)
             row = {"pp": pp, "spp": mode == "on", "prompt_len": args.prompt_len, "chunk": args.chunk,
+                   "traced": args.trace_file is not None,
                    **measure(config, args.prompt_len, args.decode_steps)}
-            rows = [r for r in rows if (r["pp"], r["spp"], r["prompt_len"]) != (pp, row["spp"], args.prompt_len)]
+            rows = [r for r in rows if (r["pp"], r["spp"], r["prompt_len"], r.get("traced", False))
+                    != (pp, row["spp"], args.prompt_len, row["traced"])]
             rows.append(row)
             rows.sort(key=lambda r: (r["pp"], not r["spp"]))
             args.output.parent.mkdir(parents=True, exist_ok=True)
