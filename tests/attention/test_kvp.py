@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from mnemosyne.attention.backend import build_metadata
+from mnemosyne.attention.backend import build_metadata, merge_attention
 from mnemosyne.attention.kvp import KvpRows, gather_size, merge_over_group
 from mnemosyne.attention.reference import ReferenceBackend
 from mnemosyne.attention.sdpa import SdpaBackend
@@ -156,3 +156,23 @@ def test_graph_form_merges_like_the_eager_form() -> None:
             if pass_ == 1:
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 assert not torch.equal(want[0][rows.local_rows], out[rows.local_rows])  # a merge happened
+
+
+@pytest.mark.triton
+def test_gathered_parts_merge_in_one_launch_like_merge_attention(triton_device) -> None:
+    """On CUDA the groups' gathered parts merge through the decode kernel's split merge, reading the
+    gather in place (groups as splits, strided); it agrees with merge_attention, and a group's empty
+    part (lse -inf) counts for nothing even when its out holds NaN."""
+    from mnemosyne.attention.triton_decode import merge_splits
+
+    gen = torch.Generator().manual_seed(2)
+    parts = torch.randn(3, 5, 4, 17, generator=gen)  # [kvp, rows, heads, head_dim + 1]
+    parts[1, 0, :, 16] = float("-inf")  # group 1 holds nothing of row 0
+    parts[1, 0, :, :16] = float("nan")
+    parts[:, 4, :, 16] = float("-inf")  # row 4 is empty everywhere (a spare row)
+    want_out, want_lse = merge_attention(list(parts[..., :16]), list(parts[..., 16]))
+    parts = parts.to(triton_device)
+    out, lse = merge_splits(parts[..., :16].permute(1, 2, 0, 3), parts[..., 16].permute(1, 2, 0), torch.float32)
+    torch.testing.assert_close(out.cpu(), want_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-6, rtol=1e-5)
+    assert not out.isnan().any() and torch.equal(out[4].cpu(), torch.zeros(4, 16))

@@ -81,7 +81,13 @@ def merge_over_group(out: torch.Tensor, lse: torch.Tensor, rows: KvpRows,
     part[rows.gather_rows, :, :head_dim] = out[mine].float()
     part[rows.gather_rows, :, head_dim] = lse[mine]
     parts = group.all_gather(part.unsqueeze(0), dim=0)  # [kvp, num_tokens, H, D + 1], in group-rank order
-    merged_out, merged_lse = merge_attention(list(parts[..., :head_dim]), list(parts[..., head_dim]))
+    if parts.is_cuda:  # one launch: the groups are the splits of the decode kernel's merge
+        from mnemosyne.attention.triton_decode import merge_splits
+
+        merged_out, merged_lse = merge_splits(parts[..., :head_dim].permute(1, 2, 0, 3),
+                                              parts[..., head_dim].permute(1, 2, 0), out.dtype)
+    else:
+        merged_out, merged_lse = merge_attention(list(parts[..., :head_dim]), list(parts[..., head_dim]))
     merged_out, merged_lse = merged_out[rows.gather_rows].to(out.dtype), merged_lse[rows.gather_rows]
     if rows.is_multi is None:
         out[mine], lse[mine] = merged_out, merged_lse

@@ -123,20 +123,21 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 @triton.jit
 def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, stride_ob, stride_oh, stride_os,
-                         stride_lb, stride_lh, stride_outb, stride_outh, num_heads, num_splits,
+                         stride_lb, stride_lh, stride_ls, stride_outb, stride_outh, num_heads, num_splits,
                          SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     b = tl.program_id(0) // num_heads
     h = tl.program_id(0) % num_heads
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < num_splits, other=float("-inf"))
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s * stride_ls, mask=s < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(lse - top_safe)  # 0 for empty splits
     total = tl.sum(w, 0)
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
                 mask=(s < num_splits)[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    # an empty split may hold NaN (0/0): select rather than multiply by its zero weight
+    out = tl.sum(tl.where(w[:, None] > 0, o * w[:, None], 0.0), 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_outb + h * stride_outh + d, out.to(out_ptr.dtype.element_ty))
     tl.store(out_lse_ptr + b * num_heads + h, tl.where(total > 0, top_safe + tl.log(total), float("-inf")))
 
@@ -144,12 +145,15 @@ def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, stride_ob, stride
 def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE merge along the split axis in one launch (a Python loop over splits would cost a few
     kernels per split per layer). The split count is a runtime argument: a new count mid-serving
-    compiles nothing unless its power-of-two padding is new. o [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D] in dtype, [B, H]."""
+    compiles nothing unless its power-of-two padding is new. Also KVP's merge over groups (S groups).
+
+    o [B, H, S, D] fp32 and lse [B, H, S] fp32, any strides but a contiguous last axis of o
+    -> out [B, H, D] in dtype, lse [B, H]."""
     batch, num_heads, num_splits, head_dim = o.shape
     out = torch.empty(batch, num_heads, head_dim, dtype=dtype, device=o.device)
     out_lse = torch.empty(batch, num_heads, dtype=torch.float32, device=o.device)
     _merge_splits_kernel[(batch * num_heads,)](
-        o, lse, out, out_lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        o, lse, out, out_lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         out.stride(0), out.stride(1), num_heads, num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out, out_lse
