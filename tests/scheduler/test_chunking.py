@@ -135,3 +135,23 @@ def test_no_time_budget_means_the_token_cap_alone():
 def test_bad_chunking_specs_name_the_flag(spec):
     with pytest.raises(ValueError, match="--chunking"):
         make_chunking(spec, synthetic_model(), None, 2048)
+
+
+def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
+    """No TBT budget, 4 stages under SPP: each chunk of a prompt with W of stage work takes about
+    t = h + sqrt(W h / 3) per stage, so chunks shrink as the prefix grows, and a longer prompt gets
+    longer chunks; without SPP (one stage), the token cap alone."""
+    model = synthetic_model(Layout(pp=4))
+    spp = AdaptiveChunking(model, None, 16384, spp_stages=4)
+    plain = AdaptiveChunking(model, None, 16384)
+    assert plain.new_step().fit(200_000, 50_000, 0.0) == 16384
+    budget = spp.new_step()
+    prefixes = (0, 100_000, 200_000, 290_000)
+    sizes = [budget.fit(prefix, 300_000 - prefix, 0.0) for prefix in prefixes]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
+    assert all(s % GRANULARITY == 0 for s in sizes)
+    target_s = 4 * budget.stage_target_s(300_000)
+    for prefix, size in zip(prefixes[1:], sizes[1:], strict=True):  # an even stage time
+        assert model.step_time_s([(size, prefix)]) <= target_s < model.step_time_s([(size + GRANULARITY, prefix)])
+    # the same prefix in a longer prompt: more work, a longer target, a larger chunk
+    assert budget.fit(200_000, 10_000, 0.0) < budget.fit(200_000, 1_000_000, 0.0)

@@ -17,7 +17,7 @@ from mnemosyne.bench.floors import prefill_flops
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.planner.hardware import Gpu
 from mnemosyne.planner.interconnect import Interconnect, comm_costs
-from mnemosyne.scheduler.chunking import GRANULARITY, make_chunking
+from mnemosyne.scheduler.chunking import GRANULARITY, Chunking, make_chunking
 from mnemosyne.scheduler.latency_model import LatencyModel, Layout, Profile, build_latency_model
 
 RESERVED_BYTES = 2 * 2**30
@@ -157,7 +157,7 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
     pp, comm = layout.pp, lm.comm
     sum_period = sum_step = busy = max_step = last_hops_s = 0.0
     stages: list[tuple[float, float, int]] = []  # per run: first and last chunk's stage time, chunks
-    for run in chunk_runs(lm, candidate, context, group):
+    for run in chunk_runs(lm, candidate, context, group, sequence_pipelining, dispatch_s):
         hops_s = comm.hop_fixed_s + comm.hop_per_token_s * run.num_new  # all pp - 1 of them
         active = 1 if group is None else min(layout.kvp, run.start // group + 1)
         steps = _sampled_steps(lm, run)
@@ -183,12 +183,15 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
     return _Prefill(ttft_s, sum_step, max_step, sum(n for _, _, n in stages), busy)
 
 
-def chunk_runs(lm: LatencyModel, candidate: Candidate, context: int, group: int | None) -> list[_Run]:
+def chunk_runs(lm: LatencyModel, candidate: Candidate, context: int, group: int | None,
+               sequence_pipelining: bool = True, dispatch_s: float = 0.0) -> list[_Run]:
     """A lone request's chunks, as the engine's chunking policy cuts them: clipped at every KVP group
     boundary, grouped into runs of equal size. Within a boundary, the policy's chunk never grows with
-    the prefix (the predicted time of a chunk only grows), so a run's end is found by binary search."""
-    budget_s = candidate.step_budget_s
-    chunking = make_chunking(candidate.chunking, lm, budget_s, candidate.max_num_batched_tokens)
+    the prefix (the predicted time of a chunk only grows, and the work left only shrinks), so a run's
+    end is found by binary search."""
+    spp_stages = candidate.layout.pp if sequence_pipelining else 1
+    chunking = make_chunking(candidate.chunking, lm, candidate.step_budget_s, candidate.max_num_batched_tokens,
+                             spp_stages, dispatch_s)
     runs: list[_Run] = []
     start = 0
     while start < context:
@@ -197,25 +200,23 @@ def chunk_runs(lm: LatencyModel, candidate: Candidate, context: int, group: int 
         size = chunking.new_step().fit(start, left, 0.0)
         # The whole remainder fits when it is a run of this size with under GRANULARITY tokens over.
         count = left // size if left % size == 0 else max(1, (left - GRANULARITY) // size)
-        if count > 1 and budget_s is not None and candidate.chunking == "adaptive":
-            count = _run_length(lm, start, size, count, budget_s)
+        if count > 1 and candidate.chunking == "adaptive":
+            count = _run_length(chunking, start, left, size, count)
         runs.append(_Run(start, size, count))
         start += size * count
     return runs
 
 
-def _run_length(lm: LatencyModel, start: int, size: int, most: int, budget_s: float) -> int:
-    """How many chunks of `size` from `start` the policy keeps cutting: while one still fits the budget,
-    or all of them, when even the smallest chunk is over it (the policy then gives GRANULARITY tokens)."""
-    def fits(i: int) -> bool:
-        return lm.estimate().time_with_s(size, start + i * size) <= budget_s
+def _run_length(chunking: Chunking, start: int, left: int, size: int, most: int) -> int:
+    """How many chunks of `size` from `start` the policy keeps cutting (at most `most`): while it still
+    gives that size to what is left."""
+    def keeps(i: int) -> bool:
+        return chunking.new_step().fit(start + i * size, left - i * size, 0.0) == size
 
-    if size == GRANULARITY and not fits(0):
-        return most
-    lo, hi = 1, most  # fits(0) holds: the policy chose `size` at `start`
+    lo, hi = 1, most  # keeps(0): the policy chose `size` at `start`
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid - 1):
+        if keeps(mid - 1):
             lo = mid
         else:
             hi = mid - 1

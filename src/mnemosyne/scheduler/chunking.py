@@ -2,11 +2,14 @@
 
 `fixed:N` caps a step at N tokens (the Sarathi baseline). `adaptive` gives each request, in the
 scheduler's order, the largest chunk whose predicted step time still fits the TBT budget: chunks
-start large and shrink as the prefix (and so the attention per token) grows.
+start large and shrink as the prefix (and so the attention per token) grows. Without a TBT budget,
+under sequence pipelining, it sizes chunks for the shortest trip of a long prompt through the
+pipeline instead (`PipelineBudget`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -104,6 +107,47 @@ class TimeBudget(TokenBudget):
         self._has_multi_token_chunk |= num_new > 1
 
 
+class PipelineBudget(TokenBudget):
+    """Chunks for a long prompt through pp stages under sequence pipelining, with no TBT budget.
+
+    Chunk i takes about t_i on every stage, so the prefill is a proportionate flow shop, done after
+    sum(t_i) + (pp - 1) max(t_i). Chunks at the token cap make the drain term long: the last chunks
+    attend over the longest prefix (at 1M tokens, pp=4 and 16K-token chunks, 3 × 3.7 s). Small chunks
+    pay each step's fixed cost h instead. For W of stage work, equal chunks of stage time
+    t = h + sqrt(W h / (pp - 1)) minimise W t / (t - h) + (pp - 1) t, so each chunk is cut to the t of
+    its whole prompt: chunks shrink as the prefix grows, at an even stage time."""
+
+    def __init__(self, num_tokens: int, estimate: StepEstimate, num_stages: int, dispatch_s: float = 0.0):
+        super().__init__(num_tokens, estimate)
+        self._est = estimate
+        self.num_stages = num_stages
+        self.step_overhead_s = estimate.model.step_time_s([(GRANULARITY, 0)]) / num_stages + dispatch_s
+        """h: a minimal chunk's time on one stage, plus what stage 0 waits for each plan."""
+
+    def stage_target_s(self, num_prompt_tokens: int) -> float:
+        """t for a prompt of this many tokens."""
+        pp, h = self.num_stages, self.step_overhead_s
+        work_s = self._est.model.prefill_work_s(0, num_prompt_tokens) / pp
+        return h + math.sqrt(work_s * h / (pp - 1))
+
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
+        cap = min(max_new, self.num_tokens_left)
+        if cap <= GRANULARITY:
+            return cap
+        limit_s = self.num_stages * self.stage_target_s(num_prefix + max_new)  # the whole step, every stage
+        est = self._est
+        if est.time_with_s(cap, num_prefix) <= limit_s:
+            return cap
+        lo, hi = 1, (cap - 1) // GRANULARITY  # at least GRANULARITY tokens, however late
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * GRANULARITY
+
+
 class FixedChunking:
     """`fixed:N`: N tokens per step, whatever their predicted time."""
 
@@ -117,21 +161,29 @@ class FixedChunking:
 
 class AdaptiveChunking:
     """`adaptive`: chunks sized by predicted step time against `budget_s`, never over max_num_tokens.
-    Without a budget (no --tbt-slo-ms) only the token cap applies."""
+    Without a budget (no --tbt-slo-ms), the token cap alone, or under sequence pipelining over
+    spp_stages > 1 stages, the chunks that take a long prompt through the pipeline soonest."""
 
-    def __init__(self, model: LatencyModel, budget_s: float | None, max_num_tokens: int):
+    def __init__(self, model: LatencyModel, budget_s: float | None, max_num_tokens: int, spp_stages: int = 1,
+                 dispatch_s: float = 0.0):
         self.model = model
         self.budget_s = budget_s
         self.max_num_tokens = max_num_tokens
+        self.spp_stages = spp_stages
+        self.dispatch_s = dispatch_s
+        """Host time stage 0 waits for each plan, beyond what the model's step times hold (the planner's)."""
 
     def new_step(self) -> TokenBudget:
-        if self.budget_s is None:
-            return TokenBudget(self.max_num_tokens, self.model.estimate())
-        return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s)
+        if self.budget_s is not None:
+            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s)
+        if self.spp_stages > 1:
+            return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages, self.dispatch_s)
+        return TokenBudget(self.max_num_tokens, self.model.estimate())
 
 
-ChunkingFactory = Callable[[int, LatencyModel, float | None, int], Chunking]
-"""(N of `name:N`, or 0; latency model; TBT budget in s or None; token cap) -> chunking."""
+ChunkingFactory = Callable[[int, LatencyModel, float | None, int, int, float], Chunking]
+"""(N of `name:N`, or 0; latency model; TBT budget in s or None; token cap; pipeline stages under
+sequence pipelining, else 1; stage 0's wait per plan) -> chunking."""
 
 _CHUNKINGS: dict[str, ChunkingFactory] = {}
 
@@ -145,13 +197,15 @@ def register_chunking(name: str) -> Callable[[ChunkingFactory], ChunkingFactory]
 
 
 @register_chunking("fixed")
-def _fixed(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
+def _fixed(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
+           spp_stages: int, dispatch_s: float) -> Chunking:
     return FixedChunking(num_tokens, model)
 
 
 @register_chunking("adaptive")
-def _adaptive(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
-    return AdaptiveChunking(model, budget_s, max_num_tokens)
+def _adaptive(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
+              spp_stages: int, dispatch_s: float) -> Chunking:
+    return AdaptiveChunking(model, budget_s, max_num_tokens, spp_stages, dispatch_s)
 
 
 def parse_chunking(spec: str) -> tuple[str, int]:
@@ -163,6 +217,9 @@ def parse_chunking(spec: str) -> tuple[str, int]:
     return name, int(arg or 0)
 
 
-def make_chunking(spec: str, model: LatencyModel, budget_s: float | None, max_num_tokens: int) -> Chunking:
+def make_chunking(spec: str, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
+                  spp_stages: int = 1, dispatch_s: float = 0.0) -> Chunking:
+    """spp_stages: pipeline stages when sequence pipelining is on (1 otherwise); dispatch_s: stage 0's
+    wait for each plan beyond the model's step times."""
     name, num_tokens = parse_chunking(spec)
-    return _CHUNKINGS[name](num_tokens, model, budget_s, max_num_tokens)
+    return _CHUNKINGS[name](num_tokens, model, budget_s, max_num_tokens, spp_stages, dispatch_s)
