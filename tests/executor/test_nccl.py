@@ -99,7 +99,7 @@ def test_nccl_kvp2_decode_graphs_match_eager(capfd, caplog):
     runs = {}
     for eager in (True, False):
         llm = LLM("dummy:tiny", device="cuda", dtype="bfloat16", kv_cache_memory=0.05, max_num_batched_tokens=16,
-                  kv_parallel_size=2, kvp_group_max_tokens=64, enforce_eager=eager)
+                  max_num_seqs=8, kv_parallel_size=2, kvp_group_max_tokens=64, enforce_eager=eager)
         try:
             runs[eager] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         finally:
