@@ -74,6 +74,8 @@ def assert_same_inputs(inputs: StepInputs, expected: dict[str, torch.Tensor], de
         assert tensor.device.type == device, name
         assert tensor.dtype == expected[name].dtype, name
         assert torch.equal(tensor.cpu(), expected[name].cpu()), name
+        if device == "cuda":
+            assert tensor.data_ptr() % 16 == 0, name  # Triton kernels specialise on aligned pointers
     assert meta.host_rows == tuple(expected["rows"].tolist())
     assert meta.seq_lens == tuple(expected["seq_lens_tensor"].tolist())
 

@@ -175,24 +175,24 @@ class ModelRunner:
         return self.block_tables.slot_runs(row.chunk.request_id, num_keys)
 
     def _on_device(self, *parts: array) -> list[torch.Tensor]:
-        """Host arrays, int64 ('q') ones first, then int32 ('i'), as device tensors [len(part)] each,
-        through one copy: packed into one buffer, pinned on a GPU so that the copy does not wait for
-        the stream. Pinned memory comes from torch's caching host allocator, which hands it out again
-        only once the copy has run, so the next step may be prepared while this one still runs."""
-        dtypes = [torch.int64 if part.typecode == "q" else torch.int32 for part in parts]
-        packed = bytearray().join(parts)
+        """Host arrays ('q': int64, 'i': int32) as device tensors [len(part)] each, through one copy:
+        packed into one buffer, pinned on a GPU so that the copy does not wait for the stream. Pinned
+        memory comes from torch's caching host allocator, which hands it out again only once the copy
+        has run, so the next step may be prepared while this one still runs."""
+        packed, offsets = bytearray(), []
+        for part in parts:  # each part 16-byte aligned, as Triton kernels specialise on aligned pointers
+            offsets.append(len(packed))
+            packed += part
+            packed += bytes(-len(packed) % 16)
         if not packed:  # frombuffer refuses an empty buffer
-            return [torch.empty(0, dtype=dtype, device=self.device) for dtype in dtypes]
+            packed = bytearray(16)
         host = torch.frombuffer(packed, dtype=torch.uint8)
         if self.device.type == "cuda":
             host = host.pin_memory()
         flat = host.to(self.device, non_blocking=True)
-        tensors, offset = [], 0
-        for part, dtype in zip(parts, dtypes, strict=True):  # int64 first: every offset stays aligned
-            num_bytes = len(part) * part.itemsize
-            tensors.append(flat[offset:offset + num_bytes].view(dtype))
-            offset += num_bytes
-        return tensors
+        dtypes = {"q": torch.int64, "i": torch.int32}
+        return [flat[offset:offset + len(part) * part.itemsize].view(dtypes[part.typecode])
+                for part, offset in zip(parts, offsets, strict=True)]
 
 
 def _sampling_batch(states: list[CachedRequest]) -> SamplingBatch:
