@@ -274,7 +274,8 @@ def run(layout: Layout, batch: int, args: argparse.Namespace, timed: bool) -> di
     from mnemosyne.executor import multiproc
 
     config = EngineConfig(model=args.model, device=args.device, tensor_parallel_size=layout.tp,
-                          pipeline_parallel_size=layout.pp, max_num_seqs=max(batch, 8), kv_cache_memory=0.05,
+                          pipeline_parallel_size=layout.pp, max_num_seqs=max(batch, 8),
+                          kv_cache_memory=args.kv_cache_memory or (0.05 if args.device == "cpu" else None),
                           max_model_len=args.prompt_len + args.warmup + args.repeats * args.steps + 16, seed=0)
     is_local = layout.tp * layout.pp == 1
     spans = Spans()
@@ -349,17 +350,17 @@ def summarize(layout: Layout, batch: int, plain: dict[str, Any], timed: dict[str
 
 def print_report(rows: list[dict], device: str) -> None:
     print(f"\n## Decode step, host time ({device}; ms per step)\n")
-    print("| layout | batch | step | engine: own host time | worker: own host time | worker: model "
-          "| worker: device | CPU time: engine process, worker processes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| layout | batch | step | step, spans timed | engine: own host time | worker: own host time "
+          "| worker: model | worker: device | CPU time: engine process, worker processes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         cpu = ", ".join(f"{ms:.3f}" for ms in [r["engine_cpu_ms"], *r["worker_cpu_ms"].values()])
         device = f"{r['device_ms']:.3f}" if r["device_ms"] else "–"
-        print(f"| {r['layout']} | {r['batch']} | {r['step_ms']:.3f} | {r['engine_ms']:.3f} | {r['worker_host_ms']:.3f} "
-              f"| {r['model_ms']:.3f} | {device} | {cpu} |")
+        print(f"| {r['layout']} | {r['batch']} | {r['step_ms']:.3f} | {r['step_timed_ms']:.3f} | {r['engine_ms']:.3f} "
+              f"| {r['worker_host_ms']:.3f} | {r['model_ms']:.3f} | {device} | {cpu} |")
     for r in rows:
         ranks = sorted(r["worker_spans_ms"])
-        print(f"\n### {r['layout']}, batch {r['batch']}: ms per step, spans timed ({r['step_timed_ms']:.3f} ms a step)\n")
+        print(f"\n### {r['layout']}, batch {r['batch']}: ms per step, spans timed\n")
         print("| span | engine | " + " | ".join(f"rank {rank}" for rank in ranks) + " |")
         print("| --- | ---: |" + " ---: |" * len(ranks))
         for name, ms in r["engine_spans_ms"].items():
@@ -380,7 +381,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layouts", default="1,tp2,pp2", help="comma-separated: 1, tpN, ppN, tpNppM")
     parser.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128, help="the decode context")
+    parser.add_argument("--kv-cache-memory", type=float,
+                        help="GiB of KV cache per worker (default: 0.05 on the CPU, the engine's default on a GPU)")
     parser.add_argument("--warmup", type=int, default=20, help="decode rounds before the timed ones")
     parser.add_argument("--steps", type=int, default=100, help="decode rounds per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the fastest is reported")
