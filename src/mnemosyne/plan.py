@@ -80,7 +80,8 @@ class StageDone:
     start_s: float
     """time.time() when the stage had the micro-batch's inputs (the previous stage's activations)."""
     end_s: float
-    """time.time() when its output had left: sent to the next stage, or sampled on the last."""
+    """time.time() when its output had left: sent to the next stage, or sampled on the last. On a GPU
+    without a trace, stage 0 reports once its kernels are queued (see `StageClock`)."""
 
 
 StepEvent = StageDone | StepResult

@@ -106,6 +106,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
     # every stage reports its timing. tp rank 0 speaks for its tp group.
     reports_stage = topology.tp_rank == 0 and (config.trace_file is not None or (
         topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
+    stage_clock = StageClock(device, is_timed=config.trace_file is not None)
     while True:
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
@@ -116,7 +117,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
         begin_s = time.time()
         result = worker.execute(plan)
         if reports_stage:
-            end_s = _stage_end_s(device)
+            end_s = stage_clock.done_s()
             start_s = min(max(begin_s, worker.runner.link.received_s), end_s)
             channel.send(wire.KIND_STAGE_DONE, wire.encode(StageDone(
                 plan.step_id, topology.kvp_rank, topology.pp_rank, start_s, end_s)))
@@ -128,12 +129,37 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
             channel.send(wire.KIND_RESULT, wire.encode(result))
 
 
-def _stage_end_s(device: torch.device) -> float:
-    """When this stage's work on the step is done: on a GPU, once its kernels have run (the send to
-    the next stage is queued behind them), so a stage-0 report never runs ahead of the device."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    return time.time()
+class StageClock:
+    """When a stage reports a micro-batch done to the engine (`StageDone.end_s`).
+
+    With a trace, once the micro-batch's kernels have run: the trace shows real timings. Otherwise on
+    a GPU, once they are queued and the previous micro-batch's kernels have run. Stage 0 needs no
+    more: whatever uses its work afterwards is ordered after it on the same stream (the next
+    micro-batch's KV reads and writes, block-table and input copies from pinned memory, the send to
+    the next stage), so the engine's next plan can be on its way while the GPU still runs this one,
+    and the GPU does not idle for a control-plane round trip between chunks. Waiting for the
+    previous micro-batch keeps at most two queued, so the scheduler still decides each micro-batch
+    shortly before stage 0 can start it, and a request that arrives meanwhile waits behind one
+    micro-batch at most.
+    """
+
+    def __init__(self, device: torch.device, is_timed: bool):
+        self.device = device
+        self.is_timed = is_timed
+        self._queued: torch.cuda.Event | None = None
+        """Recorded on the stream after the latest reported micro-batch's kernels."""
+
+    def done_s(self) -> float:
+        """time.time() once the micro-batch just executed counts as done on this stage (see above)."""
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            if self.is_timed:
+                stream.synchronize()
+            else:
+                previous, self._queued = self._queued, stream.record_event()
+                if previous is not None:
+                    previous.synchronize()
+        return time.time()
 
 
 def _report(channel: WorkerChannel | None, rank: int, error: BaseException) -> None:

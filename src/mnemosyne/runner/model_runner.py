@@ -129,53 +129,41 @@ class ModelRunner:
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         """Flat inputs and metadata for this KVP group's section of the plan, single-token chunks first.
-        Host work is proportional to the batch's new tokens, never to the requests' contexts."""
+        Host work is proportional to the batch's new tokens, never to the requests' contexts; the
+        inputs reach the device in one copy, and nothing here waits for the device."""
         rows, num_gathered = plan_section(plan.chunks, self.requests, self.kvp_rank)
-        tokens: list[int] = []
-        positions: list[int] = []
-        shard_positions: list[int] = []
-        token_rows: list[int] = []
-        writes: list[bool] = []
-        query_start, seq_lens, host_rows, prefix_runs = [0], [], [], []
-        sample_rows, sample_ids, local_rows, gather_rows = [], [], [], []
+        tokens, positions, slots, local_rows, gather_rows = (array("q") for _ in range(5))
+        host_rows, seq_lens = array("i"), array("i")
+        query_start, prefix_runs, sample_rows, sample_ids = [0], [], [], []
         for r in rows:
             chunk, num_new = r.chunk, r.chunk.num_new_tokens
-            block_row = self.block_tables.row[chunk.request_id]
             end = chunk.start + num_new
-            tokens.extend(self.requests[chunk.request_id].token_ids[chunk.start:end])
+            tokens.fromlist(self.requests[chunk.request_id].token_ids[chunk.start:end].tolist())
             positions.extend(range(chunk.start, end))
-            # a full earlier shard reads no page of the new tokens: they write to the scratch slot
-            shard_positions.extend(range(chunk.start - r.shard_start, end - r.shard_start) if r.is_writer
-                                   else [0] * num_new)
-            writes.extend([r.is_writer] * num_new)
-            token_rows.extend([block_row] * num_new)
+            if r.is_writer:
+                slots.extend(self.block_tables.slots(chunk.request_id, chunk.start - r.shard_start,
+                                                     end - r.shard_start))
+            else:  # a full earlier shard holds no page of the new tokens: they write to the scratch slot
+                slots.extend([self.scratch_slot] * num_new)
             if r.gather_start >= 0:
                 local_rows.extend(range(query_start[-1], query_start[-1] + num_new))
                 gather_rows.extend(range(r.gather_start, r.gather_start + num_new))
             query_start.append(query_start[-1] + num_new)
             seq_lens.append(r.seq_len)
-            host_rows.append(block_row)
+            host_rows.append(self.block_tables.row[chunk.request_id])
             prefix_runs.append(self._prefix_runs(r))
             if r.is_sampled:
                 sample_rows.append(query_start[-1] - 1)
                 sample_ids.append(chunk.request_id)
-        token_tensor = self._on_device(tokens, torch.int64)
-        position_tensor = self._on_device(positions, torch.int64)
-        shard_position_tensor = self._on_device(shard_positions, torch.int64)
-        pages = self.block_tables.ids[self._on_device(token_rows, torch.int64),
-                                      shard_position_tensor // self.page_size].long()
-        slots = pages * self.page_size + shard_position_tensor % self.page_size
-        if not all(writes):
-            slots = torch.where(self._on_device(writes, torch.bool), slots, self.scratch_slot)
-        kvp = None if num_gathered == 0 else KvpRows(
-            gather_size(num_gathered), self._on_device(local_rows, torch.int64),
-            self._on_device(gather_rows, torch.int64))
+        token_tensor, position_tensor, slot_tensor, local_tensor, gather_tensor, row_tensor, seq_len_tensor = (
+            self._on_device(tokens, positions, slots, local_rows, gather_rows, host_rows, seq_lens))
+        kvp = None if num_gathered == 0 else KvpRows(gather_size(num_gathered), local_tensor, gather_tensor)
         meta = AttentionMetadata(
-            query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens), slot_mapping=slots,
-            block_tables=self.block_tables.ids, rows=self._on_device(host_rows, torch.int32),
-            seq_lens_tensor=self._on_device(seq_lens, torch.int32), page_size=self.page_size,
-            num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1), prefix_runs=tuple(prefix_runs),
-            host_rows=tuple(host_rows), is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
+            query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens), slot_mapping=slot_tensor,
+            block_tables=self.block_tables.ids, rows=row_tensor, seq_lens_tensor=seq_len_tensor,
+            page_size=self.page_size, num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1),
+            prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows),
+            is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
         return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids)
 
     def _prefix_runs(self, row: SectionRow) -> tuple[tuple[int, int], ...]:
@@ -186,8 +174,25 @@ class ModelRunner:
         num_keys = row.chunk.start - row.shard_start if row.is_writer else row.seq_len
         return self.block_tables.slot_runs(row.chunk.request_id, num_keys)
 
-    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _on_device(self, *parts: array) -> list[torch.Tensor]:
+        """Host arrays ('q': int64, 'i': int32) as device tensors [len(part)] each, through one copy:
+        packed into one buffer, pinned on a GPU so that the copy does not wait for the stream. Pinned
+        memory comes from torch's caching host allocator, which hands it out again only once the copy
+        has run, so the next step may be prepared while this one still runs."""
+        packed, offsets = bytearray(), []
+        for part in parts:  # each part 16-byte aligned, as Triton kernels specialise on aligned pointers
+            offsets.append(len(packed))
+            packed += part
+            packed += bytes(-len(packed) % 16)
+        if not packed:  # frombuffer refuses an empty buffer
+            packed = bytearray(16)
+        host = torch.frombuffer(packed, dtype=torch.uint8)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        dtypes = {"q": torch.int64, "i": torch.int32}
+        return [flat[offset:offset + len(part) * part.itemsize].view(dtypes[part.typecode])
+                for part, offset in zip(parts, offsets, strict=True)]
 
 
 def _sampling_batch(states: list[CachedRequest]) -> SamplingBatch:
