@@ -261,6 +261,39 @@ def test_hf_matches_transformers(tmp_path: Path, sharded: bool) -> None:
     assert loader.load_tokenizer() is None  # no tokenizer files were saved
 
 
+def test_hf_lazy_slices_read_what_a_rank_takes(tmp_path: Path) -> None:
+    """lazy=True: each tensor arrives unread; narrowing it (rows, columns) or indexing it reads that
+    part, in the asked dtype, equal to the same part of the whole tensor. Two tp=2 ranks built from
+    lazy slices hold exactly the shards they hold when loaded from whole tensors."""
+    from mnemosyne.distributed.comm import Group
+    from mnemosyne.models.llama import LlamaForCausalLM
+
+    model = _tiny_hf_model()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    loader = resolve_model(str(tmp_path))
+    expected = model.state_dict()
+    seen = 0
+    for name, lazy in loader.iter_weights(CPU, torch.bfloat16, lazy=True):
+        assert not isinstance(lazy, torch.Tensor) and lazy.shape == expected[name].shape
+        whole = expected[name].to(torch.bfloat16)
+        assert torch.equal(lazy.narrow(0, 1, 3), whole.narrow(0, 1, 3))
+        if whole.dim() == 2:
+            assert torch.equal(lazy.narrow(1, 4, 8), whole.narrow(1, 4, 8))
+        assert torch.equal(lazy[2:5], whole[2:5]) and torch.equal(lazy[:], whole)
+        seen += 1
+    assert seen == len(expected)
+    config = loader.load_config()
+    for rank in range(2):
+        shards = []
+        for lazy in (False, True):
+            ours = LlamaForCausalLM(config, Group(rank=rank, size=2))
+            ours.load_weights(loader.iter_weights(CPU, torch.float32, lazy=lazy))
+            shards.append(ours.state_dict())
+        assert shards[0].keys() == shards[1].keys()
+        for name in shards[0]:
+            assert torch.equal(shards[0][name], shards[1][name]), name
+
+
 def test_hf_qwen2_bias_and_tied(tmp_path: Path) -> None:
     model = _tiny_hf_model("qwen2", tie_word_embeddings=True)
     model.save_pretrained(tmp_path)

@@ -30,7 +30,7 @@ class CpuWeights:
     def load_config(self):
         return self.inner.load_config()
 
-    def iter_weights(self, device, dtype, names=None):
+    def iter_weights(self, device, dtype, names=None, lazy=False):
         for name, tensor in self.inner.iter_weights(torch.device("cpu"), torch.float32, names):
             yield name, tensor.to(device, dtype)
 

@@ -84,7 +84,7 @@ class Worker:
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32)
         names = stage_weight_names(model_config, self.model)
-        weights = loader.iter_weights(self.device, self.dtype, frozenset(names))
+        weights = loader.iter_weights(self.device, self.dtype, frozenset(names), lazy=True)
         show = world_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")
         self.model.load_weights(tqdm(weights, desc="loading weights", unit="tensor", leave=False,
                                      disable=not show, total=len(names)))

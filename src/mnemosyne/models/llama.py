@@ -16,6 +16,7 @@ from mnemosyne.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mnemosyne.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from mnemosyne.layers.norm import RMSNorm
 from mnemosyne.layers.rotary import RotaryEmbedding
+from mnemosyne.models.loaders import TensorSlices, read_whole
 
 
 class LlamaAttention(nn.Module):
@@ -128,8 +129,9 @@ class LlamaForCausalLM(nn.Module):
         """Final-normed hidden [B, hidden] of the positions to sample -> logits [B, vocab] float32."""
         return self.lm_head.logits(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy this rank's shard of each HF-named tensor; raises ValueError on a missing or unknown one."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | TensorSlices]]) -> None:
+        """Copy this rank's shard of each HF-named tensor (read lazily where the loader allows); raises
+        ValueError on a missing or unknown one."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -144,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
             param.weight_loader(param, tensor, shard) if hasattr(param, "weight_loader") \
-                else param.data.copy_(tensor)
+                else param.data.copy_(read_whole(tensor))
             loaded.add(target)
         missing = sorted(set(params) - loaded)
         if missing:

@@ -31,9 +31,13 @@ class ModelLoader(Protocol):
         ...
 
     def iter_weights(
-        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None,
+        lazy: bool = False,
+    ) -> Iterator[tuple[str, torch.Tensor | TensorSlices]]:
         """Yield (hf_name, tensor) one tensor at a time, never the whole model at once.
+
+        lazy: a loader that can read part of a tensor (HF safetensors) may yield `TensorSlices` instead,
+        valid until the next item, so that a tensor-parallel rank reads only its slice from disk.
 
         Names follow HF Llama: model.embed_tokens.weight, model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
         (plus q/k/v .bias when config.attention_bias), model.layers.{i}.mlp.{gate,up,down}_proj.weight,
@@ -47,6 +51,23 @@ class ModelLoader(Protocol):
     def load_tokenizer(self) -> Any:
         """A transformers tokenizer (cached after the first call), or None when the model has none."""
         ...
+
+
+class TensorSlices(Protocol):
+    """A checkpoint tensor not read yet: what a weight loader takes of it is read, nothing else.
+    Its reads answer like a torch.Tensor's, on the loader's device and in its dtype."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+
+def read_whole(tensor: torch.Tensor | TensorSlices) -> torch.Tensor:
+    """The whole tensor, read now if it was not yet."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -83,8 +83,10 @@ class DummyLoader:
         return PRESETS[self.preset]
 
     def iter_weights(
-        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None
+        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None,
+        lazy: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        # tensors are generated whole: `lazy` changes nothing
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # a generator must name the exact device
             device = torch.device("cuda", torch.cuda.current_device())

@@ -55,8 +55,10 @@ class GGUFLoader:
         return self._config
 
     def iter_weights(
-        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None
+        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None,
+        lazy: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        # tensors are dequantised whole: `lazy` changes nothing
         config = self._config
         for tensor in self._reader.tensors:
             name = hf_name(tensor.name)

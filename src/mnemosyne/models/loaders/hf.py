@@ -41,8 +41,9 @@ class HFLoader:
         return self._config
 
     def iter_weights(
-        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, device: torch.device, dtype: torch.dtype, names: Collection[str] | None = None,
+        lazy: bool = False,
+    ) -> Iterator[tuple[str, torch.Tensor | _Slices]]:
         config = self.load_config()  # validates the manifest against the config before anything is yielded
         by_shard: dict[Path, list[str]] = {}
         for name, entry in self._manifest.items():
@@ -53,6 +54,9 @@ class HFLoader:
         for shard, shard_names in by_shard.items():  # each shard opened once
             with _open_safetensors(shard) as f:
                 for name in shard_names:
+                    if lazy:
+                        yield name, _Slices(f, shard, name, device, dtype)
+                        continue
                     try:
                         tensor = f.get_tensor(name)
                     except Exception as e:
@@ -130,6 +134,26 @@ class HFLoader:
             return AutoTokenizer.from_pretrained(str(self.folder))
         except Exception as e:
             raise ModelLoadError(f"{self.folder}: cannot load its tokenizer: {e}") from e
+
+
+class _Slices:
+    """One safetensors tensor, read a slice at a time (`TensorSlices`): a tensor-parallel rank reads
+    its rows or columns only, and only those reach its device."""
+
+    def __init__(self, handle: Any, shard: Path, name: str, device: torch.device, dtype: torch.dtype):
+        self._part = handle.get_slice(name)
+        self._where = f"{shard}: cannot read tensor {name}"
+        self._device, self._dtype = device, dtype
+        self.shape = torch.Size(self._part.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        try:
+            return self._part[index].to(device=self._device, dtype=self._dtype)
+        except Exception as e:
+            raise ModelLoadError(f"{self._where}: {e}") from e
 
 
 def _sliding_window(hf_config: dict[str, Any]) -> int | None:
