@@ -163,8 +163,8 @@ class EngineConfig:
     """Let a prompt's next chunk enter stage 0 as soon as its previous chunk left it (SPP); off: ordinary
     pipeline parallelism, where the next chunk waits for the last stage."""
     tp_reduce_float32: bool = True
-    """With tp > 1 in bf16/fp16, all-reduce row-parallel partial sums in float32 and round once, as one
-    device does (off: in the model dtype: half the bytes, each partial sum rounded too)."""
+    """With tp > 1 in bf16/fp16, sum row-parallel partial sums in float32 and round once, as one device
+    does (off: all-reduce in the model dtype: fewer bytes, each partial sum rounded too)."""
     pp_scatter_gather: bool = False
     """With tp > 1, send 1/tp of each stage's activations from each tp rank, all-gathered on arrival."""
     kv_parallel_size: int = 1

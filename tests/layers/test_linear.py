@@ -225,6 +225,9 @@ class ThreadGroup:
                 shared.barrier.wait(timeout=30)
                 return x.copy_(total)
 
+            def sum_rounded(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+                return self.all_reduce(x).to(dtype)  # the float32 sum, rounded once (comm.py's contract)
+
         return View(rank=rank, size=shared.size)
 
 

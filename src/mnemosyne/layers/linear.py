@@ -94,8 +94,9 @@ class RowParallelLinear(nn.Module):
     With `reduce_float32` (the default), half-precision partial sums stay in float32 through the
     all-reduce and are rounded once, as one device's GEMM rounds its float32 accumulator once. Summed
     in bf16, every output would be rounded twice more at tp=2, enough to flip a greedy token at a
-    0.03-nat near-tie of a random-weight 8B model against tp=1. The price is twice the all-reduce
-    bytes, which decode (latency-bound) does not notice and large prefill chunks do.
+    0.03-nat near-tie of a random-weight 8B model against tp=1. The price: 1.5 times the bytes of a
+    bf16 all-reduce for large prefill chunks (`Group.sum_rounded`), 2 times for decode-sized steps,
+    which are latency-bound and do not notice.
     """
 
     def __init__(self, input_size: int, output_size: int, group: Group = SINGLE, reduce_float32: bool = True):
@@ -110,7 +111,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reduce_float32 and x.dtype in (torch.bfloat16, torch.float16):
-            return self.group.all_reduce(matmul_float32(x, self.weight)).to(x.dtype)
+            return self.group.sum_rounded(matmul_float32(x, self.weight), x.dtype)
         return self.group.all_reduce(F.linear(x, self.weight))
 
 

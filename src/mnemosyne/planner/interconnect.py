@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mnemosyne.config import ModelConfig
-from mnemosyne.scheduler.latency_model import CommCosts, Layout
+from mnemosyne.scheduler.latency_model import CommCosts, Layout, tp_sum_bytes
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,10 @@ def comm_costs(model: ModelConfig, layout: Layout, net: Interconnect, dtype_byte
     Measured costs that already include TP (a profile taken at this tp) get no TP term."""
     tp, pp, kvp, b = layout.tp, layout.pp, layout.kvp, dtype_bytes
     tp_groups = [[rank_of(layout, k, s, t) for t in range(tp)] for k in range(kvp) for s in range(pp)]
-    # Two all-reduces of [tokens, hidden] per layer, in float32 (layers/linear.py, `tp_reduce_float32`).
+    # Two sums of [tokens, hidden] per layer: float32 reduce-scatter plus all-gather (tp_sum_bytes).
     tp_fixed, tp_per_token = (0.0, 0.0) if tp == 1 or measured_tp == tp else _affine(
-        lambda n, g: 2 * model.num_layers * net.all_reduce_s(n * model.hidden_size * 4, g), tp_groups)
+        lambda n, g: 2 * model.num_layers * net.all_reduce_s(n * model.hidden_size * tp_sum_bytes(b), g),
+        tp_groups)
     # Each tp rank sends [2, tokens, hidden] (hidden and residual) to its peer in the next stage.
     replicas = list(range(kvp))
     hop_fixed, hop_per_token = (0.0, 0.0) if pp == 1 else _affine(

@@ -281,17 +281,24 @@ class CommCosts:
     """KVP gathers, per new token of a multi-group request."""
 
 
+def tp_sum_bytes(dtype_bytes: int) -> float:
+    """Bytes per element of a row-parallel sum, in all-reduce terms: `Group.sum_rounded` reduce-scatters
+    float32 and all-gathers the model dtype, each half an all-reduce's traffic (3 for bf16)."""
+    return (4 + dtype_bytes) / 2
+
+
 def flat_comm_costs(model: ModelConfig, device: DeviceSpec, layout: Layout, measured_tp: int = 1) -> CommCosts:
     """The default CommCosts: every TP and PP transfer on the device's link, KVP merges on its network.
     TP all-reduces are left out when the costs were measured at this tp (they include them)."""
     b, tp, lat = device.dtype_bytes, layout.tp, device.collective_latency_s
     needs_tp = tp > 1 and measured_tp != tp
-    # Two all-reduces of [tokens, hidden] float32 per layer (layers/linear.py reduces in float32); a
-    # ring moves 2(tp-1)/tp of the bytes.
+    # Two sums of [tokens, hidden] per layer; a ring moves 2(tp-1)/tp of an all-reduce's bytes. Row-parallel
+    # layers sum float32 partials and round once (comm.Group.sum_rounded): for a step of any size
+    # a float32 reduce-scatter plus a bf16 all-gather, 3 bytes an element in all-reduce terms.
     return CommCosts(
         tp_fixed_s=2 * model.num_layers * lat if needs_tp else 0.0,
-        tp_per_token_s=(2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * 4 / device.link_bytes_per_s
-                        if needs_tp else 0.0),
+        tp_per_token_s=(2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * tp_sum_bytes(b)
+                        / device.link_bytes_per_s if needs_tp else 0.0),
         hop_fixed_s=(layout.pp - 1) * lat,
         hop_per_token_s=(layout.pp - 1) * model.hidden_size * b / device.link_bytes_per_s,
         # Every group's partial out and LSE per layer, gathered over the network.
