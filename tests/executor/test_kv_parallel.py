@@ -1,7 +1,7 @@
 """KV-cache parallelism over worker processes (gloo on CPU) gives the single-process run's tokens
 exactly. With 64-token groups (--kvp-group-max-tokens) the long prompts span every group, several
 multi-group requests share steps with short ones, and a seeded sampled request samples on its first
-group. kvp=2, kvp=3, kvp=2 with tp=2 and kvp=2 with pp=2."""
+group. kvp=2, kvp=3, kvp=2 with tp=2, kvp=2 with pp=2, and all three axes (tp=2 × pp=2 × kvp=2)."""
 
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ def test_kvp2_with_tp2_matches_single_process(reference):
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_kvp2_with_pp2_matches_single_process(reference):
-    try:
-        outputs = _run(2, kv_parallel_size=2, pipeline_parallel_size=2)[0]
-    except ValueError as e:
-        if "pipeline-parallel-size" in str(e):
-            pytest.skip(f"pipeline parallelism has not landed: {e}")
-        raise
+    assert_same_outputs(reference[2], _run(2, kv_parallel_size=2, pipeline_parallel_size=2)[0], NUM_NEW)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_full_3d_tp2_pp2_kvp2_matches_single_process(reference):
+    """The 8-GPU issue's layout on 8 CPU processes: every axis at once."""
+    outputs = _run(2, kv_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2)[0]
     assert_same_outputs(reference[2], outputs, NUM_NEW)
