@@ -65,6 +65,20 @@ class TokenBudget:
             self.estimate.add(num_new, num_prefix)
 
 
+def _largest_fit(est: StepEstimate, num_prefix: int, cap: int, limit_s: float, least: int) -> int:
+    """The largest chunk of k × GRANULARITY tokens, least <= k and k × GRANULARITY < cap, that the step
+    (est, plus the chunk over num_prefix tokens) is predicted to fit within limit_s; least ×
+    GRANULARITY tokens when none does. Binary search: a chunk's time only grows with its size."""
+    lo, hi = least, (cap - 1) // GRANULARITY
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * GRANULARITY
+
+
 class TimeBudget(TokenBudget):
     """A token cap plus a time budget: each chunk is the largest multiple of GRANULARITY (or the whole
     remainder) whose predicted step time fits. A one-token chunk is never refused, since leaving it
@@ -86,16 +100,10 @@ class TimeBudget(TokenBudget):
         limit_s = self.budget_s - yield_share * max(0.0, self.budget_s - est.time_s)
         if est.time_with_s(cap, num_prefix) <= limit_s:
             return cap
-        lo, hi = 0, (cap - 1) // GRANULARITY  # largest k with a 32k-token chunk inside the limit
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        if lo == 0 and not self._has_multi_token_chunk and self._is_infeasible(num_prefix, cap):
+        size = _largest_fit(est, num_prefix, cap, limit_s, least=0)
+        if size == 0 and not self._has_multi_token_chunk and self._is_infeasible(num_prefix, cap):
             return min(GRANULARITY, cap)
-        return lo * GRANULARITY
+        return size
 
     def _is_infeasible(self, num_prefix: int, cap: int) -> bool:
         alone = self._est.model.estimate()
@@ -117,11 +125,11 @@ class PipelineBudget(TokenBudget):
     t = h + sqrt(W h / (pp - 1)) minimise W t / (t - h) + (pp - 1) t, so each chunk is cut to the t of
     its whole prompt: chunks shrink as the prefix grows, at an even stage time."""
 
-    def __init__(self, num_tokens: int, estimate: StepEstimate, num_stages: int, dispatch_s: float = 0.0):
+    def __init__(self, num_tokens: int, estimate: StepEstimate, num_stages: int, step_overhead_s: float):
         super().__init__(num_tokens, estimate)
         self._est = estimate
         self.num_stages = num_stages
-        self.step_overhead_s = estimate.model.step_time_s([(GRANULARITY, 0)]) / num_stages + dispatch_s
+        self.step_overhead_s = step_overhead_s
         """h: a minimal chunk's time on one stage, plus what stage 0 waits for each plan."""
 
     def stage_target_s(self, num_prompt_tokens: int) -> float:
@@ -138,14 +146,7 @@ class PipelineBudget(TokenBudget):
         est = self._est
         if est.time_with_s(cap, num_prefix) <= limit_s:
             return cap
-        lo, hi = 1, (cap - 1) // GRANULARITY  # at least GRANULARITY tokens, however late
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo * GRANULARITY
+        return _largest_fit(est, num_prefix, cap, limit_s, least=1)  # GRANULARITY tokens at least, however late
 
 
 class FixedChunking:
@@ -170,14 +171,17 @@ class AdaptiveChunking:
         self.budget_s = budget_s
         self.max_num_tokens = max_num_tokens
         self.spp_stages = spp_stages
-        self.dispatch_s = dispatch_s
-        """Host time stage 0 waits for each plan, beyond what the model's step times hold (the planner's)."""
+        # h of PipelineBudget: a minimal chunk on one stage, plus the host time stage 0 waits for each
+        # plan beyond what the model's step times hold (dispatch_s, the planner's); fixed by the model.
+        self._stage_overhead_s = (model.step_time_s([(GRANULARITY, 0)]) / spp_stages + dispatch_s
+                                  if budget_s is None and spp_stages > 1 else 0.0)
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
             return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s)
         if self.spp_stages > 1:
-            return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages, self.dispatch_s)
+            return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages,
+                                  self._stage_overhead_s)
         return TokenBudget(self.max_num_tokens, self.model.estimate())
 
 
