@@ -3,15 +3,13 @@ torch.distributed builds from them (4 gloo processes)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-
 import pytest
 import torch
 
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed import comm
 from mnemosyne.distributed.topology import ParallelLayout, build_topology, check_shardable
+from tests.distributed.ranks import run_on_ranks
 
 GRID = ParallelLayout(kvp_size=2, pp_size=3, tp_size=4)
 
@@ -71,49 +69,25 @@ def test_unshardable_layouts_are_refused_with_the_flag_named():
                                     num_heads=6, num_kv_heads=3, head_dim=16), ParallelLayout(tp_size=2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _check_groups(rank: int, world_size: int, port: int, errors) -> None:
-    try:
-        torch.set_num_threads(1)
-        world = comm.init_world("gloo", f"tcp://127.0.0.1:{port}", rank, world_size, timeout_s=60)
-        for layout in (ParallelLayout(pp_size=2, tp_size=2), ParallelLayout(kvp_size=2, tp_size=2)):
-            topo = build_topology(layout, world)
-            for group, partition in ((topo.tp_group, layout.tp_partition()), (topo.pp_group, layout.pp_partition()),
-                                     (topo.kvp_group, layout.kvp_partition())):
-                mine = next(g for g in partition if rank in g)
-                assert group.ranks == mine and group.rank == mine.index(rank)
-                total = group.all_reduce(torch.tensor([rank]))  # sums exactly the member ranks
-                assert total.item() == sum(mine), (layout, group.ranks, total)
-                assert group.all_reduce(torch.tensor([rank]), op="min").item() == min(mine)
-                gathered = group.all_gather(torch.tensor([rank]), dim=0)
-                assert gathered.tolist() == list(mine)
-            if layout.pp_size == 2:
-                assert (topo.pp_prev_rank, topo.pp_next_rank) == ((None, rank + 2) if rank < 2 else (rank - 2, None))
-            assert world.broadcast_object({"from": rank}, src_rank=0) == {"from": 0}
-    except BaseException as e:
-        errors.put(f"rank {rank}: {e!r}")
-        raise
-    finally:
-        comm.destroy_world()
+def _check_groups(world: comm.Group) -> None:
+    rank = world.rank
+    for layout in (ParallelLayout(pp_size=2, tp_size=2), ParallelLayout(kvp_size=2, tp_size=2)):
+        topo = build_topology(layout, world)
+        for group, partition in ((topo.tp_group, layout.tp_partition()), (topo.pp_group, layout.pp_partition()),
+                                 (topo.kvp_group, layout.kvp_partition())):
+            mine = next(g for g in partition if rank in g)
+            assert group.ranks == mine and group.rank == mine.index(rank)
+            total = group.all_reduce(torch.tensor([rank]))  # sums exactly the member ranks
+            assert total.item() == sum(mine), (layout, group.ranks, total)
+            assert group.all_reduce(torch.tensor([rank]), op="min").item() == min(mine)
+            gathered = group.all_gather(torch.tensor([rank]), dim=0)
+            assert gathered.tolist() == list(mine)
+        if layout.pp_size == 2:
+            assert (topo.pp_prev_rank, topo.pp_next_rank) == ((None, rank + 2) if rank < 2 else (rank - 2, None))
+        assert world.broadcast_object({"from": rank}, src_rank=0) == {"from": 0}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_process_groups_match_the_grid():
-    context = mp.get_context("spawn")
-    errors = context.Queue()
-    port = _free_port()
-    procs = [context.Process(target=_check_groups, args=(r, 4, port, errors)) for r in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(80)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [errors.get() for _ in range(errors.qsize())]
+    run_on_ranks(_check_groups, 4)

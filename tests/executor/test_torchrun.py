@@ -7,23 +7,19 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.ports import free_port
+
 DEMO = ["-m", "mnemosyne.executor.torchrun_demo", "dummy:tiny", "--device", "cpu", "--kv-cache-memory", "0.01",
         "--max-num-batched-tokens", "16", "--max-tokens", "32",
         "--prompt-token-ids", "1,2,3,4,5", "--prompt-token-ids", ",".join(map(str, range(40))),
         "--prompt-token-ids", "300,2"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _token_ids(stdout: str) -> list[list[int]]:
@@ -37,7 +33,7 @@ def _token_ids(stdout: str) -> list[list[int]]:
 def test_two_node_torchrun_matches_single_process():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MNEMOSYNE_QUIET": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     nodes = [subprocess.Popen([*torchrun, "--node-rank", str(node), *DEMO, "-tp", "4"], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for node in (1, 0)]
     try:
@@ -64,7 +60,7 @@ def _children(pid: int) -> list[int]:
 def test_killing_a_remote_worker_fails_the_run_within_10s():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MNEMOSYNE_QUIET": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     long_run = [*DEMO, "-tp", "4", "--max-tokens", "3000"]
     node1 = subprocess.Popen([*torchrun, "--node-rank", "1", *long_run], env=env, text=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
