@@ -63,7 +63,7 @@ def main() -> None:
                           kvp_group_max_tokens=group, max_model_len=total + block,
                           dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
                           max_num_batched_tokens=args.chunk, chunking=f"fixed:{args.chunk}",
-                          kv_cache_memory=None if on_gpu else 0.05)
+                          kv_cache_memory=None if on_gpu else float(os.environ.get("KVP_CPU_KV_MEMORY", "0.05")))
     engine = LLMEngine(config)
     cfg = engine.model_config
     if args.context is None:

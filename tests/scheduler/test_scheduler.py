@@ -56,6 +56,17 @@ def test_prompt_is_chunked_to_the_budget_and_sent_once():
     assert decode.chunks[0].num_new_tokens == 1 and decode.chunks[0].new_token_ids == (7,)
 
 
+def test_a_prompt_whose_kv_was_written_beforehand_is_admitted_computed():
+    """The benchmarks' random-KV mode marks a prompt computed before its first step: admission keeps
+    that (only the last token runs) and still gives the request blocks for the whole prompt."""
+    sched, clock = make_scheduler(num_blocks=64, block_size=4, budget=16)
+    req = add(sched, clock, "a", 40)
+    req.num_computed_tokens = 39
+    plan = sched.schedule()
+    assert [(c.start, c.num_new_tokens) for c in plan.chunks] == [(39, 1)]
+    assert len(req.block_ids) == 10
+
+
 def test_decodes_go_first_and_prefill_takes_what_is_left():
     sched, clock = make_scheduler(budget=10)
     add(sched, clock, "a", 3)

@@ -213,11 +213,14 @@ class Scheduler:
         final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
         hit = self.pool.lookup(request)
         for attempt in (hit, NO_HIT) if hit.num_tokens else (hit,):
-            num_new = self._fit(step, request, attempt.num_tokens, shortest_after, now_s)
+            # tokens computed before admission: 0, unless the caller wrote the prompt's KV by other means
+            # (the benchmarks' random-KV mode, which times a 1M-token decode without its prefill)
+            num_computed = max(attempt.num_tokens, request.num_computed_tokens)
+            num_new = self._fit(step, request, num_computed, shortest_after, now_s)
             if num_new == 0:
                 return 0
-            if self.pool.admit(request, attempt.num_tokens + num_new, final_len, attempt):
-                request.num_computed_tokens = attempt.num_tokens
+            if self.pool.admit(request, num_computed + num_new, final_len, attempt):
+                request.num_computed_tokens = num_computed
                 request.num_cached_tokens = min(attempt.num_tokens, request.num_prompt_tokens)
                 self.waiting.remove(request)
                 self.running.append(request)
