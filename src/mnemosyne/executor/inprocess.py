@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -17,17 +18,18 @@ class InProcessExecutor:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, loader: ModelLoader):
         self.worker = Worker(config, model_config, loader)
+        self._info = self.worker.info
         self._is_timed = config.trace_file is not None
         self._events: list[StepEvent] = []
 
     @property
     def info(self) -> RuntimeInfo:
-        return self.worker.info
+        return self._info
 
     @property
     def worker_infos(self) -> dict[int, RuntimeInfo]:
         """Global rank -> what that worker found at start-up."""
-        return {0: self.worker.info}
+        return {0: self._info}
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.worker.execute(plan)
@@ -48,4 +50,11 @@ class InProcessExecutor:
         return events
 
     def shutdown(self) -> None:
-        pass
+        """Free the weights, the KV cache and the CUDA graphs now, so that the next engine in this
+        process (a benchmark's second run) gets the memory back."""
+        if self.worker is None:
+            return
+        device, self.worker = self.worker.device, None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

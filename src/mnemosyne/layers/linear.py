@@ -118,6 +118,6 @@ class RowParallelLinear(nn.Module):
 def matmul_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T in float32, straight from the GEMM's accumulator where torch
     has it (CUDA), else computed in float32."""
-    if x.is_cuda and _HAS_MM_OUT_DTYPE:
+    if x.is_cuda and _HAS_MM_OUT_DTYPE and x.dtype != torch.float32:
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
     return F.linear(x.float(), weight.float())

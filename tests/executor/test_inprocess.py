@@ -1,0 +1,20 @@
+"""The in-process executor (world size 1)."""
+
+from __future__ import annotations
+
+import weakref
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.llm_engine import LLMEngine
+
+
+def test_shutdown_frees_the_model_and_the_kv_cache():
+    """A benchmark that runs two engines in one process needs the first one's memory back: on a GPU
+    the second engine sizes its KV cache from what is free."""
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32"))
+    runner = engine.executor.worker.runner
+    model, kv_cache = weakref.ref(runner.model), weakref.ref(runner.kv_caches[0])
+    del runner
+    engine.shutdown()
+    assert model() is None and kv_cache() is None
+    assert engine.executor.info.num_kv_blocks > 0  # what it found at start-up stays readable
