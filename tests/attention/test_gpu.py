@@ -55,15 +55,36 @@ def test_triton_decode_splits_merge_exactly(splits):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
-def test_decode_graph_tuning_runs_on_real_context():
+def test_decode_tuning_runs_on_real_context():
     """The graphs' warm-up decodes empty rows, so the kernel is tuned first on a real context: a
-    configuration is cached for the bucket's split count before any graph is captured."""
-    from mnemosyne.attention.triton_decode import _tuned_decode_kernel
-    from mnemosyne.runner.cuda_graphs import tune_decode
+    configuration is cached for the split class before any graph is captured."""
+    from mnemosyne.attention.gpu import tune_decode
+    from mnemosyne.attention.triton_decode import _tuned_decode_kernel, split_class
 
-    page, kv_heads, heads, splits = 16, 2, 8, 7
+    page, kv_heads, heads, splits = 16, 2, 8, 40  # a split class no earlier test here meets
     kv = torch.randn(2, 64 * page, kv_heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     before = set(_tuned_decode_kernel.cache)
-    tune_decode(kv, heads, page, batch=3, splits=splits, scale=SCALE)
+    tune_decode(kv[0], kv[1], heads, page, batch=3, splits=splits, scale=SCALE)
     new = set(_tuned_decode_kernel.cache) - before
-    assert any(splits in key for key in new), new
+    assert any(key[3] == split_class(splits) for key in new), new  # key: GROUP, HEAD_DIM, PAGE, class
+
+
+def test_warm_up_tunes_every_split_class_so_no_step_tunes_mid_serving():
+    """The split count is a runtime argument and the tuning key its class; the warm-up tunes every
+    class, so a decode of any batch or context finds its configuration cached. When the key was the
+    count itself, each new count an eager step met compiled and timed every configuration, seconds
+    each, and a mixed serving run on an H200 fell minutes behind its arrivals."""
+    from mnemosyne.attention.backend import build_metadata
+    from mnemosyne.attention.gpu import GpuBackend
+    from mnemosyne.attention.triton_decode import MAX_SPLIT_CLASS, _tuned_decode_kernel, paged_decode
+
+    page, kv_heads, heads = 32, 2, 8  # a page size no other test here tunes
+    kv = torch.randn(2, 512 * page, kv_heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    GpuBackend().warm_up(kv[0], kv[1], heads, page, SCALE)
+    ours = {key for key in _tuned_decode_kernel.cache if tuple(key[:3]) == (heads // kv_heads, HEAD_DIM, page)}
+    assert {key[3] for key in ours} == set(range(1, MAX_SPLIT_CLASS + 1))
+    meta = build_metadata([(700, 1, list(range(22))), (90, 1, [40, 41, 42])], page, "cuda")
+    q = torch.randn(2, heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    for splits in (3, 5, 6, 11, 13, 100, 128):
+        paged_decode(q, kv[0], kv[1], meta.block_tables, meta.rows, meta.seq_lens_tensor, page, SCALE, splits)
+    assert {key for key in _tuned_decode_kernel.cache if tuple(key[:3]) == (heads // kv_heads, HEAD_DIM, page)} == ours

@@ -12,7 +12,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
-from mnemosyne.attention.triton_decode import num_splits_for, paged_decode
+from mnemosyne.attention.triton_decode import MAX_SPLIT_CLASS, num_splits_for, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
 
 SMALL_CHUNK_ROWS = 512
@@ -105,16 +105,21 @@ class GpuBackend:
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
                 scale: float, context: int = 16384) -> None:
-        """Tune the chunk kernel for every tile height it can meet, on chunks over a real context,
-        before any request arrives: the autotuner would otherwise compile and time its configurations
-        on the first short chunk of each height, seconds in the middle of a step."""
+        """Tune both Triton kernels for every shape class they can meet, on real contexts, before any
+        request arrives: the decode kernel for each split class, the chunk kernel for each tile
+        height. The autotuner would otherwise compile and time its configurations the first time a
+        step met one, seconds in the middle of serving."""
+        if self._num_sms is None:
+            self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
+        for split_class in range(1, MAX_SPLIT_CLASS + 1):
+            splits = 1 << (split_class - 1)  # 1, 2, 4, … 64: the batch that num_splits_for gives that many
+            batch = min(256, max(1, -(-4 * self._num_sms // (splits * k_cache.shape[1]))))
+            tune_decode(k_cache, v_cache, num_heads, page_size, batch, splits, scale)
         num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         num_pages = min(context, k_cache.shape[0] - page_size) // page_size  # not the scratch page
         if num_pages == 0:
             return
-        if self._num_sms is None:
-            self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
         tables = torch.arange(num_pages, dtype=torch.int32, device=k_cache.device)[None]
         num_keys = num_pages * page_size
         for num_new in sorted({max(1, rows // group) for rows in (16, 32, 64, 128)}):  # each tile height
@@ -160,3 +165,27 @@ class GpuBackend:
             requests = [i for i in range(meta.num_decodes, meta.num_requests) if _is_short(qsl[i + 1] - qsl[i], group)]
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
+
+
+TUNE_TOKENS_PER_SPLIT = 2048
+"""Context per split that the decode kernel is tuned on: 128K for one request over 64 splits, 4K
+each for a batch with one split."""
+
+
+def tune_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int, batch: int,
+                splits: int, scale: float) -> None:
+    """Run the decode kernel once on real work of this shape, so that its autotuner picks a
+    configuration for the split class on a realistic context (on empty rows, as a CUDA graph's
+    warm-up decodes them, every configuration times alike and the pick is noise)."""
+    num_slots, head_dim = k_cache.shape[0], k_cache.shape[2]
+    num_pages = (num_slots - page_size) // page_size  # not the scratch page
+    context = min(max(splits * TUNE_TOKENS_PER_SPLIT, 4096), num_pages * page_size)
+    pages_per_request = -(-context // page_size)
+    if pages_per_request == 0:
+        return
+    device = k_cache.device
+    first_page = torch.arange(batch, device=device)[:, None] * pages_per_request
+    tables = ((first_page + torch.arange(pages_per_request, device=device)) % num_pages).to(torch.int32)
+    q = torch.randn(batch, num_heads, head_dim, dtype=k_cache.dtype, device=device)
+    paged_decode(q, k_cache, v_cache, tables, torch.arange(batch, dtype=torch.int32, device=device),
+                 torch.full((batch,), context, dtype=torch.int32, device=device), page_size, scale, splits)

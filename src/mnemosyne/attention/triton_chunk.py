@@ -29,16 +29,16 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
 configuration is a compile, on a fresh machine, so the list stays short."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "row_blocks", "stride_bt"])  # no compile per new value
 def _paged_chunks_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, chunks_ptr, o_ptr, lse_ptr, scale_log2, num_splits,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, chunks_ptr, o_ptr, lse_ptr, scale_log2, num_splits, row_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    kv_head = tl.program_id(0) // ROW_BLOCKS
-    row_block = tl.program_id(0) % ROW_BLOCKS
+    kv_head = tl.program_id(0) // row_blocks
+    row_block = tl.program_id(0) % row_blocks
     split = tl.program_id(1)
     chunk = chunks_ptr + tl.program_id(2) * 6  # one row of ShortChunks.table
     table = block_tables_ptr + tl.load(chunk).to(tl.int64) * stride_bt
@@ -171,10 +171,10 @@ def paged_chunks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     kernel, fixed = (_paged_chunks_kernel, {"BLOCK_N": 32}) if interpreted else (_tuned_chunks_kernel, {})
     kernel[(num_kv_heads * row_blocks, num_splits, len(chunks.requests))](
-        q, k_cache, v_cache, block_tables, chunks.table, o, lse, scale * _LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, chunks.table, o, lse, scale * _LOG2E, num_splits, row_blocks,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, PAGE=page_size, ROW_BLOCKS=row_blocks, BLOCK_M=block_m, **fixed,
+        GROUP=group, HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, **fixed,
     )
     if num_splits == 1:
         return o[:, :, 0].to(q.dtype), lse[:, :, 0]

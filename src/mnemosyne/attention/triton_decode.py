@@ -18,14 +18,14 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
             for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "split_class", "stride_bt"])  # no compile per new value
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, rows_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    scale_log2,
+    scale_log2, num_splits, split_class,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -33,7 +33,7 @@ def _paged_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     table = block_tables_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_bt
     # splits are cut at 128-token multiples whatever BLOCK_N is, so every config sees the same keys per split
-    span = tl.cdiv(tl.cdiv(seq_len, 128), NUM_SPLITS) * 128
+    span = tl.cdiv(tl.cdiv(seq_len, 128), num_splits) * 128
     start = split * span
     end = tl.minimum(start + span, seq_len)
 
@@ -72,10 +72,20 @@ def _paged_decode_kernel(
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
 
 
-# Tuned once per shape on first use (the warm-up before CUDA-graph capture), then cached. Triton's
+# Tuned once per shape and split class on first use (the warm-up before CUDA-graph capture covers
+# every class), then cached. The split count is a runtime argument: as a constant, every new count an
+# eager step met compiled and timed all configurations again, seconds in the middle of serving. Triton's
 # CPU interpreter cannot time configs, so it runs one fixed config.
-_tuned_decode_kernel = triton.autotune(configs=_CONFIGS, key=["GROUP", "HEAD_DIM", "PAGE", "NUM_SPLITS"])(
+_tuned_decode_kernel = triton.autotune(configs=_CONFIGS, key=["GROUP", "HEAD_DIM", "PAGE", "split_class"])(
     _paged_decode_kernel)
+
+MAX_SPLIT_CLASS = 7
+
+
+def split_class(num_splits: int) -> int:
+    """The decode kernel's tuning class of a split count: its bit length (1, 2-3, 4-7, …, 64 and up),
+    so the graph buckets' warm-up (1 to 66 splits) tunes every class an eager step can meet."""
+    return min(num_splits.bit_length(), MAX_SPLIT_CLASS)
 
 
 MAX_SPLIT_TOKENS = 16384
@@ -110,11 +120,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     kernel, fixed = (_paged_decode_kernel, {"BLOCK_N": 32}) if interpreted else (_tuned_decode_kernel, {})
     kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, rows, seq_lens, o, lse, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        q, k_cache, v_cache, block_tables, rows, seq_lens, o, lse, scale * _LOG2E, num_splits,
+        split_class(num_splits), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page_size,
-        NUM_SPLITS=num_splits, **fixed,
+        **fixed,
     )
     if num_splits == 1:
         return o[:, :, 0].to(q.dtype), lse[:, :, 0]

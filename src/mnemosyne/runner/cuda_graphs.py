@@ -3,8 +3,9 @@ batch-size bucket, replayed with inputs copied into static buffers. Removes the 
 launch cost that dominates small decode batches.
 
 Padding rows of a bucket read a null block-table row with seq_len 0 (the kernel returns zeros for
-them) and write their K/V into a scratch page that no request owns. Before capture, the decode
-kernel of each bucket is tuned on a real context (`tune_decode`).
+them) and write their K/V into a scratch page that no request owns. The decode kernel was tuned on real
+contexts before (`GpuBackend.warm_up`); the graph warm-up decodes empty rows, where every
+configuration would time alike.
 
 Under KV-cache parallelism a decode of a request that spans several groups merges its attention over
 the KVP group in every layer. Those steps get graphs too, one per (batch bucket, gather size): the
@@ -23,7 +24,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows
-from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for, paged_decode
+from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -65,10 +66,8 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_kv_heads = kv_caches[0].shape[2]
-        attn = model.layers[0].self_attn
         for b in self.buckets:
             self.splits[b] = num_splits_for(b, num_kv_heads, max_seq_len, num_sms, by_length=False)
-            tune_decode(kv_caches[0], attn.num_heads, page_size, b, self.splits[b], attn.scale)
         for gather in self.gathers:
             for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
                 kvp = None if gather == 0 else KvpRows(gather, None, self.gather_rows[:b], self.is_multi[:b])
@@ -125,27 +124,3 @@ class DecodeGraphs:
             self.is_multi.index_fill_(0, kvp.local_rows, True)
         self.graphs[key].replay()
         return self.logits[:batch]
-
-
-TUNE_TOKENS_PER_SPLIT = 2048
-"""Context per split that the decode kernel is tuned on: 128K for one request over the ~64 splits
-of an H200's batch-1 graph, 4K each for a batch of 64 with one split."""
-
-
-def tune_decode(kv_cache: torch.Tensor, num_heads: int, page_size: int, batch: int, splits: int,
-                scale: float) -> None:
-    """Run the decode kernel once on real work of this bucket's shape, so that its autotuner picks
-    a configuration on a realistic context. The graph warm-up runs with every seq_len 0, where all
-    configurations time alike and the pick is noise."""
-    num_slots, head_dim = kv_cache.shape[1], kv_cache.shape[3]
-    num_pages = (num_slots - page_size) // page_size  # not the scratch page
-    context = min(max(splits * TUNE_TOKENS_PER_SPLIT, 4096), num_pages * page_size)
-    pages_per_request = -(-context // page_size)
-    if pages_per_request == 0:
-        return
-    device = kv_cache.device
-    first_page = torch.arange(batch, device=device)[:, None] * pages_per_request
-    tables = ((first_page + torch.arange(pages_per_request, device=device)) % num_pages).to(torch.int32)
-    q = torch.randn(batch, num_heads, head_dim, dtype=kv_cache.dtype, device=device)
-    paged_decode(q, kv_cache[0], kv_cache[1], tables, torch.arange(batch, dtype=torch.int32, device=device),
-                 torch.full((batch,), context, dtype=torch.int32, device=device), page_size, scale, splits)
