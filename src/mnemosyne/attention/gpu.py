@@ -54,8 +54,10 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
         out, lse = _cudnn(qh, kh, vh, scale, True)
         outs, lses = [out[0].transpose(0, 1)], [lse[0].transpose(0, 1)]
     if prefix_runs:
-        folded = q.view(num_new, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        folded = folded.reshape(1, num_kv_heads, group * num_new, head_dim)
+        # [1, Hkv, group·C, D] with rows (q head in group, token), stored sequence-major (BSHD): the
+        # layout in which cuDNN's ragged path (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) can take the call
+        folded = q.view(num_new, num_kv_heads, group, head_dim).permute(2, 0, 1, 3).contiguous()
+        folded = folded.view(1, group * num_new, num_kv_heads, head_dim).transpose(1, 2)
         for start, end in prefix_runs:
             k = k_cache[start:end].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, L, D], a view
             v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
