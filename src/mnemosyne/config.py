@@ -192,6 +192,10 @@ class EngineConfig:
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"
     """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
+    cudnn_ragged: bool = False
+    """GPU backend: let cuDNN attention key its plans on lengths rounded up to powers of two (PyTorch's
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE), instead of building plans for every new chunk and prefix
+    length. Off until benchmarks/cudnn_replan.py has measured both ways."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"

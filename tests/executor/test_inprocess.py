@@ -18,3 +18,15 @@ def test_shutdown_frees_the_model_and_the_kv_cache():
     engine.shutdown()
     assert model() is None and kv_cache() is None
     assert engine.executor.info.num_kv_blocks > 0  # what it found at start-up stays readable
+
+
+def test_cudnn_ragged_is_set_before_the_first_attention_call(monkeypatch):
+    """PyTorch reads TORCH_CUDNN_SDPA_AVOID_RECOMPILE once, at its first cuDNN attention call: the
+    worker sets it before building its attention backend."""
+    import os
+
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", raising=False)
+    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32")).shutdown()
+    assert "TORCH_CUDNN_SDPA_AVOID_RECOMPILE" not in os.environ
+    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", cudnn_ragged=True)).shutdown()
+    assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "1"
