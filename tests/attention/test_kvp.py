@@ -43,11 +43,11 @@ class RecordingGroup:
         self.parts: list[torch.Tensor | None] = [None] * NUM_GROUPS
         self.rank = 0
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    def all_gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
         self.parts[self.rank] = x.clone()
         if any(p is None for p in self.parts):
-            return torch.cat([x] * NUM_GROUPS, dim=dim)
-        return torch.cat(self.parts, dim=dim)  # type: ignore[arg-type]
+            return torch.stack([x] * NUM_GROUPS)
+        return torch.stack(self.parts)  # type: ignore[arg-type]
 
 
 def _seq(gen: torch.Generator, length: int, num_new: int, gather_start: int) -> Seq:
@@ -176,3 +176,32 @@ def test_gathered_parts_merge_in_one_launch_like_merge_attention(triton_device) 
     torch.testing.assert_close(out.cpu(), want_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-6, rtol=1e-5)
     assert not out.isnan().any() and torch.equal(out[4].cpu(), torch.zeros(4, 16))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("form", ["eager", "graph"])
+def test_merge_into_the_rows_in_place_like_the_cpu_merge(triton_device, form) -> None:
+    """The CUDA merge of `merge_over_group`: one launch reads each row's parts through gather_rows and
+    writes the merge into out/lse in place, at local_rows (eager form) or where is_multi (graph
+    form), leaving every other row as it was."""
+    from mnemosyne.attention.triton_decode import merge_splits_into
+
+    gen = torch.Generator().manual_seed(3)
+    parts = torch.randn(2, 6, 4, 17, generator=gen)  # [kvp, gather rows, heads, head_dim + 1]
+    parts[0, 2, :, 16] = float("-inf")  # group 0 holds nothing of gather row 2
+    parts[0, 2, :, :16] = float("nan")
+    merged_out, merged_lse = merge_attention(list(parts[..., :16]), list(parts[..., 16]))
+    out, lse = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 4, generator=gen)
+    want_out, want_lse = out.clone(), lse.clone()
+    if form == "eager":  # batch rows 1 and 3 are multi-group, at gather rows 2 and 0
+        src, dst, keep = torch.tensor([2, 0]), torch.tensor([1, 3]), None
+        want_out[dst], want_lse[dst] = merged_out[src], merged_lse[src]
+    else:  # every batch row goes through the gather; single-group ones point at the spare row 5
+        src, dst, keep = torch.tensor([5, 2, 5, 0, 5]), None, torch.tensor([False, True, False, True, False])
+        want_out[keep], want_lse[keep] = merged_out[src[keep]], merged_lse[src[keep]]
+    parts, out, lse = parts.to(triton_device), out.to(triton_device), lse.to(triton_device)
+    merge_splits_into(parts[..., :16].permute(1, 2, 0, 3), parts[..., 16].permute(1, 2, 0), out, lse,
+                      src.to(triton_device), None if dst is None else dst.to(triton_device),
+                      None if keep is None else keep.to(triton_device))
+    torch.testing.assert_close(out.cpu(), want_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-6, rtol=1e-5)

@@ -132,38 +132,74 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 @triton.jit
-def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, stride_ob, stride_oh, stride_os,
-                         stride_lb, stride_lh, stride_ls, stride_outb, stride_outh, num_heads, num_splits,
+def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, src_ptr, dst_ptr, keep_ptr,
+                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+                         stride_outb, stride_outh, stride_olb, stride_olh, num_heads, num_splits,
+                         INDIRECT: tl.constexpr, HAS_DST: tl.constexpr, HAS_KEEP: tl.constexpr,
                          SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    b = tl.program_id(0) // num_heads
+    i = tl.program_id(0) // num_heads
     h = tl.program_id(0) % num_heads
+    src = i.to(tl.int64)
+    dst = i.to(tl.int64)
+    if INDIRECT:  # row i merges row src_rows[i] of the splits into row dst_rows[i] of the output
+        src = tl.load(src_ptr + i).to(tl.int64)
+        if HAS_DST:
+            dst = tl.load(dst_ptr + i).to(tl.int64)
+    keep = i >= 0
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + i) != 0
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s * stride_ls, mask=s < num_splits, other=float("-inf"))
+    lse = tl.load(lse_ptr + src * stride_lb + h * stride_lh + s * stride_ls, mask=s < num_splits,
+                  other=float("-inf"))
     top = tl.max(lse, 0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(lse - top_safe)  # 0 for empty splits
     total = tl.sum(w, 0)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
+    o = tl.load(o_ptr + src * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
                 mask=(s < num_splits)[:, None], other=0.0)
-    # an empty split may hold NaN (0/0): select rather than multiply by its zero weight
+    # an empty split may hold NaN (0/0) or garbage: select rather than multiply by its zero weight
     out = tl.sum(tl.where(w[:, None] > 0, o * w[:, None], 0.0), 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + d, out.to(out_ptr.dtype.element_ty))
-    tl.store(out_lse_ptr + b * num_heads + h, tl.where(total > 0, top_safe + tl.log(total), float("-inf")))
+    tl.store(out_ptr + dst * stride_outb + h * stride_outh + d, out.to(out_ptr.dtype.element_ty),
+             mask=keep & (d < HEAD_DIM))
+    tl.store(out_lse_ptr + dst * stride_olb + h * stride_olh,
+             tl.where(total > 0, top_safe + tl.log(total), float("-inf")), mask=keep)
 
 
 def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE merge along the split axis in one launch (a Python loop over splits would cost a few
     kernels per split per layer). The split count is a runtime argument: a new count mid-serving
-    compiles nothing unless its power-of-two padding is new. Also KVP's merge over groups (S groups).
+    compiles nothing unless its power-of-two padding is new.
 
     o [B, H, S, D] fp32 and lse [B, H, S] fp32, any strides but a contiguous last axis of o
     -> out [B, H, D] in dtype, lse [B, H]."""
-    batch, num_heads, num_splits, head_dim = o.shape
+    batch, num_heads, _, head_dim = o.shape
     out = torch.empty(batch, num_heads, head_dim, dtype=dtype, device=o.device)
     out_lse = torch.empty(batch, num_heads, dtype=torch.float32, device=o.device)
-    _merge_splits_kernel[(batch * num_heads,)](
-        o, lse, out, out_lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        out.stride(0), out.stride(1), num_heads, num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    _launch_merge(o, lse, out, out_lse, batch, None, None, None)
     return out, out_lse
+
+
+def merge_splits_into(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor,
+                      src_rows: torch.Tensor, dst_rows: torch.Tensor | None = None,
+                      keep: torch.Tensor | None = None) -> None:
+    """KVP's merge over its groups (the S axis), written in place: for each i, the merge of row
+    src_rows[i] of o [N, H, S, D] / lse [N, H, S] goes to row dst_rows[i] (default i) of out [T, H, D]
+    and out_lse [T, H], where keep[i] (default everywhere). One launch replaces the gather, cast,
+    select and copies that would follow a plain merge: about ten kernels per layer."""
+    _launch_merge(o, lse, out, out_lse, src_rows.shape[0], src_rows, dst_rows, keep)
+
+
+def _launch_merge(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor, num_rows: int,
+                  src_rows: torch.Tensor | None, dst_rows: torch.Tensor | None, keep: torch.Tensor | None) -> None:
+    num_heads, num_splits, head_dim = o.shape[1], o.shape[2], o.shape[3]
+    if num_rows == 0:
+        return
+    dummy = out_lse  # an unread pointer for absent index tensors
+    _merge_splits_kernel[(num_rows * num_heads,)](
+        o, lse, out, out_lse, dummy if src_rows is None else src_rows, dummy if dst_rows is None else dst_rows,
+        dummy if keep is None else keep,
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1), out_lse.stride(0), out_lse.stride(1), num_heads, num_splits,
+        INDIRECT=src_rows is not None, HAS_DST=dst_rows is not None, HAS_KEEP=keep is not None,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)

@@ -62,6 +62,18 @@ class Group:
         dist.all_gather(parts, x.contiguous(), group=self.handle)
         return torch.cat(parts, dim=dim)
 
+    def all_gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x stacked along a new first axis, in rank order: [size, *x.shape]. On NCCL one
+        collective straight into the result (no per-rank copies, no concatenation)."""
+        out = x.new_empty(self.size, *x.shape)
+        if self.size == 1:
+            out[0] = x
+        elif x.is_cuda:
+            dist.all_gather_into_tensor(out, x.contiguous(), group=self.handle)
+        else:
+            dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.handle)
+        return out
+
     def send(self, x: torch.Tensor, dst_rank: int) -> Any:
         """Start sending x to group rank dst_rank. Returns the pending work: `wait()` on it before x
         is written again (on NCCL the transfer is ordered after the current stream's work)."""
