@@ -205,3 +205,27 @@ def test_merge_into_the_rows_in_place_like_the_cpu_merge(triton_device, form) ->
                       None if keep is None else keep.to(triton_device))
     torch.testing.assert_close(out.cpu(), want_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("form", ["eager", "graph"])
+def test_pack_rows_fills_the_gather_like_index_put(triton_device, form) -> None:
+    """The CUDA packing of `merge_over_group`'s gather buffer: each row's out (cast to float32) and lse
+    at its gather row, in one launch, as the CPU path's index_put does."""
+    from mnemosyne.attention.triton_decode import pack_rows
+
+    gen = torch.Generator().manual_seed(4)
+    out = torch.randn(5, 4, 16, generator=gen).to(torch.float16)
+    lse = torch.randn(5, 4, generator=gen)
+    if form == "eager":  # batch rows 1 and 3 are multi-group, at gather rows 2 and 0
+        src, dst = torch.tensor([1, 3]), torch.tensor([2, 0])
+    else:  # every row, in order; distinct gather rows here, so the result does not hang on write order
+        src, dst = None, torch.tensor([4, 2, 5, 0, 1])
+    want = torch.full((6, 4, 17), float("-inf"))
+    mine = slice(None) if src is None else src
+    want[dst, :, :16] = out[mine].float()
+    want[dst, :, 16] = lse[mine]
+    part = torch.full((6, 4, 17), float("-inf"), device=triton_device)
+    pack_rows(out.to(triton_device), lse.to(triton_device), part, None if src is None else src.to(triton_device),
+              dst.to(triton_device))
+    assert torch.equal(part.cpu(), want)

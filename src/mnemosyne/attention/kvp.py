@@ -77,16 +77,18 @@ def merge_over_group(out: torch.Tensor, lse: torch.Tensor, rows: KvpRows,
     num_heads, head_dim = out.shape[1], out.shape[2]
     part = out.new_empty(rows.num_tokens, num_heads, head_dim + 1, dtype=torch.float32)
     part[..., head_dim] = float("-inf")  # rows this group does not hold; their out part is never read
-    mine = slice(None) if rows.local_rows is None else rows.local_rows
-    part[rows.gather_rows, :, :head_dim] = out[mine].float()
-    part[rows.gather_rows, :, head_dim] = lse[mine]
-    parts = group.all_gather_stacked(part)  # [kvp, num_tokens, H, D + 1], in group-rank order
-    if parts.is_cuda:  # one launch: the groups are the splits of the decode kernel's merge
-        from mnemosyne.attention.triton_decode import merge_splits_into
+    if out.is_cuda:  # one launch to pack, one to merge (the groups as the splits of the decode merge)
+        from mnemosyne.attention.triton_decode import merge_splits_into, pack_rows
 
+        pack_rows(out, lse, part, rows.local_rows, rows.gather_rows)
+        parts = group.all_gather_stacked(part)  # [kvp, num_tokens, H, D + 1], in group-rank order
         merge_splits_into(parts[..., :head_dim].permute(1, 2, 0, 3), parts[..., head_dim].permute(1, 2, 0),
                           out, lse, rows.gather_rows, rows.local_rows, rows.is_multi)
         return out, lse
+    mine = slice(None) if rows.local_rows is None else rows.local_rows
+    part[rows.gather_rows, :, :head_dim] = out[mine].float()
+    part[rows.gather_rows, :, head_dim] = lse[mine]
+    parts = group.all_gather_stacked(part)
     merged_out, merged_lse = merge_attention(list(parts[..., :head_dim]), list(parts[..., head_dim]))
     merged_out, merged_lse = merged_out[rows.gather_rows].to(out.dtype), merged_lse[rows.gather_rows]
     if rows.is_multi is None:

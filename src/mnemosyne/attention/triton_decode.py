@@ -190,6 +190,35 @@ def merge_splits_into(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out
     _launch_merge(o, lse, out, out_lse, src_rows.shape[0], src_rows, dst_rows, keep)
 
 
+@triton.jit
+def _pack_rows_kernel(out_ptr, lse_ptr, part_ptr, src_ptr, dst_ptr, stride_ot, stride_oh, stride_lt, stride_lh,
+                      stride_pt, stride_ph, num_heads, HAS_SRC: tl.constexpr, HEAD_DIM: tl.constexpr):
+    i = tl.program_id(0) // num_heads
+    h = tl.program_id(0) % num_heads
+    src = i.to(tl.int64)
+    if HAS_SRC:
+        src = tl.load(src_ptr + i).to(tl.int64)
+    dst = tl.load(dst_ptr + i).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(out_ptr + src * stride_ot + h * stride_oh + d).to(tl.float32)
+    tl.store(part_ptr + dst * stride_pt + h * stride_ph + d, o)
+    tl.store(part_ptr + dst * stride_pt + h * stride_ph + HEAD_DIM, tl.load(lse_ptr + src * stride_lt + h * stride_lh))
+
+
+def pack_rows(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, src_rows: torch.Tensor | None,
+              dst_rows: torch.Tensor) -> None:
+    """KVP's gather buffer, filled in one launch: part[dst_rows[i], :, :D] = out[src_rows[i]] in float32
+    and part[dst_rows[i], :, D] = lse[src_rows[i]] (src_rows None: row i). out [T, H, D], lse [T, H],
+    part [N, H, D + 1] float32 with a contiguous last axis."""
+    num_rows, num_heads, head_dim = dst_rows.shape[0], out.shape[1], out.shape[2]
+    if num_rows == 0:
+        return
+    _pack_rows_kernel[(num_rows * num_heads,)](
+        out, lse, part, dst_rows if src_rows is None else src_rows, dst_rows, out.stride(0), out.stride(1),
+        lse.stride(0), lse.stride(1), part.stride(0), part.stride(1), num_heads,
+        HAS_SRC=src_rows is not None, HEAD_DIM=head_dim)
+
+
 def _launch_merge(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor, num_rows: int,
                   src_rows: torch.Tensor | None, dst_rows: torch.Tensor | None, keep: torch.Tensor | None) -> None:
     num_heads, num_splits, head_dim = o.shape[1], o.shape[2], o.shape[3]
