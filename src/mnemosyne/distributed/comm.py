@@ -58,9 +58,7 @@ class Group:
         """Concatenate each rank's x along dim, in rank order."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.handle)
-        return torch.cat(parts, dim=dim)
+        return torch.cat(self.all_gather_stacked(x).unbind(0), dim=dim)
 
     def all_gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x stacked along a new first axis, in rank order: [size, *x.shape]. On NCCL one
