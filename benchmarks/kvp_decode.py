@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--prefill", action="store_true", help="compute the prompt's KV instead of random values")
     p.add_argument("--chunk", type=int, default=16384, help="--max-num-batched-tokens for --prefill")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (no floors)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB of KV cache per worker (default: what the GPU has free; 0.05 on the CPU)")
     p.add_argument("-o", "--output", default=None, help="write the result as JSON here")
     args = p.parse_args()
 
@@ -63,7 +65,7 @@ def main() -> None:
                           kvp_group_max_tokens=group, max_model_len=total + block,
                           dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
                           max_num_batched_tokens=args.chunk, chunking=f"fixed:{args.chunk}",
-                          kv_cache_memory=None if on_gpu else float(os.environ.get("KVP_CPU_KV_MEMORY", "0.05")))
+                          kv_cache_memory=args.kv_cache_memory or (None if on_gpu else 0.05))
     engine = LLMEngine(config)
     cfg = engine.model_config
     if args.context is None:
