@@ -2,9 +2,9 @@
 against the ceilings DEVICE.md lists: decode KV-read bandwidth of the Triton paged kernel, TFLOP/s
 of a prefill chunk over a long prefix through the cuDNN path (prefix + causal + merge), and short
 chunks through both the cuDNN path and the Triton chunk kernel, to set the threshold between them
-(`attention/gpu.py`'s SMALL_CHUNK_ROWS).
+(`attention/gpu.py`'s SMALL_CHUNK_ROWS), and split policies for decode batches of scattered contexts.
 
-    python benchmarks/gpu_kernels.py [--only short] [--retune]
+    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short] [--retune]
 """
 
 from __future__ import annotations
@@ -64,6 +64,64 @@ def decode_report(sms: int, bw: float) -> None:
     for per_sm in (1, 2, 4, 8, 16):
         ms, tbps = decode_case(1, 131072, sms, per_sm)
         print(f"  {per_sm:>2} per SM  {ms:7.3f} ms  {tbps:5.2f} TB/s  {tbps / bw:5.1%} of copy")
+
+
+def scattered_lengths(batch: int, total: int, seed: int = 0) -> list[int]:
+    """Contexts of a decode batch as `mnemosyne profile --check` draws them: a few long among short."""
+    import random
+
+    rng = random.Random(seed)
+    weights = [rng.random() ** 3 for _ in range(batch)]
+    return [max(1, int(total * w / sum(weights))) for w in weights]
+
+
+def decode_policy_case(lengths: list[int], splits: int, min_span: int, device: str = "cuda",
+                       dtype: torch.dtype = DT) -> float:
+    """ms of one paged decode over requests of these contexts, with this split count and minimum span."""
+    from mnemosyne.attention.triton_decode import paged_decode
+
+    pages = [-(-n // PAGE) for n in lengths]
+    k = torch.randn(sum(pages) * PAGE, HKV, D, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    starts = [sum(pages[:i]) for i in range(len(pages))]
+    meta = build_metadata([(n, 1, list(range(s, s + p))) for n, s, p in zip(lengths, starts, pages, strict=True)],
+                          PAGE, device)
+    q = torch.randn(len(lengths), HQ, D, device=device, dtype=dtype)
+    def run() -> None:
+        paged_decode(q, k, v, meta.block_tables, meta.rows, meta.seq_lens_tensor, PAGE, D ** -0.5, splits, min_span)
+
+    if device != "cuda":  # a smoke test under the Triton interpreter: nothing to time
+        run()
+        return 0.0
+    return time_ms(run)
+
+
+def scattered_report(sms: int, bw: float) -> None:
+    """Split policies for decode batches: the graph buckets' (from the batch size alone), the eager
+    steps' (the batch size, and no split over MAX_SPLIT_TOKENS), and more splits with a minimum span,
+    which spends them on long rows only. A batch of scattered contexts is where they differ: its
+    longest row is otherwise walked by one program per kv head."""
+    from mnemosyne.attention.triton_decode import num_splits_for
+
+    cases = [("137 scattered, 434K tokens (a profile check batch)", scattered_lengths(137, 434572)),
+             ("64 scattered, 262K tokens", scattered_lengths(64, 262144, seed=1)),
+             ("one 64K row among 63 of 1K", [65536] + [1024] * 63),
+             ("64 x 4K (uniform)", [4096] * 64),
+             ("1 x 128K", [131072])]
+    print("decode split policies (ms; TB/s of KV read)")
+    for name, lengths in cases:
+        batch, longest = len(lengths), max(lengths)
+        by_batch = num_splits_for(batch, HKV, longest, sms, by_length=False)
+        policies = [("batch (graphs now)", by_batch, 0), ("eager now", num_splits_for(batch, HKV, longest, sms), 0),
+                    ("max(batch, 4), span >= 1K", max(by_batch, 4), 1024),
+                    ("max(batch, 8), span >= 1K", max(by_batch, 8), 1024),
+                    ("max(batch, len/2K), span >= 1K", max(by_batch, -(-longest // 2048)), 1024)]
+        kv_bytes = 2 * sum(lengths) * HKV * D * 2
+        print(f"  {name}: longest {longest}")
+        for label, splits, min_span in policies:
+            ms = decode_policy_case(lengths, min(splits, 128), min_span)
+            print(f"    {label:32} splits {min(splits, 128):3d}  {ms:7.3f} ms  {kv_bytes / ms / 1e9:5.2f} TB/s "
+                  f"({kv_bytes / ms / 1e9 / bw:4.0%} of copy)")
 
 
 SHORT_CHUNKS = (8, 16, 32, 64, 128, 256)
@@ -140,7 +198,7 @@ def short_chunks_report(sms: int, retune: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("decode", "chunk", "short"), help="one section (default: all)")
+    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short"), help="one section (default: all)")
     p.add_argument("--retune", action="store_true",
                    help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
     args = p.parse_args()
@@ -151,6 +209,8 @@ def main() -> None:
           f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s, {sms} SMs")
     if args.only in (None, "decode"):
         decode_report(sms, bw)
+    if args.only in (None, "scattered"):
+        scattered_report(sms, bw)
     if args.only in (None, "chunk"):
         print("prefill chunk over a prefix (cuDNN, prefix + causal + merge)")
         for chunk, prefix in ((8192, 262144), (1024, 262144), (256, 1 << 20)):

@@ -18,10 +18,10 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
             for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 
 
-@triton.jit(do_not_specialize=["num_splits", "split_class", "stride_bt"])  # no compile per new value
+@triton.jit(do_not_specialize=["num_splits", "split_class", "min_span", "stride_bt"])  # no compile per new value
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, rows_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    scale_log2, num_splits, split_class,
+    scale_log2, num_splits, split_class, min_span,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -33,7 +33,8 @@ def _paged_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     table = block_tables_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_bt
     # splits are cut at 128-token multiples whatever BLOCK_N is, so every config sees the same keys per split
-    span = tl.cdiv(tl.cdiv(seq_len, 128), num_splits) * 128
+    # no split shorter than min_span: a short row takes fewer programs than a long one in the same grid
+    span = tl.maximum(min_span, tl.cdiv(tl.cdiv(seq_len, 128), num_splits) * 128)
     start = split * span
     end = tl.minimum(start + span, seq_len)
 
@@ -67,8 +68,10 @@ def _paged_decode_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     keep = g < GROUP
+    # an empty split writes only its lse (-inf, which the merge skips); split 0 always writes, so a
+    # single split, or a padding row, reads back zeros
     tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out,
-             mask=keep[:, None])
+             mask=keep[:, None] & ((start < end) | (split == 0)))
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
 
 
@@ -106,9 +109,11 @@ def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
-                 num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_splits: int, min_span: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D]; caches [num_slots, Hkv, D]; block_tables [max_rows, max_pages] int32 with request b's
     pages in row rows[b]; seq_lens [B] int32 (0 for padding rows, which get out 0 and lse -inf).
+    Each row's context is cut into num_splits spans, none shorter than min_span tokens (a multiple
+    of 128), so with min_span a short row uses fewer of the grid's splits than a long one.
 
     Returns out [B, Hq, D] (q's dtype) and lse [B, Hq] float32. No host synchronisation.
     """
@@ -121,8 +126,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     kernel, fixed = (_paged_decode_kernel, {"BLOCK_N": 32}) if interpreted else (_tuned_decode_kernel, {})
     kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, rows, seq_lens, o, lse, scale * _LOG2E, num_splits,
-        split_class(num_splits), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        split_class(num_splits), min_span, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page_size,
         **fixed,
     )
@@ -156,9 +161,9 @@ def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, src_ptr, dst_ptr,
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(lse - top_safe)  # 0 for empty splits
     total = tl.sum(w, 0)
+    # an empty split's out is never read: it may be unwritten, or NaN (0/0)
     o = tl.load(o_ptr + src * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
-                mask=(s < num_splits)[:, None], other=0.0)
-    # an empty split may hold NaN (0/0) or garbage: select rather than multiply by its zero weight
+                mask=((s < num_splits) & (w > 0))[:, None], other=0.0)
     out = tl.sum(tl.where(w[:, None] > 0, o * w[:, None], 0.0), 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + dst * stride_outb + h * stride_outh + d, out.to(out_ptr.dtype.element_ty),
              mask=keep & (d < HEAD_DIM))

@@ -1,0 +1,40 @@
+"""The paged decode kernel's split spans against the reference, on a GPU or under the Triton
+interpreter (float16 there: the interpreter has no bfloat16 tl.dot)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mnemosyne.attention.backend import build_metadata
+from mnemosyne.attention.reference import ReferenceBackend
+
+pytestmark = pytest.mark.triton
+DTYPE = torch.float16 if os.environ.get("TRITON_INTERPRET") == "1" else torch.bfloat16
+
+
+@pytest.mark.parametrize("splits,min_span", [(1, 0), (4, 0), (4, 256), (8, 512), (3, 128)])
+def test_rows_of_scattered_lengths_split_by_span_match_the_reference(triton_device, splits, min_span):
+    """One long row among short ones (and a padding row): with min_span, a short row uses fewer of
+    the grid's splits than the long one; every split count and span gives the reference's answer, and
+    the padding row gets out 0 and lse -inf."""
+    from mnemosyne.attention.triton_decode import paged_decode
+
+    page, kv_heads, heads, d = 16, 2, 8, 64
+    gen = torch.Generator().manual_seed(splits + min_span)
+    k = torch.randn(128 * page, kv_heads, d, generator=gen).to(DTYPE)
+    v = torch.randn(128 * page, kv_heads, d, generator=gen).to(DTYPE)
+    pages = torch.randperm(128, generator=gen).tolist()
+    requests = [(1500, 1, pages[:94]), (40, 1, pages[94:97]), (300, 1, pages[97:116]), (0, 1, [])]
+    meta = build_metadata(requests, page, "cpu")
+    q = torch.randn(len(requests), heads, d, generator=gen).to(DTYPE)
+    device = triton_device
+    out, lse = paged_decode(q.to(device), k.to(device), v.to(device), meta.block_tables.to(device),
+                            meta.rows.to(device), meta.seq_lens_tensor.to(device), page, d ** -0.5, splits, min_span)
+    live = build_metadata(requests[:3], page, "cpu")
+    ref_out, ref_lse = ReferenceBackend().forward(q[:3].float(), k.float(), v.float(), live, d ** -0.5)
+    torch.testing.assert_close(out[:3].float().cpu(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[:3].cpu(), ref_lse, atol=1e-3, rtol=1e-4)
+    assert torch.equal(out[3].float().cpu(), torch.zeros(heads, d)) and torch.isinf(lse[3]).all()
