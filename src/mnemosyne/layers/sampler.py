@@ -35,34 +35,69 @@ class SamplerOutput:
     """[B, k] float32"""
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """logits [V] float32 -> the same with excluded tokens at -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p: drop tokens whose preceding mass already does
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+def _is_filtered(batch: SamplingBatch, row: int) -> bool:
+    return batch.top_ks[row] > 0 or batch.top_ps[row] < 1.0 or batch.min_ps[row] > 0.0
+
+
+TOP_K_FAST_MAX = 1024
+"""When every filtered row has a top-k at most this, they draw from torch.topk's candidates instead of
+a sort of the whole vocabulary."""
+
+
+def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.Tensor:
+    """One token for each of `rows` (all sampled, not greedy) from logits [R, V] float32 of those
+    rows: temperature, then top-k (the k most likely), min-p and top-p (the smallest prefix whose
+    mass reaches it, each filter on what the previous kept), then an inverse-CDF draw with one
+    uniform number from each row's own generator. Batched over the rows: a few kernels a step, not
+    a few a row. Rows with a filter draw over their distribution sorted, the others over the
+    vocabulary's order, whatever their neighbours: a row's draw depends on its logits, its settings
+    and its generator alone."""
+    device, vocab = logits.device, logits.shape[-1]
+    settings = torch.tensor([[batch.temperatures[r], batch.top_ks[r], batch.top_ps[r], batch.min_ps[r]]
+                             for r in rows], dtype=torch.float32).to(device, non_blocking=True)
+    temperature, top_k, top_p, min_p = (settings[:, i, None] for i in range(4))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    uniform = torch.stack([torch.rand((), generator=batch.generators[r], device=device) for r in rows])
+    chosen = torch.empty(len(rows), dtype=torch.int64, device=device)
+    plain = [i for i, r in enumerate(rows) if not _is_filtered(batch, r)]
+    filtered = [i for i, r in enumerate(rows) if _is_filtered(batch, r)]
+    if plain:
+        p = torch.tensor(plain, device=device)
+        chosen[p] = _inverse_cdf(probs[p], uniform[p])
+    if filtered:
+        f = torch.tensor(filtered, device=device)
+        ks = [batch.top_ks[rows[i]] for i in filtered]
+        if all(0 < k <= TOP_K_FAST_MAX for k in ks):  # every row has a small top-k: its candidates suffice
+            sorted_p, order = probs[f].topk(min(max(ks), vocab), dim=-1)
+        else:
+            sorted_p, order = probs[f].sort(dim=-1, descending=True)
+        rank = torch.arange(sorted_p.shape[-1], device=device)
+        keep = (rank < top_k[f]) | (top_k[f] <= 0)  # top-k
+        keep &= sorted_p >= min_p[f] * sorted_p[:, :1]  # min-p: the scale cancels after top-k
+        kept = sorted_p * keep
+        mass_before = (kept.cumsum(-1) - kept) / kept.sum(-1, keepdim=True)
+        kept = kept * ((mass_before < top_p[f]) | (top_p[f] >= 1.0))  # top-p over what is left
+        chosen[f] = order.gather(1, _inverse_cdf(kept, uniform[f]).unsqueeze(1)).squeeze(1)
+    return chosen
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the index whose share of the row's total weight [R, V] holds uniform [R] in [0, 1);
+    a zero weight is never chosen."""
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    choice = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)
+    # u × total may round up to total: then the last index with weight, not a zero-weight tail
+    return torch.minimum(choice, torch.searchsorted(cdf, total)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits [B, V] float32 -> chosen tokens and, where asked, their logprobs."""
     token_ids = logits.argmax(dim=-1)
-    for row, generator in enumerate(batch.generators):
-        if generator is None:
-            continue
-        scaled = _filter(logits[row] / batch.temperatures[row], batch.top_ks[row], batch.top_ps[row],
-                         batch.min_ps[row])
-        probs = torch.softmax(scaled, dim=-1)
-        token_ids[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    rows = [row for row, generator in enumerate(batch.generators) if generator is not None]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        token_ids[index] = _draw(logits[index], batch, rows)
     wanted = [n for n in batch.num_logprobs if n is not None]
     if not wanted:
         return SamplerOutput(token_ids, None, None, None)
