@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from mnemosyne.attention.backend import AttentionMetadata
-from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, merge_splits
+from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, attend_pages, merge_splits
 
 _LOG2E = 1.4426950408889634
 _MAX_BLOCK_M = 128
@@ -63,30 +63,8 @@ def _paged_chunks_kernel(
     end = tl.minimum(start + span, num_keys)
     end = tl.where(row_block * BLOCK_M < num_new * GROUP, end, start)  # a row block past this chunk reads nothing
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        page = tl.load(table + t // PAGE, mask=valid, other=0)
-        slot = page.to(tl.int64) * PAGE + t % PAGE
-        k = tl.load(k_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_ptr + slot[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
-                    mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where(valid[None, :] & (t[None, :] <= last_key[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = attend_pages(q, table, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, kv_head,
+                            start, end, last_key, scale_log2, BLOCK_M, HEAD_DIM, PAGE, BLOCK_N, True)
     rows = (out_start + token).to(tl.int64)
     tl.store(o_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :],
              out, mask=live[:, None])

@@ -18,6 +18,47 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
             for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 
 
+@triton.jit
+def attend_pages(q, table, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, kv_head, start, end,
+                 last_key, scale_log2, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The paged online softmax both Triton kernels run: q [ROWS, HEAD_DIM] (scaled by scale_log2 into
+    log2 units) over the keys at positions [start, end) of one kv head, read through a request's
+    block-table row `table`. With CAUSAL, row r sees keys up to position last_key[r] only.
+
+    Returns out [ROWS, HEAD_DIM] float32, normalised, and lse [ROWS] (natural log); a row that sees
+    no key gets out 0 and lse -inf."""
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        page = tl.load(table + t // PAGE, mask=valid, other=0)
+        slot = page.to(tl.int64) * PAGE + t % PAGE
+        k = tl.load(k_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                    mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_ptr + slot[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [ROWS, BLOCK_N], log2 units
+        if CAUSAL:
+            s = tl.where(valid[None, :] & (t[None, :] <= last_key[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["num_splits", "split_class", "min_span", "stride_bt"])  # no compile per new value
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, rows_ptr, seq_lens_ptr, o_ptr, lse_ptr,
@@ -43,30 +84,8 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g[:, None] < GROUP, other=0.0)  # [GROUP_PAD, HEAD_DIM]
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        page = tl.load(table + t // PAGE, mask=valid, other=0)
-        slot = page.to(tl.int64) * PAGE + t % PAGE
-        k = tl.load(k_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_ptr + slot[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
-                    mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = attend_pages(q, table, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, kv_head,
+                            start, end, start, scale_log2, GROUP_PAD, HEAD_DIM, PAGE, BLOCK_N, False)
     keep = g < GROUP
     # an empty split writes only its lse (-inf, which the merge skips); split 0 always writes, so a
     # single split, or a padding row, reads back zeros
