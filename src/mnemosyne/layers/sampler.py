@@ -59,8 +59,9 @@ def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.
     probs = torch.softmax(logits / temperature, dim=-1)
     uniform = torch.stack([torch.rand((), generator=batch.generators[r], device=device) for r in rows])
     chosen = torch.empty(len(rows), dtype=torch.int64, device=device)
-    plain = [i for i, r in enumerate(rows) if not _is_filtered(batch, r)]
-    filtered = [i for i, r in enumerate(rows) if _is_filtered(batch, r)]
+    is_filtered = [_is_filtered(batch, r) for r in rows]
+    plain = [i for i, f in enumerate(is_filtered) if not f]
+    filtered = [i for i, f in enumerate(is_filtered) if f]
     if plain:
         p = torch.tensor(plain, device=device)
         chosen[p] = _inverse_cdf(probs[p], uniform[p])
