@@ -192,10 +192,12 @@ class EngineConfig:
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"
     """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
-    cudnn_ragged: bool = False
+    cudnn_ragged: bool | None = None
     """GPU backend: let cuDNN attention key its plans on lengths rounded up to powers of two (PyTorch's
-    TORCH_CUDNN_SDPA_AVOID_RECOMPILE), instead of building plans for every new chunk and prefix
-    length. Off until benchmarks/cudnn_replan.py has measured both ways."""
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE) instead of building a plan, about 45 ms of host time on an H200,
+    for every new chunk and prefix length. Its kernels run 13-22% slower (benchmarks/cudnn_replan.py).
+    Default: on with a --tbt-slo-ms, where a 45 ms stall would break the SLO of every decode batched
+    with a long prompt's chunk; off otherwise (a plan per 16K chunk is under 4% of its time)."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
@@ -236,6 +238,10 @@ class EngineConfig:
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
         _check_scheduling(self)
         _parse_layer_split(self.pp_layer_split, self.pipeline_parallel_size)
+
+    @property
+    def uses_cudnn_ragged(self) -> bool:
+        return self.tbt_slo_ms is not None if self.cudnn_ragged is None else self.cudnn_ragged
 
     @property
     def world_size(self) -> int:

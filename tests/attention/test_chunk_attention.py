@@ -21,7 +21,7 @@ def _cudnn(q, k, v, scale, is_causal):
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
     if is_causal:  # top-left aligned, as cuDNN's causal flag
         lq, lk = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse), v.double()).to(q.dtype)
     return out, lse[..., 0]
@@ -39,7 +39,11 @@ def test_chunk_attention_folds_heads_and_hands_cudnn_sequence_major_tensors(monk
     q = torch.randn(num_new, heads, d, generator=gen, dtype=torch.float64)
     k_new = torch.randn(num_new, kv_heads, d, generator=gen, dtype=torch.float64)
     v_new = torch.randn(num_new, kv_heads, d, generator=gen, dtype=torch.float64)
-    out, lse = gpu.chunk_attention(q, k_new, v_new, k_cache, v_cache, tuple(runs), d ** -0.5)
+    # The merge of the parts is a Triton kernel: on a GPU machine its tensors must live on the GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out, lse = gpu.chunk_attention(*(t.to(device) for t in (q, k_new, v_new, k_cache, v_cache)), tuple(runs),
+                                   d ** -0.5)
+    out, lse = out.cpu(), lse.cpu()
 
     prefix = [slot for start, end in runs for slot in range(start, end)]
     keys = torch.cat([k_cache[prefix], k_new]) if prefix else k_new

@@ -88,3 +88,18 @@ def test_a_duplicate_prefix_is_not_indexed_twice_and_misuse_is_refused():
         pool.free([second])
     with pytest.raises(RuntimeError, match="not in use"):
         pool.cache(second, b"other")
+
+
+def test_a_request_grows_in_place_and_short_ones_take_the_top():
+    pool = BlockPool(16, 4)
+    long = pool.allocate(3)  # a prompt of several chunks: the lowest blocks
+    short = pool.allocate(2, low=False)  # one chunk: the highest, ascending
+    assert long == [0, 1, 2] and short == [14, 15]
+    assert pool.allocate(2, after=long[-1]) == [3, 4]  # the long prompt's next chunk, right after it
+    assert pool.allocate(1, after=short[-1], low=False) == [13]  # nothing after 15: the highest left
+    pool.free([4])
+    assert pool.allocate(3, after=3) == [4, 5, 6]  # a freed block is empty again, and taken in place
+    pool.free([14, 15])
+    assert pool.allocate(3, low=False) == [12, 14, 15]  # free: 7..12, 14, 15
+    assert pool.allocate(2, after=6, low=False) == [7, 8]
+    assert pool.num_free_blocks == 3 and pool.allocate(3) == [9, 10, 11]

@@ -155,3 +155,24 @@ def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
         assert model.step_time_s([(size, prefix)]) <= target_s < model.step_time_s([(size + GRANULARITY, prefix)])
     # the same prefix in a longer prompt: more work, a longer target, a larger chunk
     assert budget.fit(200_000, 10_000, 0.0) < budget.fit(200_000, 1_000_000, 0.0)
+
+
+def test_a_long_prompt_among_short_ones_stays_one_run_of_blocks():
+    """LARS with adaptive chunks: short prompts arrive, ride along and leave while a long one is
+    prefilled. The long prompt's blocks stay consecutive, so each of its chunks attends to its
+    earlier KV as one run (one cuDNN call a layer), not as a run per earlier chunk."""
+    deadlines = Deadlines(synthetic_model().prefill_work_s, ttft_slo_s=2.0)
+    chunking, model = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.5)), chunking=chunking)
+    long = add(sched, "long", 60_000, 0.0, max_tokens=1)
+    shorts, blocks, num_chunks = [], [], 0
+    for step in itertools.count():
+        if step % 2 == 0:
+            shorts.append(add(sched, f"short{step}", 200 + 37 * (step % 5), clock.now_s, max_tokens=2))
+        plan = run_steps(sched, clock, model, 1)[0]
+        num_chunks += any(c.request_id == "long" for c in plan.chunks)
+        if long.num_computed_tokens == long.num_prompt_tokens:
+            break
+        blocks = list(long.block_ids)
+    assert num_chunks > 10 and sum(r.is_finished for r in shorts) > 10
+    assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))

@@ -104,7 +104,7 @@ class Worker:
                              self.device, reserved_rows=1)
         if os.environ.get("MNEMOSYNE_RANDOM_KV_SEED"):  # benchmarks only: long-context decode without a prefill
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
-        if config.cudnn_ragged:  # read once, at the process's first cuDNN attention call
+        if config.uses_cudnn_ragged:  # read once, at the process's first cuDNN attention call
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
         backend = select_backend(config.attention_backend, self.device, self.dtype)
         if hasattr(backend, "warm_up"):

@@ -6,11 +6,19 @@ A block is in exactly one of three states: in use (reference count > 0), free an
 0, still indexed by its hash, evictable), or free and empty. Cached free blocks count as free:
 `allocate` takes empty blocks first and then evicts cached ones, least recently freed first. A
 block in use is never evicted, so eviction can never touch a running request's KV.
+
+Where empty blocks go: a request's KV should sit in few runs of consecutive blocks, because a long
+prompt's later chunks attend to its earlier ones run by run (one cuDNN call per run and layer). So a
+request grows in place (`after`: its last block) while the blocks there are empty, prompts that take
+several chunks take the lowest empty blocks, and everything else (prompts of one chunk, decode
+growth) the highest, in ascending order. Short requests then come and go at the top while a long
+prompt grows at the bottom, instead of cutting it into a run per chunk.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 
@@ -20,8 +28,11 @@ class BlockPool:
             raise ValueError("the KV cache has no blocks: give it more memory (--kv-cache-memory)")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: set[int] = set(range(num_blocks))
         """Free blocks that hold no cached prefix."""
+        self._lowest: list[int] = list(range(num_blocks))
+        self._highest: list[int] = [-b for b in reversed(range(num_blocks))]
+        """Min-heaps over _free (of ids, of negated ids) with stale entries, skipped when popped."""
         self._evictable: OrderedDict[int, None] = OrderedDict()
         """Free blocks that still hold a cached prefix, least recently freed first."""
         self._num_refs = [0] * num_blocks
@@ -46,22 +57,56 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, num_blocks: int) -> list[int]:
-        """Take num_blocks free blocks, empty ones first, then evicting the least recently freed
-        cached ones; raises RuntimeError if there are not enough (check first)."""
+    def allocate(self, num_blocks: int, after: int | None = None, low: bool = True) -> list[int]:
+        """Take num_blocks free blocks: the empty ones right after block `after` (a request's last),
+        then the lowest empty ones (low) or the highest (not low, returned in ascending order), then
+        cached ones, least recently freed first. Raises RuntimeError if there are not enough (check
+        first)."""
         if num_blocks > self.num_free_blocks:
             raise RuntimeError(f"asked for {num_blocks} KV blocks with {self.num_free_blocks} free")
         out = []
-        for _ in range(num_blocks):
-            if self._free:
-                block = self._free.popleft()
-            else:
-                block, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._hash_of.pop(block)]
-                self.num_evictions += 1
-            self._num_refs[block] = 1
+        if after is not None:
+            block = after + 1
+            while len(out) < num_blocks and block in self._free:
+                self._free.remove(block)
+                out.append(block)
+                block += 1
+        rest = min(num_blocks - len(out), len(self._free))
+        out.extend(self._take_lowest(rest) if low else sorted(self._take_highest(rest)))
+        while len(out) < num_blocks:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+            self.num_evictions += 1
             out.append(block)
+        for block in out:
+            self._num_refs[block] = 1
         return out
+
+    def _take_lowest(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            block = heapq.heappop(self._lowest)
+            if block in self._free:
+                self._free.remove(block)
+                out.append(block)
+        return out
+
+    def _take_highest(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            block = -heapq.heappop(self._highest)
+            if block in self._free:
+                self._free.remove(block)
+                out.append(block)
+        return out
+
+    def _release(self, block: int) -> None:
+        self._free.add(block)
+        heapq.heappush(self._lowest, block)
+        heapq.heappush(self._highest, -block)
+        if len(self._lowest) > 4 * len(self._free) + 1024:  # drop stale entries now and then
+            self._lowest = sorted(self._free)
+            self._highest = [-b for b in reversed(self._lowest)]
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference to each block. A block nobody uses any more becomes free: evictable if it
@@ -76,7 +121,7 @@ class BlockPool:
             if block in self._hash_of:
                 self._evictable[block] = None
             else:
-                self._free.append(block)
+                self._release(block)
 
     # -- prefix cache --------------------------------------------------------------------------
     def cached_block(self, block_hash: bytes) -> int | None:

@@ -297,7 +297,10 @@ class KvpPlacement:
             if count > self.available_blocks(group):
                 raise RuntimeError(f"group {group} has no {count} free KV blocks for {request.request_id}")
             base = group * self.blocks_per_group
-            request.block_ids.extend(base + b for b in self.pools[group].allocate(count))
+            # Grow in place after the shard's last block; a prompt of several chunks at the bottom
+            last = request.block_ids[-1] - base if start % self._blocks_per_shard else None
+            low = num_tokens < request.num_prompt_tokens
+            request.block_ids.extend(base + b for b in self.pools[group].allocate(count, last, low))
             start += count
 
     def free(self, request: Request) -> None:

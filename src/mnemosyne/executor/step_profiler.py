@@ -1,0 +1,59 @@
+"""A window of a worker's steps under torch.profiler, for finding where a step's time goes on the
+device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT]] profiles steps FIRST..FIRST+COUNT-1 (default 50,
+10) and writes DIR/rank<R>.json (a Chrome trace) and DIR/rank<R>.txt (kernels by total device time,
+with the window's wall time and the share of it the device was busy). Off when the variable is unset."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ENV = "MNEMOSYNE_TORCH_PROFILE"
+
+
+class StepProfiler:
+    def __init__(self, rank: int, device: torch.device, spec: str | None = None):
+        spec = os.environ.get(ENV) if spec is None else spec
+        self.rank, self.device = rank, device
+        self._profiler: torch.profiler.profile | None = None
+        self._step = 0
+        if not spec:
+            self.out_dir = None
+            return
+        directory, *numbers = spec.split(":")
+        self.out_dir = Path(directory)
+        self.first = int(numbers[0]) if numbers else 50
+        self.count = int(numbers[1]) if len(numbers) > 1 else 10
+
+    def before_step(self) -> None:
+        if self.out_dir is None or self._step != self.first:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self.device)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.__enter__()
+        self._start_s = time.perf_counter()
+
+    def after_step(self) -> None:
+        self._step += 1
+        if self._profiler is None or self._step != self.first + self.count:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall_s = time.perf_counter() - self._start_s
+        self._profiler.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._profiler.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.json"))
+        events = self._profiler.key_averages()
+        device_us = sum(e.self_device_time_total for e in events)
+        table = events.table(sort_by="self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total",
+                             row_limit=25)
+        (self.out_dir / f"rank{self.rank}.txt").write_text(
+            f"{self.count} steps: wall {wall_s * 1e3 / self.count:.3f} ms/step, device busy (sum of kernel "
+            f"times) {device_us / 1e3 / self.count:.3f} ms/step\n{table}\n")
+        self._profiler = None

@@ -1,0 +1,32 @@
+"""The worker's opt-in profiling window (MNEMOSYNE_TORCH_PROFILE), on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mnemosyne.executor.step_profiler import StepProfiler
+
+
+def test_the_window_covers_the_chosen_steps_only(tmp_path):
+    profiler = StepProfiler(3, torch.device("cpu"), f"{tmp_path}:2:3")
+    marks = []
+    for step in range(8):
+        profiler.before_step()
+        torch.ones(64, 64).matmul(torch.ones(64, 64))
+        marks.append(profiler._profiler is not None)
+        profiler.after_step()
+    assert marks == [False, False, True, True, True, False, False, False]
+    text = (tmp_path / "rank3.txt").read_text()
+    assert text.startswith("3 steps: wall ") and "aten::matmul" in text
+    assert json.loads((tmp_path / "rank3.json").read_text())["traceEvents"]
+
+
+def test_unset_means_off(monkeypatch, tmp_path):
+    monkeypatch.delenv("MNEMOSYNE_TORCH_PROFILE", raising=False)
+    profiler = StepProfiler(0, torch.device("cpu"))
+    for _ in range(60):
+        profiler.before_step()
+        profiler.after_step()
+    assert profiler.out_dir is None and not list(tmp_path.iterdir())
