@@ -12,7 +12,7 @@ from mnemosyne.executor.step_profiler import StepProfiler
 def test_the_window_covers_the_chosen_steps_only(tmp_path):
     profiler = StepProfiler(3, torch.device("cpu"), f"{tmp_path}:2:3")
     marks = []
-    for step in range(8):
+    for _ in range(8):
         profiler.before_step()
         torch.ones(64, 64).matmul(torch.ones(64, 64))
         marks.append(profiler._profiler is not None)
