@@ -41,18 +41,19 @@ def test_silu_and_mul(dtype):
     torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, **_tol(dtype))
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (12, 4)])  # 12: a last program of q heads half empty
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_store(dtype):
+def test_rotary_store(dtype, heads, kv_heads):
     from mnemosyne.layers.triton_ops import rotary_store_
 
     rot = RotaryEmbedding(128, 500000.0, RopeScaling(rope_type="llama3", factor=8.0,
                                                      original_max_position_embeddings=8192), 131072).cuda()
-    qkv = torch.randn(40, (32 + 16) * 128, device="cuda", dtype=dtype)
-    q, k, v = (t.view(40, -1, 128) for t in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1))
+    qkv = torch.randn(40, (heads + 2 * kv_heads) * 128, device="cuda", dtype=dtype)
+    q, k, v = (t.view(40, -1, 128) for t in qkv.split([heads * 128, kv_heads * 128, kv_heads * 128], dim=-1))
     positions = torch.randint(0, 1 << 20, (40,), device="cuda")
     slots = torch.randperm(100, device="cuda")[:40]
     want_q, want_k = rot(positions, q.clone(), k.clone())
-    kc, vc, want_kc, want_vc = (torch.zeros(100, 8, 128, device="cuda", dtype=dtype) for _ in range(4))
+    kc, vc, want_kc, want_vc = (torch.zeros(100, kv_heads, 128, device="cuda", dtype=dtype) for _ in range(4))
     store_kv(want_k, v, want_kc, want_vc, slots)
     rotary_store_(q, k, v, positions, rot.inv_freq, rot.attention_factor, kc, vc, slots)
     torch.testing.assert_close(q, want_q, **_tol(dtype))

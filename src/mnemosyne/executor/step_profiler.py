@@ -1,6 +1,6 @@
 """A window of a worker's steps under torch.profiler, for finding where a step's time goes on the
 device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT]] profiles steps FIRST..FIRST+COUNT-1 (default 50,
-10) and writes DIR/rank<R>.json (a Chrome trace) and DIR/rank<R>.txt (kernels by total device time,
+10) and writes DIR/rank<R>.json (a Chrome trace) and DIR/rank<R>.txt (rank<R>-1… for later engines) (kernels by total device time,
 with the window's wall time and the share of it the device was busy). Off when the variable is unset."""
 
 from __future__ import annotations
@@ -48,12 +48,15 @@ class StepProfiler:
         wall_s = time.perf_counter() - self._start_s
         self._profiler.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._profiler.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.json"))
+        name, n = f"rank{self.rank}", 1
+        while (self.out_dir / f"{name}.txt").exists():  # a second engine in the same run
+            name, n = f"rank{self.rank}-{n}", n + 1
+        self._profiler.export_chrome_trace(str(self.out_dir / f"{name}.json"))
         events = self._profiler.key_averages()
         device_us = sum(e.self_device_time_total for e in events)
         table = events.table(sort_by="self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total",
                              row_limit=25)
-        (self.out_dir / f"rank{self.rank}.txt").write_text(
+        (self.out_dir / f"{name}.txt").write_text(
             f"{self.count} steps: wall {wall_s * 1e3 / self.count:.3f} ms/step, device busy (sum of kernel "
             f"times) {device_us / 1e3 / self.count:.3f} ms/step\n{table}\n")
         self._profiler = None

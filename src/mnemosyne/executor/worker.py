@@ -16,6 +16,7 @@ from mnemosyne.attention.backend import select_backend
 from mnemosyne.attention.kvp import KvpAttention
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.executor.step_profiler import StepProfiler
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
@@ -85,6 +86,8 @@ class Worker:
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32)
         names = stage_weight_names(model_config, self.model)
         weights = loader.iter_weights(self.device, self.dtype, frozenset(names), lazy=True)
+        self._profiler = StepProfiler(world_group.rank, self.device)
+        """Off unless MNEMOSYNE_TORCH_PROFILE names a window of steps to profile."""
         show = world_group.rank == 0 and not os.environ.get("MNEMOSYNE_QUIET")
         self.model.load_weights(tqdm(weights, desc="loading weights", unit="tensor", leave=False,
                                      disable=not show, total=len(names)))
@@ -142,7 +145,10 @@ class Worker:
         return int(budget // block_bytes)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.runner.execute(plan)
+        self._profiler.before_step()
+        result = self.runner.execute(plan)
+        self._profiler.after_step()
+        return result
 
 
 def stage_weight_names(config: ModelConfig, model: LlamaForCausalLM) -> list[str]:

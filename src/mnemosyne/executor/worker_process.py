@@ -20,7 +20,6 @@ from mnemosyne.distributed import comm
 from mnemosyne.distributed.topology import ParallelLayout, build_topology
 from mnemosyne.executor import wire
 from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
-from mnemosyne.executor.step_profiler import StepProfiler
 from mnemosyne.executor.worker import Worker
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.plan import StageDone
@@ -108,7 +107,6 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
     reports_stage = topology.tp_rank == 0 and (config.trace_file is not None or (
         topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
     stage_clock = StageClock(device, is_timed=config.trace_file is not None)
-    profiler = StepProfiler(spec.rank, device)
     while True:
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
@@ -117,9 +115,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
             return
         plan = wire.decode_plan(payload)
         begin_s = time.time()
-        profiler.before_step()
         result = worker.execute(plan)
-        profiler.after_step()
         if reports_stage:
             end_s = stage_clock.done_s()
             start_s = min(max(begin_s, worker.runner.link.received_s), end_s)

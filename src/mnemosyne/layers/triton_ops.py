@@ -78,25 +78,30 @@ def _rotate(src, dst, heads, d, mask, cos, sin, HALF: tl.constexpr):
 @triton.jit
 def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
-                         attention_factor, HALF: tl.constexpr, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                         attention_factor, HALF: tl.constexpr, NUM_HEADS: tl.constexpr, Q_HEADS: tl.constexpr,
                          NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr):
+    """Program (t, 0) writes token t's k and v into the caches; program (t, p > 0) rotates its q heads
+    (p - 1) * Q_HEADS onwards. A decode step's one token is then a few programs, not one."""
     t = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     d = tl.arange(0, HALF)
     pos = tl.load(pos_ptr + t).to(tl.float32)
     freqs = pos * tl.load(inv_freq_ptr + d)  # float32, as the reference computes it
     cos = (tl.cos(freqs) * attention_factor).to(q_ptr.dtype.element_ty).to(tl.float32)
     sin = (tl.sin(freqs) * attention_factor).to(q_ptr.dtype.element_ty).to(tl.float32)
-    heads = tl.arange(0, HEADS_PAD)
-    q = q_ptr + t * stride_qt + heads[:, None] * stride_qh
-    _rotate(q, q, heads, d, heads[:, None] < NUM_HEADS, cos, sin, HALF)
-    slot = tl.load(slot_ptr + t)
-    kv_heads = tl.arange(0, KV_HEADS_PAD)
-    kv_mask = kv_heads[:, None] < NUM_KV_HEADS
-    k_dst = k_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch
-    _rotate(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh, k_dst, kv_heads, d, kv_mask, cos, sin, HALF)
-    dd = tl.arange(0, 2 * HALF)
-    v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + dd[None, :], mask=kv_mask, other=0.0)
-    tl.store(v_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch + dd[None, :], v, mask=kv_mask)
+    if part == 0:
+        slot = tl.load(slot_ptr + t)
+        kv_heads = tl.arange(0, KV_HEADS_PAD)
+        kv_mask = kv_heads[:, None] < NUM_KV_HEADS
+        k_dst = k_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch
+        _rotate(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh, k_dst, kv_heads, d, kv_mask, cos, sin, HALF)
+        dd = tl.arange(0, 2 * HALF)
+        v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + dd[None, :], mask=kv_mask, other=0.0)
+        tl.store(v_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch + dd[None, :], v, mask=kv_mask)
+    else:
+        heads = (part - 1) * Q_HEADS + tl.arange(0, Q_HEADS)
+        q = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+        _rotate(q, q, heads, d, heads[:, None] < NUM_HEADS, cos, sin, HALF)
 
 
 def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -106,8 +111,9 @@ def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     at slot_mapping [T]. Neox layout (halves). One launch instead of rotary, rotary, copy, copy."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    _rotary_store_kernel[(num_tokens,)](
+    q_heads = min(8, triton.next_power_of_2(num_heads))
+    _rotary_store_kernel[(num_tokens, 1 + triton.cdiv(num_heads, q_heads))](
         q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), attention_factor,
-        HALF=head_dim // 2, NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
+        HALF=head_dim // 2, NUM_HEADS=num_heads, Q_HEADS=q_heads,
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads))
