@@ -15,7 +15,7 @@ pytestmark = pytest.mark.triton
 
 def _cudnn(q, k, v, scale, is_causal):
     """`gpu._cudnn`'s contract (out [1, H, Lq, D], lse [1, H, Lq]), checking that q, k and v are
-    stored sequence-major (BSHD), which cuDNN's ragged path requires."""
+    stored sequence-major (BSHD) and packed, which cuDNN's ragged path requires."""
     for t in (q, k, v):
         assert t.transpose(1, 2).is_contiguous(), (t.shape, t.stride())
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
@@ -36,9 +36,9 @@ def test_chunk_attention_folds_heads_and_hands_cudnn_sequence_major_tensors(monk
     heads, kv_heads, d = 8, 2, 16
     k_cache = torch.randn(48, kv_heads, d, generator=gen, dtype=torch.float64)
     v_cache = torch.randn(48, kv_heads, d, generator=gen, dtype=torch.float64)
-    q = torch.randn(num_new, heads, d, generator=gen, dtype=torch.float64)
-    k_new = torch.randn(num_new, kv_heads, d, generator=gen, dtype=torch.float64)
-    v_new = torch.randn(num_new, kv_heads, d, generator=gen, dtype=torch.float64)
+    # q, k and v as the model hands them over: views into one fused projection's rows
+    qkv = torch.randn(num_new, (heads + 2 * kv_heads) * d, generator=gen, dtype=torch.float64)
+    q, k_new, v_new = (t.view(num_new, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
     # The merge of the parts is a Triton kernel: on a GPU machine its tensors must live on the GPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out, lse = gpu.chunk_attention(*(t.to(device) for t in (q, k_new, v_new, k_cache, v_cache)), tuple(runs),

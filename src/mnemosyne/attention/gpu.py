@@ -49,7 +49,9 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     outs, lses = [], []
     if k_new is not None and v_new is not None:
         # Causal part over the chunk itself; K/V expanded over heads (proportional to the chunk only).
-        qh = q.transpose(0, 1).unsqueeze(0)
+        # q is usually a view into the fused qkv projection: copied, it is packed sequence-major, the
+        # layout cuDNN's ragged path needs (else it falls back to a plan per new prompt length).
+        qh = q.contiguous().transpose(0, 1).unsqueeze(0)
         kh = k_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
         vh = v_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
         out, lse = _cudnn(qh, kh, vh, scale, True)
