@@ -97,25 +97,33 @@ def decode_policy_case(lengths: list[int], splits: int, min_span: int, device: s
 
 
 def scattered_report(sms: int, bw: float) -> None:
-    """Split policies for decode batches: the graph buckets' (from the batch size alone), the eager
-    steps' (the batch size, and no split over MAX_SPLIT_TOKENS), and more splits with a minimum span,
-    which spends them on long rows only. A batch of scattered contexts is where they differ: its
-    longest row is otherwise walked by one program per kv head."""
-    from mnemosyne.attention.triton_decode import num_splits_for
+    """Split policies for decode batches: the old ones (graphs: from the batch size alone; eager: also
+    no split over MAX_SPLIT_TOKENS), the ones now in use (triton_decode.decode_splits and
+    graph_decode_splits, with decode_min_span), and fixed counts with a minimum span, which spends
+    splits on long rows only. A batch of scattered contexts is where they differ: its longest row is
+    otherwise walked by one program per kv head."""
+    from mnemosyne.attention.triton_decode import (
+        decode_min_span,
+        decode_splits,
+        graph_decode_splits,
+        num_splits_for,
+    )
 
     cases = [("137 scattered, 434K tokens (a profile check batch)", scattered_lengths(137, 434572)),
              ("64 scattered, 262K tokens", scattered_lengths(64, 262144, seed=1)),
              ("one 64K row among 63 of 1K", [65536] + [1024] * 63),
              ("64 x 4K (uniform)", [4096] * 64),
-             ("1 x 128K", [131072])]
+             ("1 x 128K", [131072]),
+             ("1 x 4K", [4096])]
     print("decode split policies (ms; TB/s of KV read)")
     for name, lengths in cases:
         batch, longest = len(lengths), max(lengths)
         by_batch = num_splits_for(batch, HKV, longest, sms, by_length=False)
-        policies = [("batch (graphs now)", by_batch, 0), ("eager now", num_splits_for(batch, HKV, longest, sms), 0),
-                    ("max(batch, 4), span >= 1K", max(by_batch, 4), 1024),
-                    ("max(batch, 8), span >= 1K", max(by_batch, 8), 1024),
-                    ("max(batch, len/2K), span >= 1K", max(by_batch, -(-longest // 2048)), 1024)]
+        span = decode_min_span(batch, HKV, sms)
+        policies = [("old graphs: batch", by_batch, 0), ("old eager", num_splits_for(batch, HKV, longest, sms), 0),
+                    ("graphs now (256K max context)", graph_decode_splits(batch, HKV, 262144, sms), span),
+                    ("eager now", decode_splits(batch, HKV, longest, sms), span),
+                    ("max(batch, 8), span >= 1K", max(by_batch, 8), 1024)]
         kv_bytes = 2 * sum(lengths) * HKV * D * 2
         print(f"  {name}: longest {longest}")
         for label, splits, min_span in policies:

@@ -38,3 +38,23 @@ def test_rows_of_scattered_lengths_split_by_span_match_the_reference(triton_devi
     torch.testing.assert_close(out[:3].float().cpu(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse[:3].cpu(), ref_lse, atol=1e-3, rtol=1e-4)
     assert torch.equal(out[3].float().cpu(), torch.zeros(heads, d)) and torch.isinf(lse[3]).all()
+
+
+def test_split_policies_give_the_choices_timed_on_the_h200():
+    from mnemosyne.attention.triton_decode import (
+        GRAPH_PROGRAMS,
+        decode_min_span,
+        decode_splits,
+        graph_decode_splits,
+    )
+
+    # benchmarks/gpu_kernels.py --only scattered: max(by batch, longest / 2K) splits, spans >= 1K
+    assert decode_splits(137, 8, 10752, 132) == 6
+    assert decode_splits(64, 8, 65536, 132) == 32
+    assert decode_splits(64, 8, 4096, 132) == 2
+    assert decode_splits(1, 8, 131072, 132) == 66
+    assert decode_min_span(64, 8, 132) == 1024 and decode_min_span(1, 8, 132) == 128  # a lone row: spread
+    for batch in (1, 2, 8, 32, 64, 128, 256):
+        splits = graph_decode_splits(batch, 8, 131072, 132)
+        assert 1 <= splits <= 128 and (batch * 8 * splits <= GRAPH_PROGRAMS or splits <= 2)
+    assert graph_decode_splits(1, 8, 4096, 132) == 32  # no more splits than 128-token spans of the longest context

@@ -12,7 +12,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
-from mnemosyne.attention.triton_decode import MAX_SPLIT_CLASS, num_splits_for, paged_decode
+from mnemosyne.attention.triton_decode import MAX_SPLIT_CLASS, decode_min_span, decode_splits, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
 
 SMALL_CHUNK_ROWS = 512
@@ -94,10 +94,11 @@ class GpuBackend:
         outs, lses = [], []
         nd = meta.num_decodes
         if nd:
-            splits = meta.decode_splits or num_splits_for(nd, k_cache.shape[1], max(meta.seq_lens[:nd]),
-                                                          self._num_sms)
+            num_kv_heads = k_cache.shape[1]
+            splits = meta.decode_splits or decode_splits(nd, num_kv_heads, max(meta.seq_lens[:nd]), self._num_sms)
             o, lse = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd],
-                                meta.seq_lens_tensor[:nd], meta.page_size, scale, splits)
+                                  meta.seq_lens_tensor[:nd], meta.page_size, scale, splits,
+                                  decode_min_span(nd, num_kv_heads, self._num_sms))
             outs.append(o)
             lses.append(lse)
         if meta.num_requests > nd:
@@ -117,7 +118,7 @@ class GpuBackend:
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
         for split_class in range(1, MAX_SPLIT_CLASS + 1):
-            splits = 1 << (split_class - 1)  # 1, 2, 4, … 64: the batch that num_splits_for gives that many
+            splits = 1 << (split_class - 1)  # 1, 2, 4, … 64, on the batch that fills the SMs with them
             batch = min(256, max(1, -(-4 * self._num_sms // (splits * k_cache.shape[1]))))
             tune_decode(k_cache, v_cache, num_heads, page_size, batch, splits, scale)
         num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]

@@ -126,6 +126,43 @@ def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int
     return max(1, min(wanted, 128, math.ceil(max_seq_len / 512)))
 
 
+DECODE_MIN_SPAN = 1024
+"""Shortest stretch of context one split of a row walks, in a batch whose rows alone fill the SMs
+(`decode_min_span`): its short rows then use few of the splits and its long rows many. With SPAN_TOKENS below, the best or tied-best split policy on every
+batch that `benchmarks/gpu_kernels.py --only scattered` timed on an H200 (2026-11-21): a 64K row
+among 63 of 1K read in 0.210 ms against 0.710 ms with splits from the batch size alone, 137 scattered
+contexts 0.449 against 0.512 ms, uniform and single-row batches unchanged."""
+
+SPAN_TOKENS = 2048
+"""An eager step gives its longest row at least one split per this many tokens."""
+
+GRAPH_PROGRAMS = 16384
+"""A CUDA graph's splits are fixed when it is captured, before it meets any context: as many as keep
+its grid (batch × kv heads × splits) within this many programs. The splits a row does not need
+(DECODE_MIN_SPAN) exit at once."""
+
+
+def decode_min_span(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """DECODE_MIN_SPAN once the batch's rows give a program per SM, else 128 (one tile): a lone
+    short row is then still spread over the SMs."""
+    return DECODE_MIN_SPAN if batch * num_kv_heads >= num_sms else 128
+
+
+def decode_splits(batch: int, num_kv_heads: int, longest: int, num_sms: int) -> int:
+    """Splits of an eager decode step: enough programs to fill the SMs, and one per SPAN_TOKENS of
+    its longest row; with `decode_min_span`, short rows use few of them."""
+    by_batch = num_splits_for(batch, num_kv_heads, longest, num_sms, by_length=False)
+    return max(1, min(128, max(by_batch, -(-longest // SPAN_TOKENS))))
+
+
+def graph_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits baked into a decode graph of this batch size (see GRAPH_PROGRAMS)."""
+    by_batch = num_splits_for(batch, num_kv_heads, max_seq_len, num_sms, by_length=False)
+    by_programs = GRAPH_PROGRAMS // (batch * num_kv_heads)
+    min_span = decode_min_span(batch, num_kv_heads, num_sms)
+    return max(1, min(128, -(-max_seq_len // min_span), max(by_batch, by_programs)))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
                  num_splits: int, min_span: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows
-from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, num_splits_for
+from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, graph_decode_splits
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -62,12 +62,12 @@ class DecodeGraphs:
         self.gathers = (0,) + (KVP_GATHERS if kvp_size > 1 else ())
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.splits: dict[int, int] = {}
-        """Decode-kernel splits baked into each bucket's graph (from the batch size only)."""
+        """Decode-kernel splits baked into each bucket's graph (triton_decode.GRAPH_PROGRAMS)."""
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_kv_heads = kv_caches[0].shape[2]
         for b in self.buckets:
-            self.splits[b] = num_splits_for(b, num_kv_heads, max_seq_len, num_sms, by_length=False)
+            self.splits[b] = graph_decode_splits(b, num_kv_heads, max_seq_len, num_sms)
         for gather in self.gathers:
             for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
                 kvp = None if gather == 0 else KvpRows(gather, None, self.gather_rows[:b], self.is_multi[:b])
