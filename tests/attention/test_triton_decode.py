@@ -15,7 +15,7 @@ pytestmark = pytest.mark.triton
 DTYPE = torch.float16 if os.environ.get("TRITON_INTERPRET") == "1" else torch.bfloat16
 
 
-@pytest.mark.parametrize("splits,min_span", [(1, 0), (4, 0), (4, 256), (8, 512), (3, 128)])
+@pytest.mark.parametrize("splits,min_span", [(1, 0), (4, 0), (4, 256), (8, 512), (3, 128), (256, 0)])
 def test_rows_of_scattered_lengths_split_by_span_match_the_reference(triton_device, splits, min_span):
     """One long row among short ones (and a padding row): with min_span, a short row uses fewer of
     the grid's splits than the long one; every split count and span gives the reference's answer, and
@@ -43,6 +43,7 @@ def test_rows_of_scattered_lengths_split_by_span_match_the_reference(triton_devi
 def test_split_policies_give_the_choices_timed_on_the_h200():
     from mnemosyne.attention.triton_decode import (
         GRAPH_PROGRAMS,
+        MAX_SPLITS,
         decode_min_span,
         decode_splits,
         graph_decode_splits,
@@ -57,4 +58,6 @@ def test_split_policies_give_the_choices_timed_on_the_h200():
     for batch in (1, 2, 8, 32, 64, 128, 256):
         splits = graph_decode_splits(batch, 8, 131072, 132)
         assert 1 <= splits <= 128 and (batch * 8 * splits <= GRAPH_PROGRAMS or splits <= 2)
+    # one row over 2 kv heads (tp=4): 256 splits, not 128, for about four programs an SM
+    assert decode_splits(1, 2, 1 << 20, 132) == graph_decode_splits(1, 2, 1 << 20, 132) == MAX_SPLITS == 256
     assert graph_decode_splits(1, 8, 4096, 132) == 32  # no more splits than 128-token spans of the longest context

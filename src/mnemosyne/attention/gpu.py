@@ -12,7 +12,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
-from mnemosyne.attention.triton_decode import MAX_SPLIT_CLASS, decode_min_span, decode_splits, paged_decode
+from mnemosyne.attention.triton_decode import MAX_SPLITS, decode_min_span, decode_splits, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
 
 SMALL_CHUNK_ROWS = 512
@@ -117,8 +117,9 @@ class GpuBackend:
         step met one, seconds in the middle of serving."""
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
-        for split_class in range(1, MAX_SPLIT_CLASS + 1):
-            splits = 1 << (split_class - 1)  # 1, 2, 4, … 64, on the batch that fills the SMs with them
+        # 1, 2, 4, … 64 splits tune the classes, each on the batch that fills the SMs with them; 128 and
+        # 256 share the last class and compile the merge for their power-of-two padding
+        for splits in (1 << i for i in range(MAX_SPLITS.bit_length())):
             batch = min(256, max(1, -(-4 * self._num_sms // (splits * k_cache.shape[1]))))
             tune_decode(k_cache, v_cache, num_heads, page_size, batch, splits, scale)
         num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
