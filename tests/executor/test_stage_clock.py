@@ -15,12 +15,18 @@ def _queue_work(x: torch.Tensor) -> torch.cuda.Event:
     return torch.cuda.current_stream().record_event()
 
 
+def _idle_clock(is_timed: bool) -> tuple[torch.Tensor, StageClock]:
+    """A matrix to multiply and a stage clock, with the GPU idle."""
+    x = torch.randn(8192, 8192, device="cuda")
+    clock = StageClock(torch.device("cuda"), is_timed=is_timed)
+    torch.cuda.synchronize()
+    return x, clock
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(60)
 def test_a_stage_reports_once_queued_and_after_the_previous_micro_batch_ran():
-    x = torch.randn(8192, 8192, device="cuda")
-    clock = StageClock(torch.device("cuda"), is_timed=False)
-    torch.cuda.synchronize()
+    x, clock = _idle_clock(is_timed=False)
     first = _queue_work(x)
     clock.done_s()
     assert not first.query()  # reported while its kernels still run
@@ -34,9 +40,7 @@ def test_a_stage_reports_once_queued_and_after_the_previous_micro_batch_ran():
 @pytest.mark.gpu
 @pytest.mark.timeout(60)
 def test_with_a_trace_a_stage_reports_once_its_kernels_ran():
-    x = torch.randn(8192, 8192, device="cuda")
-    clock = StageClock(torch.device("cuda"), is_timed=True)
-    torch.cuda.synchronize()
+    x, clock = _idle_clock(is_timed=True)
     queued = _queue_work(x)
     clock.done_s()
     assert queued.query()

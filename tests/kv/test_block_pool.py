@@ -103,3 +103,11 @@ def test_a_request_grows_in_place_and_short_ones_take_the_top():
     assert pool.allocate(3, low=False) == [12, 14, 15]  # free: 7..12, 14, 15
     assert pool.allocate(2, after=6, low=False) == [7, 8]
     assert pool.num_free_blocks == 3 and pool.allocate(3) == [9, 10, 11]
+
+
+def test_stale_heap_entries_stay_bounded_whichever_end_allocates():
+    pool = BlockPool(100, 4)
+    for _ in range(3000):  # every block comes from the low end, so the high heap is never popped
+        pool.free(pool.allocate(1))
+    assert max(len(pool._lowest), len(pool._highest)) <= 4 * 100 + 1024 + 1
+    assert pool.allocate(100, low=False) == list(range(100))

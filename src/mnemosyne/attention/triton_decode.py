@@ -106,7 +106,7 @@ MAX_SPLIT_CLASS = 7
 
 def split_class(num_splits: int) -> int:
     """The decode kernel's tuning class of a split count: its bit length (1, 2-3, 4-7, …, 64 and up),
-    so the graph buckets' warm-up (1 to 66 splits) tunes every class an eager step can meet."""
+    few enough that `GpuBackend.warm_up` tunes every class before serving."""
     return min(num_splits.bit_length(), MAX_SPLIT_CLASS)
 
 
@@ -133,10 +133,11 @@ def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int
 
 DECODE_MIN_SPAN = 1024
 """Shortest stretch of context one split of a row walks, in a batch whose rows alone fill the SMs
-(`decode_min_span`): its short rows then use few of the splits and its long rows many. With SPAN_TOKENS below, the best or tied-best split policy on every
-batch that `benchmarks/gpu_kernels.py --only scattered` timed on an H200 (2026-11-21): a 64K row
-among 63 of 1K read in 0.210 ms against 0.710 ms with splits from the batch size alone, 137 scattered
-contexts 0.449 against 0.512 ms, uniform and single-row batches unchanged."""
+(`decode_min_span`): its short rows then use few of the splits and its long rows many. With
+SPAN_TOKENS below, the best or tied-best split policy on every batch that
+`benchmarks/gpu_kernels.py --only scattered` timed on an H200 (2026-11-21): a 64K row among 63 of
+1K read in 0.210 ms against 0.710 ms with splits from the batch size alone, 137 scattered contexts
+0.449 against 0.512 ms, uniform and single-row batches unchanged."""
 
 SPAN_TOKENS = 2048
 """An eager step gives its longest row at least one split per this many tokens."""

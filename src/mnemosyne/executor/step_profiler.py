@@ -1,7 +1,8 @@
 """A window of a worker's steps under torch.profiler, for finding where a step's time goes on the
 device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT]] profiles steps FIRST..FIRST+COUNT-1 (default 50,
-10) and writes DIR/rank<R>.json (a Chrome trace) and DIR/rank<R>.txt (rank<R>-1… for later engines) (kernels by total device time,
-with the window's wall time and the share of it the device was busy). Off when the variable is unset."""
+10) and writes DIR/rank<R>.json, a Chrome trace, and DIR/rank<R>.txt: kernels by total device time,
+with the window's wall time and device-busy time per step. A later engine of the same process
+writes rank<R>-1, rank<R>-2, … Off when the variable is unset."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class BlockPool:
                 out.append(block)
                 block += 1
         rest = min(num_blocks - len(out), len(self._free))
-        out.extend(self._take_lowest(rest) if low else sorted(self._take_highest(rest)))
+        out.extend(self._take(self._lowest, 1, rest) if low else sorted(self._take(self._highest, -1, rest)))
         while len(out) < num_blocks:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
@@ -82,19 +82,11 @@ class BlockPool:
             self._num_refs[block] = 1
         return out
 
-    def _take_lowest(self, count: int) -> list[int]:
+    def _take(self, heap: list[int], sign: int, count: int) -> list[int]:
+        """count empty blocks off one of the heaps (sign -1: the one of negated ids), skipping stale entries."""
         out = []
         while len(out) < count:
-            block = heapq.heappop(self._lowest)
-            if block in self._free:
-                self._free.remove(block)
-                out.append(block)
-        return out
-
-    def _take_highest(self, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            block = -heapq.heappop(self._highest)
+            block = sign * heapq.heappop(heap)
             if block in self._free:
                 self._free.remove(block)
                 out.append(block)
@@ -104,7 +96,8 @@ class BlockPool:
         self._free.add(block)
         heapq.heappush(self._lowest, block)
         heapq.heappush(self._highest, -block)
-        if len(self._lowest) > 4 * len(self._free) + 1024:  # drop stale entries now and then
+        # Drop stale entries now and then; each heap only loses them when popped itself
+        if max(len(self._lowest), len(self._highest)) > 4 * len(self._free) + 1024:
             self._lowest = sorted(self._free)
             self._highest = [-b for b in reversed(self._lowest)]
 
