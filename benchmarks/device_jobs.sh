@@ -6,5 +6,10 @@ set -uo pipefail
 . benchmarks/device_env.sh
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 python3 benchmarks/gpu_jobs.py "benchmarks/jobs/$1" --deadline "${2:-560}" --out "$out/run"
-# Few files come back from a call: everything travels as one archive.
+# Few files come back from a call, each at most 16 MiB: everything travels as one archive, less any
+# file over 4 MiB (named here), and in 15 MiB parts should it still be larger (cat results.tgz.* | tar -xz).
+find "$out/run" -type f -size +4M -printf 'dropped (over 4 MiB): %p %s bytes\n' -delete
 tar -czf "$out/results.tgz" -C "$out/run" . && rm -rf "$out/run"
+if [ "$(stat -c %s "$out/results.tgz")" -gt 15000000 ]; then
+  split -b 15000000 -d "$out/results.tgz" "$out/results.tgz." && rm "$out/results.tgz"
+fi

@@ -20,7 +20,15 @@ def test_the_window_covers_the_chosen_steps_only(tmp_path):
     assert marks == [False, False, True, True, True, False, False, False]
     text = (tmp_path / "rank3.txt").read_text()
     assert text.startswith("3 steps: wall ") and "aten::matmul" in text
-    assert json.loads((tmp_path / "rank3.json").read_text())["traceEvents"]
+    assert not (tmp_path / "rank3.json").exists()  # the Chrome trace is opt-in
+
+
+def test_trace_writes_a_chrome_trace(tmp_path):
+    profiler = StepProfiler(1, torch.device("cpu"), f"{tmp_path}:0:1:trace")
+    profiler.before_step()
+    torch.ones(8, 8).sum()
+    profiler.after_step()
+    assert json.loads((tmp_path / "rank1.json").read_text())["traceEvents"]
 
 
 def test_unset_means_off(monkeypatch, tmp_path):

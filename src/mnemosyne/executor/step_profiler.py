@@ -1,8 +1,9 @@
 """A window of a worker's steps under torch.profiler, for finding where a step's time goes on the
-device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT]] profiles steps FIRST..FIRST+COUNT-1 (default 50,
-10) and writes DIR/rank<R>.json, a Chrome trace, and DIR/rank<R>.txt: kernels by total device time,
-with the window's wall time and device-busy time per step. A later engine of the same process
-writes rank<R>-1, rank<R>-2, … Off when the variable is unset."""
+device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT[:trace]]] profiles steps FIRST..FIRST+COUNT-1
+(default 50, 10) and writes DIR/rank<R>.txt: kernels by total device time, with the window's wall
+time and device-busy time per step; with `trace`, also DIR/rank<R>.json, a Chrome trace (tens of MB
+and minutes to write for a window of large steps, so it is opt-in). A later engine of the same
+process writes rank<R>-1, rank<R>-2, … Off when the variable is unset."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class StepProfiler:
         self.out_dir = Path(directory)
         self.first = int(numbers[0]) if numbers else 50
         self.count = int(numbers[1]) if len(numbers) > 1 else 10
+        self.trace = len(numbers) > 2 and numbers[2] == "trace"
 
     def before_step(self) -> None:
         if self.out_dir is None or self._step != self.first:
@@ -52,7 +54,8 @@ class StepProfiler:
         name, n = f"rank{self.rank}", 1
         while (self.out_dir / f"{name}.txt").exists():  # a second engine in the same run
             name, n = f"rank{self.rank}-{n}", n + 1
-        self._profiler.export_chrome_trace(str(self.out_dir / f"{name}.json"))
+        if self.trace:
+            self._profiler.export_chrome_trace(str(self.out_dir / f"{name}.json"))
         events = self._profiler.key_averages()
         device_us = sum(e.self_device_time_total for e in events)
         table = events.table(sort_by="self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total",
