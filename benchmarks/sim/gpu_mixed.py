@@ -80,6 +80,8 @@ def main() -> None:
     base = EngineConfig(model=args.model, device=args.device, tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms,
                         latency_profile=args.profile, max_model_len=args.long_tokens + 4096)
     rows = {}
+    print(f"| run | short TTFT p50 | short TTFT p99 | long TTFT | TBT p50 | TBT p99 | TBT max |\n|{'---|' * 7}",
+          flush=True)
     for scheduler, chunking, cap in RUNS:
         config = replace(base, scheduler=scheduler, chunking=chunking, max_num_batched_tokens=cap)
         device = detect_device(args.device)
@@ -91,12 +93,14 @@ def main() -> None:
             summary = summarize(result, deadlines.deadline_s, args.tbt_slo_ms / 1e3, long_threshold=min(32768, args.long_tokens))
             summary.pop("series")
             rows[f"{scheduler}+{chunking} {name}"] = summary
-    (out / "gpu_mixed.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"| run | short TTFT p50 | short TTFT p99 | long TTFT | TBT p50 | TBT p99 | TBT max |\n|{'---|' * 7}")
-    for name, s in rows.items():
-        print(f"| {name} | {s['short']['ttft_s']['p50']:.3f} s | {s['short']['ttft_s']['p99']:.3f} s | "
-              f"{s['long']['ttft_s']['max']:.2f} s | {s['all']['tbt_s']['p50'] * 1e3:.1f} ms | "
-              f"{s['all']['tbt_s']['p99'] * 1e3:.1f} ms | {s['all']['tbt_s']['max'] * 1e3:.0f} ms |")
+            print_row(f"{scheduler}+{chunking} {name}", summary)  # as each run ends: a killed job still reports
+        (out / "gpu_mixed.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def print_row(name: str, s: dict) -> None:
+    print(f"| {name} | {s['short']['ttft_s']['p50']:.3f} s | {s['short']['ttft_s']['p99']:.3f} s | "
+          f"{s['long']['ttft_s']['max']:.2f} s | {s['all']['tbt_s']['p50'] * 1e3:.1f} ms | "
+          f"{s['all']['tbt_s']['p99'] * 1e3:.1f} ms | {s['all']['tbt_s']['max'] * 1e3:.0f} ms |", flush=True)
 
 
 def config_model(config: EngineConfig):

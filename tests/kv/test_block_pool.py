@@ -92,22 +92,36 @@ def test_a_duplicate_prefix_is_not_indexed_twice_and_misuse_is_refused():
 
 def test_a_request_grows_in_place_and_short_ones_take_the_top():
     pool = BlockPool(16, 4)
-    long = pool.allocate(3)  # a prompt of several chunks: the lowest blocks
-    short = pool.allocate(2, low=False)  # one chunk: the highest, ascending
+    long = pool.allocate(3, run=5, owner="long")  # a long prompt: the start of a run that holds it
+    short = pool.allocate(2)  # everything else: the highest, ascending
     assert long == [0, 1, 2] and short == [14, 15]
     assert pool.allocate(2, after=long[-1]) == [3, 4]  # the long prompt's next chunk, right after it
-    assert pool.allocate(1, after=short[-1], low=False) == [13]  # nothing after 15: the highest left
+    assert pool.allocate(1, after=short[-1]) == [13]  # nothing after 15: the highest left
     pool.free([4])
     assert pool.allocate(3, after=3) == [4, 5, 6]  # a freed block is empty again, and taken in place
     pool.free([14, 15])
-    assert pool.allocate(3, low=False) == [12, 14, 15]  # free: 7..12, 14, 15
-    assert pool.allocate(2, after=6, low=False) == [7, 8]
+    assert pool.allocate(3) == [12, 14, 15]  # free: 7..12, 14, 15
+    assert pool.allocate(2, after=6) == [7, 8]
     assert pool.num_free_blocks == 3 and pool.allocate(3) == [9, 10, 11]
 
 
-def test_stale_heap_entries_stay_bounded_whichever_end_allocates():
+def test_long_prompts_claim_the_lowest_run_that_holds_them():
+    pool = BlockPool(32, 4)
+    pool.free(pool.allocate(3, run=3, owner="s")[:2])  # block 2 stays in use: 0, 1 is a short hole
+    pool.unclaim("s")
+    a = pool.allocate(2, run=10, owner="a")  # the lowest run of 10 empty blocks starts at 3
+    b = pool.allocate(2, run=6, owner="b")  # 5..12 is empty but a's: b starts after a's run
+    assert a == [3, 4] and b == [13, 14]
+    assert pool.allocate(2, after=4) == [5, 6]  # a grows in place
+    assert pool.allocate(1, run=40, owner="c") == [19]  # no run of 40: the longest outside the claims
+    assert pool.allocate(1) == [31]  # claims are soft: the top is taken as ever
+    pool.unclaim("a")  # a's unused 7..12 is open to others again
+    assert pool.allocate(1, run=8, owner="d") == [7]  # the longest: 7..12, not 0, 1
+
+
+def test_stale_heap_entries_stay_bounded():
     pool = BlockPool(100, 4)
-    for _ in range(3000):  # every block comes from the low end, so the high heap is never popped
-        pool.free(pool.allocate(1))
-    assert max(len(pool._lowest), len(pool._highest)) <= 4 * 100 + 1024 + 1
-    assert pool.allocate(100, low=False) == list(range(100))
+    for _ in range(3000):  # blocks taken in place leave stale entries in the heap of highest blocks
+        pool.free(pool.allocate(1, after=41) if 42 in pool._free else pool.allocate(1))
+    assert len(pool._highest) <= 4 * 100 + 1024 + 1
+    assert pool.allocate(100) == list(range(100))

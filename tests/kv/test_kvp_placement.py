@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from mnemosyne.kv import kvp_placement
 from mnemosyne.kv.kvp_placement import KvpPlacement
 from mnemosyne.plan import StepPlan
 from mnemosyne.request import Request, SamplingParams
@@ -65,6 +66,24 @@ def test_blocks_come_from_the_group_of_their_shard():
     per_shard = L // BLOCK
     for i, block in enumerate(req.block_ids):
         assert block // sched.pool.blocks_per_group == groups[i // per_shard]
+
+
+def test_a_long_prompt_claims_a_run_in_each_group_until_it_is_freed(monkeypatch):
+    monkeypatch.setattr(kvp_placement, "RUN_MIN_TOKENS", 150)
+    sched = kvp_scheduler(num_groups=3)
+    long = add(sched, "long", 150, max_tokens=4)  # 154 tokens: shards of 4, 4 and 2 blocks
+    add(sched, "chat", 40, max_tokens=30)  # a short prompt: no claim
+    plan = sched.schedule()  # the budget of 48 goes to the long prompt's first chunk
+    groups = sched.pool.group_ids("long")
+    claims = []
+    while sched.has_unfinished:
+        land(sched, plan)
+        claims.append({g: {o: (r.start, r.stop) for o, r in pool._claims.items()}
+                       for g, pool in enumerate(sched.pool.pools) if pool._claims})
+        plan = sched.schedule()
+    # each shard's prompt blocks claimed as one run at the bottom of its group, dropped with the request
+    assert {groups[0]: {"long": (0, 4)}, groups[1]: {"long": (0, 4)}, groups[2]: {"long": (0, 2)}} in claims
+    assert long.is_finished and claims[-1] == {}
 
 
 def test_a_long_request_reserves_all_its_groups_at_admission():

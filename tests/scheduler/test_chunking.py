@@ -157,22 +157,26 @@ def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
     assert budget.fit(200_000, 10_000, 0.0) < budget.fit(200_000, 1_000_000, 0.0)
 
 
-def test_a_long_prompt_among_short_ones_stays_one_run_of_blocks():
-    """LARS with adaptive chunks: short prompts arrive, ride along and leave while a long one is
-    prefilled. The long prompt's blocks stay consecutive, so each of its chunks attends to its
-    earlier KV as one run (one cuDNN call a layer), not as a run per earlier chunk."""
+def test_long_prompts_among_short_ones_stay_one_run_of_blocks_each():
+    """LARS with adaptive chunks: short prompts, some long enough to take several chunks, arrive, ride
+    along and leave while two long ones are prefilled. Each long prompt's blocks stay consecutive, so
+    each of its chunks attends to its earlier KV as one run (one cuDNN call a layer), not as a run per
+    earlier chunk."""
     deadlines = Deadlines(synthetic_model().prefill_work_s, ttft_slo_s=2.0)
     chunking, model = adaptive()
     sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.5)), chunking=chunking)
-    long = add(sched, "long", 60_000, 0.0, max_tokens=1)
-    shorts, blocks, num_chunks = [], [], 0
+    longs = [add(sched, "long0", 60_000, 0.0, max_tokens=1), add(sched, "long1", 40_000, 0.0, max_tokens=1)]
+    shorts, blocks, chunks_of = [], {}, {}
     for step in itertools.count():
         if step % 2 == 0:
-            shorts.append(add(sched, f"short{step}", 200 + 37 * (step % 5), clock.now_s, max_tokens=2))
+            shorts.append(add(sched, f"short{step}", 200 + 461 * (step % 5), clock.now_s, max_tokens=2))
         plan = run_steps(sched, clock, model, 1)[0]
-        num_chunks += any(c.request_id == "long" for c in plan.chunks)
-        if long.num_computed_tokens == long.num_prompt_tokens:
+        for c in plan.chunks:
+            chunks_of[c.request_id] = chunks_of.get(c.request_id, 0) + 1
+        if all(r.num_computed_tokens == r.num_prompt_tokens for r in longs):
             break
-        blocks = list(long.block_ids)
-    assert num_chunks > 10 and sum(r.is_finished for r in shorts) > 10
-    assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        blocks.update({r.request_id: list(r.block_ids) for r in longs if r.block_ids})
+    assert min(chunks_of["long0"], chunks_of["long1"]) > 10 and sum(r.is_finished for r in shorts) > 10
+    assert sum(chunks_of.get(r.request_id, 0) > 1 for r in shorts) > 5  # shorts of several chunks too
+    for ids in blocks.values():
+        assert ids == list(range(ids[0], ids[0] + len(ids)))

@@ -9,17 +9,20 @@ block in use is never evicted, so eviction can never touch a running request's K
 
 Where empty blocks go: a request's KV should sit in few runs of consecutive blocks, because a long
 prompt's later chunks attend to its earlier ones run by run (one cuDNN call per run and layer). So a
-request grows in place (`after`: its last block) while the blocks there are empty, prompts that take
-several chunks take the lowest empty blocks, and everything else (prompts of one chunk, decode
-growth) the highest, in ascending order. Short requests then come and go at the top while a long
-prompt grows at the bottom, instead of cutting it into a run per chunk.
+request grows in place (`after`: its last block) while the blocks there are empty. A long prompt
+(`run`: the blocks it will need) starts the lowest run of empty blocks that holds all of it, and
+claims that run: no other long prompt starts inside it while it grows there chunk by chunk.
+Everything else (short prompts, in one chunk or several, and decode growth) takes the highest empty
+blocks, in ascending order. Short requests then come and go at the top while long prompts grow at the
+bottom, instead of being cut into a run per chunk. Claims are soft: when the top runs out, short
+requests take claimed blocks too.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 
 class BlockPool:
@@ -30,9 +33,10 @@ class BlockPool:
         self.block_size = block_size
         self._free: set[int] = set(range(num_blocks))
         """Free blocks that hold no cached prefix."""
-        self._lowest: list[int] = list(range(num_blocks))
         self._highest: list[int] = [-b for b in reversed(range(num_blocks))]
-        """Min-heaps over _free (of ids, of negated ids) with stale entries, skipped when popped."""
+        """A min-heap of negated ids over _free, with stale entries (skipped when popped)."""
+        self._claims: dict[Hashable, range] = {}
+        """Each long prompt's run of blocks, by owner: where it grows and no other run starts."""
         self._evictable: OrderedDict[int, None] = OrderedDict()
         """Free blocks that still hold a cached prefix, least recently freed first."""
         self._num_refs = [0] * num_blocks
@@ -57,22 +61,25 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, num_blocks: int, after: int | None = None, low: bool = True) -> list[int]:
-        """Take num_blocks free blocks: the empty ones right after block `after` (a request's last),
-        then the lowest empty ones (low) or the highest (not low, returned in ascending order), then
-        cached ones, least recently freed first. Raises RuntimeError if there are not enough (check
-        first)."""
+    def allocate(self, num_blocks: int, after: int | None = None, run: int | None = None,
+                 owner: Hashable = None) -> list[int]:
+        """Take num_blocks free blocks: the empty ones right after block `after` (a request's last);
+        then, for a long prompt (run: the blocks it still needs, num_blocks included), the start of
+        the lowest unclaimed run of that many empty blocks (else the longest), which `owner` claims;
+        then the highest empty ones, in ascending order; then cached ones, least recently freed
+        first. Raises RuntimeError if there are not enough (check first)."""
         if num_blocks > self.num_free_blocks:
             raise RuntimeError(f"asked for {num_blocks} KV blocks with {self.num_free_blocks} free")
         out = []
         if after is not None:
-            block = after + 1
-            while len(out) < num_blocks and block in self._free:
-                self._free.remove(block)
-                out.append(block)
-                block += 1
+            self._take_from(after + 1, num_blocks, out)
+        if len(out) < num_blocks and run is not None:
+            start, length = self._find_run(max(run, num_blocks - len(out)), owner)
+            if length:
+                self._claims[owner] = range(start, start + length)
+                self._take_from(start, num_blocks, out)
         rest = min(num_blocks - len(out), len(self._free))
-        out.extend(self._take(self._lowest, 1, rest) if low else sorted(self._take(self._highest, -1, rest)))
+        out.extend(sorted(self._take_highest(rest)))
         while len(out) < num_blocks:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
@@ -82,11 +89,41 @@ class BlockPool:
             self._num_refs[block] = 1
         return out
 
-    def _take(self, heap: list[int], sign: int, count: int) -> list[int]:
-        """count empty blocks off one of the heaps (sign -1: the one of negated ids), skipping stale entries."""
+    def unclaim(self, owner: Hashable) -> None:
+        """Drop owner's claim on a run (its prompt is done, or it was freed); none is fine."""
+        self._claims.pop(owner, None)
+
+    def _take_from(self, block: int, num_blocks: int, out: list[int]) -> None:
+        """Append to out the empty blocks from `block` on, up to the first one that is not, until it holds num_blocks."""
+        while len(out) < num_blocks and block in self._free:
+            self._free.remove(block)
+            out.append(block)
+            block += 1
+
+    def _find_run(self, length: int, owner: Hashable) -> tuple[int, int]:
+        """(start, length) of the lowest run of `length` empty blocks outside other owners' claims,
+        else of the longest such run; length 0 if there is none. O(free blocks), once per long prompt."""
+        claimed = sorted((r.start, r.stop) for o, r in self._claims.items() if o != owner)
+        best, start, previous, c = (0, 0), None, None, 0
+        for block in sorted(self._free):
+            while c < len(claimed) and claimed[c][1] <= block:
+                c += 1
+            if c < len(claimed) and claimed[c][0] <= block:
+                continue  # inside another prompt's run
+            if start is None or block != previous + 1:
+                start = block
+            previous = block
+            if previous - start + 1 >= length:
+                return start, length
+            if previous - start + 1 > best[1]:
+                best = (start, previous - start + 1)
+        return best
+
+    def _take_highest(self, count: int) -> list[int]:
+        """count empty blocks, the highest first, skipping the heap's stale entries."""
         out = []
         while len(out) < count:
-            block = sign * heapq.heappop(heap)
+            block = -heapq.heappop(self._highest)
             if block in self._free:
                 self._free.remove(block)
                 out.append(block)
@@ -94,12 +131,10 @@ class BlockPool:
 
     def _release(self, block: int) -> None:
         self._free.add(block)
-        heapq.heappush(self._lowest, block)
         heapq.heappush(self._highest, -block)
-        # Drop stale entries now and then; each heap only loses them when popped itself
-        if max(len(self._lowest), len(self._highest)) > 4 * len(self._free) + 1024:
-            self._lowest = sorted(self._free)
-            self._highest = [-b for b in reversed(self._lowest)]
+        # Drop stale entries now and then: blocks taken in place or from a run leave theirs behind
+        if len(self._highest) > 4 * len(self._free) + 1024:
+            self._highest = [-b for b in sorted(self._free, reverse=True)]
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference to each block. A block nobody uses any more becomes free: evictable if it

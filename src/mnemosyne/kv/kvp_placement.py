@@ -29,6 +29,10 @@ from mnemosyne.request import Request
 
 logger = logging.getLogger(__name__)
 
+RUN_MIN_TOKENS = 8192
+"""Prompts at least this long start a claimed run of blocks that holds the whole prompt (see
+kv/block_pool.py): their chunks attend to the prompt's earlier KV run by run, one cuDNN call each."""
+
 
 def group_of_block(block_id: int, blocks_per_group: int) -> tuple[int, int]:
     """(group, local block id) of a global block id."""
@@ -297,10 +301,12 @@ class KvpPlacement:
             if count > self.available_blocks(group):
                 raise RuntimeError(f"group {group} has no {count} free KV blocks for {request.request_id}")
             base = group * self.blocks_per_group
-            # Grow in place after the shard's last block; a prompt of several chunks at the bottom
+            # Grow in place after the shard's last block; a long prompt in a run that holds its shard
             last = request.block_ids[-1] - base if start % self._blocks_per_shard else None
-            low = num_tokens < request.num_prompt_tokens
-            request.block_ids.extend(base + b for b in self.pools[group].allocate(count, last, low))
+            prompt_end = min(self.blocks_for(request.num_prompt_tokens), (shard + 1) * self._blocks_per_shard)
+            run = prompt_end - start if request.num_prompt_tokens >= RUN_MIN_TOKENS and prompt_end > start else None
+            request.block_ids.extend(
+                base + b for b in self.pools[group].allocate(count, last, run, owner=request.request_id))
             start += count
 
     def free(self, request: Request) -> None:
@@ -313,6 +319,7 @@ class KvpPlacement:
             return
         for group, left in zip(placement.group_ids, placement.reserved_blocks, strict=True):
             self._reserved[group] -= left
+            self.pools[group].unclaim(request.request_id)
         # last position first: a cached prefix's tail is evicted before the head that every hit needs
         for group, local_ids in self._by_group(reversed(request.block_ids)).items():
             self.pools[group].free(local_ids)
