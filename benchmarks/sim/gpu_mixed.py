@@ -76,20 +76,17 @@ def main() -> None:
     parser.add_argument("--runs", default="lars,fcfs", help="which of lars, fcfs to run")
     parser.add_argument("--cudnn-ragged", choices=["auto", "on", "off"], default="auto",
                         help="cuDNN's ragged path (auto: on, as with any --tbt-slo-ms)")
-    parser.add_argument("--small-chunk-rows", type=int, default=None,
+    parser.add_argument("--triton-chunk-rows", type=int, default=None,
                         help="query rows per kv head up to which a chunk goes to the Triton chunk kernel "
-                             "(attention/gpu.py's SMALL_CHUNK_ROWS; this process runs the engine in-process)")
+                             "(default: the engine's, 8192 under a TBT SLO)")
     args = parser.parse_args()
-    if args.small_chunk_rows is not None:
-        import mnemosyne.attention.gpu as gpu_attention
-
-        gpu_attention.SMALL_CHUNK_ROWS = args.small_chunk_rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = workload(args.long_tokens, args.duration_s, args.rate)
     base = EngineConfig(model=args.model, device=args.device, tbt_slo_ms=args.tbt_slo_ms, ttft_slo_ms=args.ttft_slo_ms,
                         latency_profile=args.profile, max_model_len=args.long_tokens + 4096,
-                        cudnn_ragged={"auto": None, "on": True, "off": False}[args.cudnn_ragged])
+                        cudnn_ragged={"auto": None, "on": True, "off": False}[args.cudnn_ragged],
+                        triton_chunk_rows=args.triton_chunk_rows)
     rows = {}
     print(f"| run | short TTFT p50 | short TTFT p99 | long TTFT | TBT p50 | TBT p99 | TBT max |\n|{'---|' * 7}",
           flush=True)

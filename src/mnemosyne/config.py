@@ -141,6 +141,13 @@ class ModelConfig:
         )
 
 
+LONE_TRITON_CHUNK_ROWS = 512
+"""Query rows per kv head up to which a chunk goes to the Triton chunk kernel when steps carry one
+prompt's chunks (no --tbt-slo-ms): 128 tokens at group 4, the measured crossover with cuDNN."""
+SERVING_TRITON_CHUNK_ROWS = 8192
+"""The same under a --tbt-slo-ms, where steps are bound by launches: 2048 tokens at group 4."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything a user chooses about one engine instance. Validated here, never mutated."""
@@ -198,6 +205,13 @@ class EngineConfig:
     for every new chunk and prefix length. Its kernels run 13-22% slower (benchmarks/cudnn_replan.py).
     Default: on with a --tbt-slo-ms, where a 45 ms stall would break the SLO of every decode batched
     with a long prompt's chunk; off otherwise (a plan per 16K chunk is under 4% of its time)."""
+    triton_chunk_rows: int | None = None
+    """GPU backend: chunks of at most this many query rows per kv head (GQA group × chunk tokens) go to
+    the Triton paged chunk kernel, all of a step's in one launch a layer; longer ones to cuDNN, a call
+    per prefix run. Default: 8192 (2048 tokens at group 4) with a --tbt-slo-ms, where steps mix decodes
+    with several prefills and are bound by launches: on an H200, LARS TBT p50/p99 of 64/229 ms became
+    38/93 ms (benchmarks/RESULTS.md); 512 otherwise, where cuDNN runs a lone prompt's chunks of 256
+    tokens or more faster (benchmarks/gpu_kernels.py --only short)."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
@@ -218,6 +232,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel_size", "pipeline_parallel_size", "kv_parallel_size",
                   "block_size", "max_num_batched_tokens", "max_num_seqs")
+        if self.triton_chunk_rows is not None and self.triton_chunk_rows < 0:
+            raise ValueError(f"--triton-chunk-rows must be 0 or more, got {self.triton_chunk_rows}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -242,6 +258,12 @@ class EngineConfig:
     @property
     def uses_cudnn_ragged(self) -> bool:
         return self.tbt_slo_ms is not None if self.cudnn_ragged is None else self.cudnn_ragged
+
+    @property
+    def chunk_rows_to_triton(self) -> int:
+        if self.triton_chunk_rows is not None:
+            return self.triton_chunk_rows
+        return SERVING_TRITON_CHUNK_ROWS if self.tbt_slo_ms is not None else LONE_TRITON_CHUNK_ROWS
 
     @property
     def world_size(self) -> int:

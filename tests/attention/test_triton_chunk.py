@@ -109,21 +109,27 @@ LONG = (200, 140, list(range(45, 95)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_routes_mixed_batch(dtype, triton_device):
+@pytest.mark.parametrize("long_to_triton", [False, True])
+def test_backend_routes_mixed_batch(dtype, long_to_triton, triton_device):
+    """The long chunk goes to cuDNN (so only on a GPU) at the default split, and joins the short ones
+    in the Triton launch when the split is raised (as under a TBT SLO)."""
     from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
 
-    requests = ROUTED[:4] + ([LONG] if triton_device == "cuda" else []) + ROUTED[4:]
+    with_long = long_to_triton or triton_device == "cuda"
+    requests = ROUTED[:4] + ([LONG] if with_long else []) + ROUTED[4:]
     assert 4 * LONG[1] > SMALL_CHUNK_ROWS >= 4 * max(n for _, n, _ in ROUTED)
     batch = build_paged_batch(requests, num_blocks=96, dtype=dtype, device=triton_device)
     meta = dataclasses.replace(batch.meta, is_prefix_only=tuple(r is PREFIX_ONLY for r in requests))
     ref_out, ref_lse = ReferenceBackend().forward(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
                                                   meta, SCALE)
-    backend = GpuBackend(num_sms=8)
+    backend = GpuBackend(num_sms=8, small_chunk_rows=4 * LONG[1] if long_to_triton else SMALL_CHUNK_ROWS)
     for _ in range(2):  # the second layer reuses the step's chunk table
         out, lse = backend.forward(batch.q, batch.k_cache, batch.v_cache, meta, SCALE)
         assert out.dtype == dtype and lse.dtype == torch.float32
         torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+    num_to_cudnn = with_long and not long_to_triton
+    assert len(backend._short_chunks(meta, 4).requests) == meta.num_requests - meta.num_decodes - num_to_cudnn
 
 
 def test_warm_up_runs_every_tile_height_before_serving(triton_device, monkeypatch):

@@ -65,7 +65,7 @@ def test_unknown_model_string():
 
 
 @pytest.mark.parametrize("flag, value", [("tensor_parallel_size", 0), ("dtype", "fp8"), ("device", "tpu"),
-                                         ("max_num_batched_tokens", -1)])
+                                         ("max_num_batched_tokens", -1), ("triton_chunk_rows", -1)])
 def test_invalid_engine_flags_name_the_flag(flag, value):
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         LLM("dummy:tiny", **{flag: value})

@@ -30,3 +30,20 @@ def test_cudnn_ragged_is_set_before_the_first_attention_call(monkeypatch):
     assert "TORCH_CUDNN_SDPA_AVOID_RECOMPILE" not in os.environ
     LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", cudnn_ragged=True)).shutdown()
     assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "1"
+
+
+def test_the_triton_chunk_split_follows_the_tbt_slo_unless_set(monkeypatch):
+    """Under a TBT SLO, chunks of up to 2048 tokens (group 4) go to the one Triton launch; otherwise
+    only those up to 128; an explicit --triton-chunk-rows wins. The worker hands it to its backend."""
+    from mnemosyne.attention import backend as attention_backend
+    from mnemosyne.config import LONE_TRITON_CHUNK_ROWS, SERVING_TRITON_CHUNK_ROWS
+
+    assert EngineConfig().chunk_rows_to_triton == LONE_TRITON_CHUNK_ROWS == 512
+    assert EngineConfig(tbt_slo_ms=50).chunk_rows_to_triton == SERVING_TRITON_CHUNK_ROWS == 8192
+    assert EngineConfig(tbt_slo_ms=50, triton_chunk_rows=1024).chunk_rows_to_triton == 1024
+    seen = []
+    select = attention_backend.select_backend
+    monkeypatch.setattr("mnemosyne.executor.worker.select_backend",
+                        lambda name, device, dtype, rows: seen.append(rows) or select(name, device, dtype, rows))
+    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", tbt_slo_ms=50)).shutdown()
+    assert seen == [8192]

@@ -144,9 +144,11 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
     return out.to(outs[0].dtype), lse
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionBackend:
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                   triton_chunk_rows: int | None = None) -> AttentionBackend:
     """Backend by name; 'auto' picks the fastest exact one for the device and dtype: the Triton and
-    cuDNN kernels on a GPU in bf16/fp16, torch's fused CPU kernel on CPU, the reference otherwise."""
+    cuDNN kernels on a GPU in bf16/fp16, torch's fused CPU kernel on CPU, the reference otherwise.
+    triton_chunk_rows: the GPU backend's split between its chunk kernels (None: its default)."""
     if name == "auto":
         if device.type == "cuda":
             name = "gpu" if dtype in (torch.bfloat16, torch.float16) else "reference"
@@ -159,7 +161,7 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.f
     if name == "gpu":
         from mnemosyne.attention.gpu import GpuBackend
 
-        return GpuBackend()
+        return GpuBackend() if triton_chunk_rows is None else GpuBackend(small_chunk_rows=triton_chunk_rows)
     from mnemosyne.attention.sdpa import SdpaBackend
 
     return SdpaBackend()

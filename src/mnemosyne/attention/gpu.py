@@ -14,10 +14,12 @@ from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
 from mnemosyne.attention.triton_decode import MAX_SPLITS, decode_min_span, decode_splits, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
+from mnemosyne.config import LONE_TRITON_CHUNK_ROWS
 
-SMALL_CHUNK_ROWS = 512
+SMALL_CHUNK_ROWS = LONE_TRITON_CHUNK_ROWS
 """Query rows per kv head (GQA group × new tokens: 128 tokens at Llama-3-8B's group of 4) up to which
-a chunk goes to the split Triton kernel rather than cuDNN. cuDNN gives each kv head one program per
+a chunk goes to the split Triton kernel rather than cuDNN, by default; the engine sets it per run
+(EngineConfig.triton_chunk_rows: 8192 when serving under a TBT SLO, where steps are launch-bound). cuDNN gives each kv head one program per
 128-row query tile whatever the context: the H200 profile measured the same 24 ms (32 layers, 64K
 prefix) for 32- and 128-token chunks, 8 and 32 programs on 132 SMs, against a 2 ms bandwidth floor
 for the first. The Triton kernel splits the context instead. Up to about 200 rows it is bound by
@@ -74,16 +76,14 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     return out, lse
 
 
-def _is_short(num_new: int, group: int) -> bool:
-    return group * num_new <= SMALL_CHUNK_ROWS
-
-
 class GpuBackend:
     supports_cuda_graphs = True
 
-    def __init__(self, num_sms: int | None = None) -> None:
-        """num_sms: streaming multiprocessors that context splits fill; None reads the device's."""
+    def __init__(self, num_sms: int | None = None, small_chunk_rows: int = SMALL_CHUNK_ROWS) -> None:
+        """num_sms: streaming multiprocessors that context splits fill; None reads the device's.
+        small_chunk_rows: query rows per kv head up to which a chunk goes to the Triton chunk kernel."""
         self._num_sms = num_sms
+        self.small_chunk_rows = small_chunk_rows
         self._short: tuple[AttentionMetadata, ShortChunks] | None = None
         """The last step's short chunks, built by its first layer and reused by the others."""
 
@@ -151,7 +151,7 @@ class GpuBackend:
         outs, lses, short_row = [], [], 0
         for i in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            if _is_short(end - start, group):
+            if self._is_short(end - start, group):
                 outs.append(short_out[short_row:short_row + end - start])
                 lses.append(short_lse[short_row:short_row + end - start])
                 short_row += end - start
@@ -165,11 +165,14 @@ class GpuBackend:
             lses.append(lse)
         return outs, lses
 
+    def _is_short(self, num_new: int, group: int) -> bool:
+        return group * num_new <= self.small_chunk_rows
+
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
         """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""
         if self._short is None or self._short[0] is not meta:
             qsl = meta.query_start_loc
-            requests = [i for i in range(meta.num_decodes, meta.num_requests) if _is_short(qsl[i + 1] - qsl[i], group)]
+            requests = [i for i in range(meta.num_decodes, meta.num_requests) if self._is_short(qsl[i + 1] - qsl[i], group)]
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
 

@@ -109,7 +109,7 @@ class Worker:
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
         if config.uses_cudnn_ragged:  # read once, at the process's first cuDNN attention call
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
-        backend = select_backend(config.attention_backend, self.device, self.dtype)
+        backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton)
         if hasattr(backend, "warm_up"):
             backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale)
         if kvp_group.size > 1:
