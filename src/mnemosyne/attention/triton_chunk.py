@@ -29,7 +29,8 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
 configuration is a compile, on a fresh machine, so the list stays short."""
 
 
-@triton.jit(do_not_specialize=["num_splits", "row_blocks", "stride_bt"])  # no compile per new value
+# no compile per new split or row-block count (lse's strides follow the split count): see triton_decode.py
+@triton.jit(do_not_specialize=["num_splits", "row_blocks", "stride_bt", "stride_lt", "stride_lh"])
 def _paged_chunks_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, chunks_ptr, o_ptr, lse_ptr, scale_log2, num_splits, row_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,

@@ -59,7 +59,10 @@ def attend_pages(q, table, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride
     return out, lse
 
 
-@triton.jit(do_not_specialize=["num_splits", "split_class", "min_span", "stride_bt"])  # no compile per new value
+# Triton compiles a kernel again for each new (== 1, % 16 == 0) pattern of its integer arguments; those
+# that follow the split count (lse's strides are multiples of it) must not be specialised on, or the
+# first eager step with, say, 20 splits after warm-up met only powers of two stalls for a compile
+@triton.jit(do_not_specialize=["num_splits", "split_class", "min_span", "stride_bt", "stride_lb", "stride_lh"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, rows_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     scale_log2, num_splits, split_class, min_span,
@@ -198,7 +201,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return merge_splits(o, lse, q.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "num_splits"])  # as the decode kernel's
 def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, out_lse_ptr, src_ptr, dst_ptr, keep_ptr,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
                          stride_outb, stride_outh, stride_olb, stride_olh, num_heads, num_splits,

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # no compile per new row count pattern
 def _merge_pair_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, out_l_ptr, n_rows,
                        HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
