@@ -19,8 +19,8 @@ from mnemosyne.config import LONE_TRITON_CHUNK_ROWS
 SMALL_CHUNK_ROWS = LONE_TRITON_CHUNK_ROWS
 """Query rows per kv head (GQA group × new tokens: 128 tokens at Llama-3-8B's group of 4) up to which
 a chunk goes to the split Triton kernel rather than cuDNN, by default; the engine sets it per run
-(EngineConfig.triton_chunk_rows: 8192 when serving under a TBT SLO, where steps are launch-bound). cuDNN gives each kv head one program per
-128-row query tile whatever the context: the H200 profile measured the same 24 ms (32 layers, 64K
+(EngineConfig.triton_chunk_rows: 8192 when serving under a TBT SLO, where steps are launch-bound).
+cuDNN gives each kv head one program per 128-row query tile whatever the context: the H200 profile measured the same 24 ms (32 layers, 64K
 prefix) for 32- and 128-token chunks, 8 and 32 programs on 132 SMs, against a 2 ms bandwidth floor
 for the first. The Triton kernel splits the context instead. Up to about 200 rows it is bound by
 reading K/V (an H200 does about 200 FLOP per byte read); beyond, by its tensor-core throughput, which

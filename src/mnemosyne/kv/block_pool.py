@@ -102,7 +102,8 @@ class BlockPool:
 
     def _find_run(self, length: int, owner: Hashable) -> tuple[int, int]:
         """(start, length) of the lowest run of `length` empty blocks outside other owners' claims,
-        else of the longest such run; length 0 if there is none. O(free blocks), once per long prompt."""
+        else of the longest such run; length 0 if there is none. O(free blocks): once per long prompt,
+        and again only when another request has taken the block its prompt was to grow into."""
         claimed = sorted((r.start, r.stop) for o, r in self._claims.items() if o != owner)
         best, start, previous, c = (0, 0), None, None, 0
         for block in sorted(self._free):
