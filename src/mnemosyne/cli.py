@@ -23,7 +23,7 @@ _PROGRESS_MIN_PROMPT_TOKENS = 2048
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add [MODEL] and one --flag per EngineConfig field (except model, the positional)."""
-    docs = field_docs(EngineConfig)
+    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(EngineConfig).items()}  # argparse formats help with %
     hints = typing.get_type_hints(EngineConfig)
     parser.add_argument("model", nargs="?", default=EngineConfig.model, help=docs["model"])
     for f in dataclasses.fields(EngineConfig):
