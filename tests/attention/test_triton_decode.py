@@ -61,3 +61,35 @@ def test_split_policies_give_the_choices_timed_on_the_h200():
     # one row over 2 kv heads (tp=4): 256 splits, not 128, for about four programs an SM
     assert decode_splits(1, 2, 1 << 20, 132) == graph_decode_splits(1, 2, 1 << 20, 132) == MAX_SPLITS == 256
     assert graph_decode_splits(1, 8, 4096, 132) == 32  # no more splits than 128-token spans of the longest context
+
+
+def test_graph_split_variants_replay_the_fewest_splits_a_step_needs():
+    from mnemosyne.attention.triton_decode import (
+        MAX_SPLIT_TOKENS,
+        decode_splits,
+        graph_decode_splits,
+        graph_split_variants,
+        graph_variant,
+    )
+
+    assert graph_split_variants(64, 8, 131072, 132) == (2, 4, 8, 16, 32)
+    assert graph_split_variants(1, 8, 131072, 132) == (66, 128)
+    assert graph_split_variants(1, 2, 1 << 20, 132) == (256,)  # tp=4: the batch alone needs the most
+    # 64 x 4K replays the 2 splits timed best on the H200; one 128K row the 66 of an eager step
+    assert graph_variant(graph_split_variants(64, 8, 131072, 132), 4096) == 2
+    assert graph_variant(graph_split_variants(64, 8, 131072, 132), 4097) == 4
+    assert graph_variant(graph_split_variants(1, 8, 1 << 20, 132), 131072 + 40) == 66
+    assert graph_variant(graph_split_variants(1, 8, 1 << 20, 132), 1 << 20) == 128
+    assert graph_variant((66, 128), 128 * MAX_SPLIT_TOKENS + 1) is None  # eager: its splits follow the context
+    for batch in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        for max_seq_len in (4096, 131072, 1 << 20):
+            variants = graph_split_variants(batch, 8, max_seq_len, 132)
+            assert variants[-1] == graph_decode_splits(batch, 8, max_seq_len, 132)
+            assert list(variants) == sorted(set(variants))
+            for longest in range(1, max_seq_len + 1, max_seq_len // 97):
+                chosen = graph_variant(variants, longest)
+                eager = decode_splits(batch, 8, longest, 132)
+                if longest > variants[-1] * MAX_SPLIT_TOKENS:
+                    assert chosen is None  # eager
+                else:  # the fewest captured splits that are at least the eager step's, else the most there are
+                    assert chosen == next((s for s in variants if s >= eager), variants[-1])

@@ -105,3 +105,24 @@ def test_bf16_gpu_logits_match_float32_cpu(eager):
             torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
             compared += want.shape[0]
     assert compared == 2 + 2 * 5  # each prompt's last chunk, then 5 decodes of 2 requests
+
+
+def test_every_decode_graph_variant_matches_the_eager_step():
+    """A bucket's graphs differ in their decode splits only: each gives the eager step's logits."""
+    gpu = make_worker("cuda", "bfloat16", eager=False)
+    runner = gpu.runner
+    *prefix, last = plans(gpu.config.block_size)
+    for plan in prefix:
+        step_logits(gpu, plan)
+    runner.apply_plan(last)
+    inputs = runner.prepare(last)
+    meta = inputs.meta
+    with torch.inference_mode():
+        hidden = runner.model(inputs.token_ids, inputs.positions, runner.kv_caches, meta, runner.backend)
+        eager = runner.model.compute_logits(hidden[inputs.sample_rows]).float().cpu()
+        bucket, gather, _ = runner._graph_for(meta)
+        variants = runner.graphs.splits[bucket]
+        assert len(variants) > 1
+        for splits in variants:
+            got = runner.graphs.run(inputs, (bucket, gather, splits)).float().cpu()
+            torch.testing.assert_close(got, eager, atol=LOGIT_ATOL, rtol=0)

@@ -172,6 +172,30 @@ def graph_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms
     return max(1, min(MAX_SPLITS, -(-max_seq_len // min_span), max(by_batch, by_programs)))
 
 
+def graph_split_variants(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> tuple[int, ...]:
+    """Splits of one batch bucket's decode graphs, fewest first: from what the batch size alone asks
+    for, doubling, up to `graph_decode_splits`. A step replays the first that gives its longest row a
+    split per SPAN_TOKENS, as an eager step would (`graph_variant`). One graph with the most splits
+    for every step cost a batch of 64 short rows 0.02 ms a layer on an H200, where 32 splits were
+    mostly empty programs and merges (benchmarks/gpu_kernels.py --only scattered, 2026-11-21)."""
+    most = graph_decode_splits(batch, num_kv_heads, max_seq_len, num_sms)
+    splits = min(most, num_splits_for(batch, num_kv_heads, max_seq_len, num_sms, by_length=False))
+    variants = []
+    while splits < most:
+        variants.append(splits)
+        splits *= 2
+    return (*variants, most)
+
+
+def graph_variant(variants: tuple[int, ...], longest: int) -> int | None:
+    """The splits of the graph a decode step whose longest row has `longest` tokens replays, or None
+    to run it eagerly: too long for even the most splits (MAX_SPLIT_TOKENS a split)."""
+    for splits in variants[:-1]:
+        if longest <= splits * SPAN_TOKENS:
+            return splits
+    return variants[-1] if longest <= variants[-1] * MAX_SPLIT_TOKENS else None
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  rows: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
                  num_splits: int, min_span: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

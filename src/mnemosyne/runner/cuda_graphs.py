@@ -1,6 +1,11 @@
 """CUDA graphs for decode-only steps: the whole forward (embedding to logits) captured once per
-batch-size bucket, replayed with inputs copied into static buffers. Removes the per-kernel
-launch cost that dominates small decode batches.
+batch-size bucket and decode-split count, replayed with inputs copied into static buffers. Removes
+the per-kernel launch cost that dominates small decode batches.
+
+A graph's decode splits are fixed at capture. Each bucket has a few graphs, from the splits its batch
+size alone needs to the most any context may need, doubling (`triton_decode.graph_split_variants`);
+a step replays the one its longest row needs, so a batch of short rows does not pay for the grid of
+a long one.
 
 Padding rows of a bucket read a null block-table row with seq_len 0 (the kernel returns zeros for
 them) and write their K/V into a scratch page that no request owns. The decode kernel was tuned on real
@@ -24,7 +29,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows
-from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, graph_decode_splits
+from mnemosyne.attention.triton_decode import graph_split_variants, graph_variant
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -37,8 +42,8 @@ KVP_GATHERS = (2, 4, 8)
 """Gather sizes (`attention/kvp.gather_size`) captured under KVP: up to 7 decodes of multi-group
 requests in one step. Steps with more run eagerly."""
 
-GraphKey = tuple[int, int]
-"""(batch bucket, KVP gather size); gather size 0: no KVP merge."""
+GraphKey = tuple[int, int, int]
+"""(batch bucket, KVP gather size, decode splits); gather size 0: no KVP merge."""
 
 
 class DecodeGraphs:
@@ -61,49 +66,51 @@ class DecodeGraphs:
         self.null_row, self.scratch_slot = null_row, scratch_slot
         self.gathers = (0,) + (KVP_GATHERS if kvp_size > 1 else ())
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
-        self.splits: dict[int, int] = {}
-        """Decode-kernel splits baked into each bucket's graph (triton_decode.GRAPH_PROGRAMS)."""
+        self.splits: dict[int, tuple[int, ...]] = {}
+        """Each bucket's graphs' decode splits, fewest first (triton_decode.graph_split_variants)."""
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_kv_heads = kv_caches[0].shape[2]
         for b in self.buckets:
-            self.splits[b] = graph_decode_splits(b, num_kv_heads, max_seq_len, num_sms)
+            self.splits[b] = graph_split_variants(b, num_kv_heads, max_seq_len, num_sms)
         for gather in self.gathers:
             for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
                 kvp = None if gather == 0 else KvpRows(gather, None, self.gather_rows[:b], self.is_multi[:b])
-                meta = AttentionMetadata(
-                    query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
-                    slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
-                    seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
-                    decode_splits=self.splits[b], kvp=kvp)
+                for splits in reversed(self.splits[b]):
+                    meta = AttentionMetadata(
+                        query_start_loc=tuple(range(b + 1)), seq_lens=(max_seq_len,) * b,
+                        slot_mapping=self.slot_mapping[:b], block_tables=block_tables, rows=self.rows[:b],
+                        seq_lens_tensor=self.seq_lens[:b], page_size=page_size, num_decodes=b,
+                        decode_splits=splits, kvp=kvp)
 
-                def forward(b=b, meta=meta) -> None:
-                    hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
-                    self.logits[:b].copy_(model.compute_logits(hidden))
+                    def forward(b=b, meta=meta) -> None:
+                        hidden = model(self.token_ids[:b], self.positions[:b], kv_caches, meta, backend)
+                        self.logits[:b].copy_(model.compute_logits(hidden))
 
-                forward()  # warm up: Triton compiles, cuBLAS picks algorithms
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    forward()
-                self.graphs[b, gather] = graph
-        logger.info("captured decode CUDA graphs for batch sizes %s, KVP gathers %s", self.buckets,
-                    self.gathers[1:] or "none")
+                    forward()  # warm up: Triton compiles, cuBLAS picks algorithms
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        forward()
+                    self.graphs[b, gather, splits] = graph
+        logger.info("captured %d decode CUDA graphs: batch sizes %s, decode splits %s, KVP gathers %s",
+                    len(self.graphs), self.buckets, self.splits, self.gathers[1:] or "none")
 
     def bucket(self, batch: int, max_seq_len: int = 0, gather: int = 0) -> GraphKey | None:
         """The graph for this decode batch (KVP gather size `gather`, 0 for none), or None to run it
-        eagerly: too large a batch or gather, or a context too long for the graph's fixed splits
+        eagerly: too large a batch or gather, or a context too long for the graphs' fixed splits
         (eager steps size splits to the context)."""
         b = next((b for b in self.buckets if b >= batch), None)
-        if b is None or gather not in self.gathers or max_seq_len > self.splits[b] * MAX_SPLIT_TOKENS:
+        if b is None or gather not in self.gathers:
             return None
-        return b, gather
+        splits = graph_variant(self.splits[b], max_seq_len)
+        return None if splits is None else (b, gather, splits)
 
     def run(self, inputs: StepInputs, key: GraphKey) -> torch.Tensor:
         """Replay the graph `key` (from `bucket`) on a decode-only batch; returns logits [batch, vocab]
         float32, valid until the next replay."""
         meta = inputs.meta
         batch = meta.num_requests
-        b, gather = key
+        b, gather, _ = key
         self.token_ids[:batch].copy_(inputs.token_ids)
         self.positions[:batch].copy_(inputs.positions)
         self.slot_mapping[:batch].copy_(meta.slot_mapping)

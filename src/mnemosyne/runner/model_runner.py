@@ -17,7 +17,7 @@ from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
 from mnemosyne.request import SamplingParams
 
 if TYPE_CHECKING:
-    from mnemosyne.runner.cuda_graphs import DecodeGraphs
+    from mnemosyne.runner.cuda_graphs import DecodeGraphs, GraphKey
 from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.kvp_section import KvShards, SectionRow, plan_section
 from mnemosyne.runner.stage_link import StageLink
@@ -110,7 +110,7 @@ class ModelRunner:
         return StepResult(plan.step_id, tuple(inputs.sample_ids), tuple(out.token_ids.tolist()),
                           _logprobs(out, [s.params.logprobs for s in states]))
 
-    def _graph_for(self, meta: AttentionMetadata) -> tuple[int, int] | None:
+    def _graph_for(self, meta: AttentionMetadata) -> GraphKey | None:
         """The CUDA graph that runs this step, or None to run it eagerly: only decode-only steps have one."""
         if self.graphs is None or meta.num_decodes != meta.num_requests:
             return None
