@@ -7,6 +7,12 @@ path, which keys plans on lengths rounded up to powers of two), each in its own 
 PyTorch reads the variable once. Both are checked against a float32 reference.
 
     python benchmarks/cudnn_replan.py [--chunks 512,2048] [--prefix 65536] [--lengths 8]
+
+With --sweep, each process instead times the first call at every (chunk, prefix) of a grid that
+crosses the powers of two, in order: what a serving engine pays the first time its chunks and
+prefixes reach a new size class, which a median over lengths within one class hides.
+
+    python benchmarks/cudnn_replan.py --sweep [--chunks 2304,4096,8192,16384] [--prefixes 3000,...]
 """
 
 from __future__ import annotations
@@ -54,6 +60,31 @@ def measure(chunks: list[int], prefix: int, num_lengths: int) -> list[dict]:
     return rows
 
 
+def sweep(chunks: list[int], prefixes: list[int]) -> list[dict]:
+    """ms of the first call at each (chunk, prefix), prefixes ascending within each chunk length."""
+    from mnemosyne.attention.gpu import chunk_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    slots = max(prefixes) + max(chunks)
+    k_cache = torch.randn(slots, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    rows = []
+    for chunk in chunks:
+        q = torch.randn(chunk, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k_new = torch.randn(chunk, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v_new = torch.randn_like(k_new)
+        for prefix in prefixes:
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                chunk_attention(q, k_new, v_new, k_cache, v_cache, ((0, prefix),), D ** -0.5)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            rows.append({"chunk": chunk, "prefix": prefix, "first_ms": times[0] * 1e3, "again_ms": times[1] * 1e3})
+    return rows
+
+
 def _error(out: torch.Tensor, q, k_new, v_new, k_prefix, v_prefix) -> float:
     """Largest |out - reference| over the chunk's first 64 queries, the reference in float32."""
     group = HQ // HKV
@@ -72,12 +103,17 @@ def main() -> None:
     p.add_argument("--chunks", default="512,2048", help="chunk lengths, comma-separated")
     p.add_argument("--prefix", type=int, default=65536, help="the first prefix length")
     p.add_argument("--lengths", type=int, default=8, help="fresh prefix lengths per chunk length")
+    p.add_argument("--sweep", action="store_true", help="first-call times over a grid crossing powers of two")
+    p.add_argument("--prefixes", default="3000,5000,9000,12000,17000,33000,40000,66000,130000,140000",
+                   help="--sweep: prefix lengths, comma-separated")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-o", "--output")
     args = p.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
+    prefixes = [int(n) for n in args.prefixes.split(",")]
     if args.child:
-        print(json.dumps(measure(chunks, args.prefix, args.lengths)))
+        rows = sweep(chunks, prefixes) if args.sweep else measure(chunks, args.prefix, args.lengths)
+        print(json.dumps(rows))
         return
     results = {}
     for mode, value in (("default", None), ("avoid_recompile", "1")):
@@ -85,12 +121,23 @@ def main() -> None:
         if value is not None:
             env["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = value
         done = subprocess.run([sys.executable, __file__, "--child", "--chunks", args.chunks, "--prefix",
-                               str(args.prefix), "--lengths", str(args.lengths)],
+                               str(args.prefix), "--lengths", str(args.lengths), "--prefixes", args.prefixes]
+                              + (["--sweep"] if args.sweep else []),
                               env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{mode}: failed\n{done.stderr[-3000:]}")
             continue
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.sweep:
+        print(f"{torch.cuda.get_device_name()}: the first chunk_attention call at each (chunk, prefix), in order")
+        print(f"{'mode':16} {'chunk':>6} {'prefix':>8} {'first ms':>9} {'again ms':>9}")
+        for mode, rows in results.items():
+            for r in rows:
+                print(f"{mode:16} {r['chunk']:6d} {r['prefix']:8d} {r['first_ms']:9.2f} {r['again_ms']:9.2f}")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     print(f"{torch.cuda.get_device_name()}: chunk_attention over fresh prefix lengths (cold: the first call "
           "at a length; warm: repeats)")
     print(f"{'mode':16} {'chunk':>6} {'prefix':>8} {'cold ms':>9} {'warm ms':>9} {'max |err|':>10}")

@@ -2,14 +2,17 @@
 against the ceilings DEVICE.md lists: decode KV-read bandwidth of the Triton paged kernel, TFLOP/s
 of a prefill chunk over a long prefix through the cuDNN path (prefix + causal + merge), and short
 chunks through both the cuDNN path and the Triton chunk kernel, to set the threshold between them
-(`attention/gpu.py`'s SMALL_CHUNK_ROWS), and split policies for decode batches of scattered contexts.
+(`attention/gpu.py`'s SMALL_CHUNK_ROWS), split policies for decode batches of scattered contexts, and
+decode split counts timed inside CUDA graphs, as the engine's decode steps run (`--only splits`: no
+host launch time in the figure, which eager timing of a small decode mostly is).
 
-    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short] [--retune]
+    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits] [--retune]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -132,6 +135,65 @@ def scattered_report(sms: int, bw: float) -> None:
                   f"({kv_bytes / ms / 1e9 / bw:4.0%} of copy)")
 
 
+def graph_time_ms(fn, calls: int = 10, replays: int = 20) -> float:
+    """Device ms of one fn(), from a CUDA graph of `calls` calls replayed `replays` times (after eager
+    warm-up calls, which also tune the kernel)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, replays) / calls
+
+
+SPLIT_SWEEP = (
+    ("1 x 128K (bench latency)", [131072], (33, 64, 66, 128, 132, 256)),
+    ("1 x 256K (kvp=4 shard of 1M)", [262144], (66, 128, 132, 192, 256)),
+    ("1 x 512K (kvp=4 shard of 2M)", [524288], (66, 128, 132, 256)),
+    ("1 x 1M", [1 << 20], (66, 128, 132, 256)),
+    ("64 x 4K (bench latency)", [4096] * 64, (1, 2, 3, 4, 8, 32)),
+    ("8 x 32K", [32768] * 8, (8, 9, 16, 17, 32, 64, 128)),
+)
+
+
+def splits_report(sms: int, bw: float) -> None:
+    """Decode kernel and split merge in CUDA graphs, per split count, with the eager step's and the
+    decode graphs' choices marked (graphs: `graph_variant` of a 1M-token engine)."""
+    from mnemosyne.attention.triton_decode import (
+        decode_min_span,
+        decode_splits,
+        graph_split_variants,
+        graph_variant,
+        paged_decode,
+    )
+
+    print("decode splits in CUDA graphs (kernel + merge; ms; TB/s of KV read)")
+    for name, lengths, candidates in SPLIT_SWEEP:
+        batch, longest = len(lengths), max(lengths)
+        eager = decode_splits(batch, HKV, longest, sms)
+        graph = graph_variant(graph_split_variants(batch, HKV, 1 << 20, sms), longest)
+        span = decode_min_span(batch, HKV, sms)
+        pages = [-(-n // PAGE) for n in lengths]
+        k = torch.randn(sum(pages) * PAGE, HKV, D, device="cuda", dtype=DT)
+        v = torch.randn_like(k)
+        starts = [sum(pages[:i]) for i in range(len(pages))]
+        meta = build_metadata([(n, 1, list(range(s, s + p))) for n, s, p in zip(lengths, starts, pages, strict=True)],
+                              PAGE, "cuda")
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        kv_bytes = 2 * sum(lengths) * HKV * D * 2
+        print(f"  {name}: eager {eager} splits, graphs {graph}")
+        for splits in sorted({*candidates, eager, graph or eager}):
+            ms = graph_time_ms(functools.partial(paged_decode, q, k, v, meta.block_tables, meta.rows,
+                                                 meta.seq_lens_tensor, PAGE, D ** -0.5, splits, span))
+            marks = " ".join(m for m, n in (("eager", eager), ("graphs", graph)) if n == splits)
+            print(f"    splits {splits:3d}  {ms:7.4f} ms  {kv_bytes / ms / 1e9:5.2f} TB/s "
+                  f"({kv_bytes / ms / 1e9 / bw:4.0%} of copy)  {marks}")
+        del k, v
+        torch.cuda.empty_cache()
+
+
 SHORT_CHUNKS = (8, 16, 32, 64, 128, 256)
 SHORT_PREFIXES = (16384, 65536, 262144)
 
@@ -206,7 +268,7 @@ def short_chunks_report(sms: int, retune: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short"), help="one section (default: all)")
+    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits"), help="one section (default: all)")
     p.add_argument("--retune", action="store_true",
                    help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
     args = p.parse_args()
@@ -226,6 +288,8 @@ def main() -> None:
             print(f"  chunk={chunk:<5} prefix={prefix:<8} {ms:8.2f} ms  {tflops:6.0f} TFLOP/s")
     if args.only in (None, "short"):
         short_chunks_report(sms, args.retune)
+    if args.only in (None, "splits"):
+        splits_report(sms, bw)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
 """A real run on one GPU: one long prompt among Poisson chat requests, through the engine at wall-clock
 arrival times, under LARS + adaptive chunking and under FCFS + fixed:2048; then the simulator on the
-same trace with the measured profile, so predicted and measured TTFT/TBT sit side by side.
+same trace with the measured profile, so predicted and measured TTFT/TBT sit side by side. Each
+measured step is also put beside the step-time model's prediction for its batch: the prediction error
+by kind of step, and the slowest steps with their chunks, land in steps.json.
 
     PYTHONPATH=src python3 benchmarks/sim/gpu_mixed.py --profile PROFILE.json [--out DIR]
 """
@@ -17,7 +19,7 @@ from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.request import Request, SamplingParams
 from mnemosyne.scheduler.factory import layout_of
-from mnemosyne.scheduler.latency_model import DEVICES, build_latency_model, detect_device
+from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, build_latency_model, detect_device
 from mnemosyne.scheduler.policy import Deadlines
 from mnemosyne.sim.report import summarize
 from mnemosyne.sim.simulator import SimResult, StepSeries, simulate
@@ -32,8 +34,10 @@ def workload(long_tokens: int, duration_s: float, rate: float) -> list[TraceRequ
     return sorted([TraceRequest(1.0, long_tokens, 64), *chats], key=lambda r: r.arrival_s)
 
 
-def run_engine(config: EngineConfig, trace: list[TraceRequest]) -> SimResult:
-    """Play the trace in real time; every request's metrics, as the engine recorded them."""
+def run_engine(config: EngineConfig, trace: list[TraceRequest], latency: LatencyModel,
+               step_log: list[dict]) -> SimResult:
+    """Play the trace in real time; every request's metrics, as the engine recorded them. Each step
+    is appended to step_log: its start, measured and predicted time, decodes and (new, prefix) chunks."""
     engine = LLMEngine(config)
     vocab = engine.model_config.vocab_size
     engine.add_request([5] * 512, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -55,8 +59,15 @@ def run_engine(config: EngineConfig, trace: list[TraceRequest]) -> SimResult:
             continue
         t0 = time.monotonic()
         engine.step()
-        if engine.last_plan is not None and engine.last_plan.chunks:
-            steps.record(t0 - start, time.monotonic() - t0, engine.last_plan, engine.scheduler)
+        plan = engine.last_plan
+        if plan is not None and plan.chunks:
+            step_s = time.monotonic() - t0
+            steps.record(t0 - start, step_s, plan, engine.scheduler)
+            chunks = [(c.num_new_tokens, c.start) for c in plan.chunks]
+            step_log.append({"start_s": round(t0 - start, 4), "step_s": step_s,
+                             "predicted_s": latency.step_time_s(chunks),
+                             "decodes": sum(1 for n, _ in chunks if n == 1),
+                             "chunks": [[n, p] for n, p in chunks if n > 1]})
     num_preemptions = engine.scheduler.num_preemptions
     engine.shutdown()
     return SimResult(requests, steps, num_preemptions, time.monotonic() - start)
@@ -87,7 +98,7 @@ def main() -> None:
                         latency_profile=args.profile, max_model_len=args.long_tokens + 4096,
                         cudnn_ragged={"auto": None, "on": True, "off": False}[args.cudnn_ragged],
                         triton_chunk_rows=args.triton_chunk_rows)
-    rows = {}
+    rows, step_rows = {}, {}
     print(f"| run | short TTFT p50 | short TTFT p99 | long TTFT | TBT p50 | TBT p99 | TBT max |\n|{'---|' * 7}",
           flush=True)
     for scheduler, chunking, cap in RUNS:
@@ -97,7 +108,10 @@ def main() -> None:
         device = detect_device(args.device)
         latency = build_latency_model(config_model(config), layout_of(config), device, args.profile)
         deadlines = Deadlines(latency.prefill_work_s, args.ttft_slo_ms / 1e3, config.deadline_work_factor)
-        measured = run_engine(config, trace)
+        step_log: list[dict] = []
+        measured = run_engine(config, trace, latency, step_log)
+        step_rows[f"{scheduler}+{chunking}"] = step_report(step_log)
+        (out / "steps.json").write_text(json.dumps(step_rows, indent=1) + "\n")
         predicted = simulate(trace, config, config_model(config), latency, DEVICES[device])
         for name, result in (("measured", measured), ("predicted", predicted)):
             summary = summarize(result, deadlines.deadline_s, args.tbt_slo_ms / 1e3, long_threshold=min(32768, args.long_tokens))
@@ -105,6 +119,30 @@ def main() -> None:
             rows[f"{scheduler}+{chunking} {name}"] = summary
             print_row(f"{scheduler}+{chunking} {name}", summary)  # as each run ends: a killed job still reports
         (out / "gpu_mixed.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def step_report(step_log: list[dict], slowest: int = 25) -> dict:
+    """Prediction error (measured / predicted - 1) per kind of step, and the slowest steps."""
+    def kind(step: dict) -> str:
+        return "mixed" if step["decodes"] and step["chunks"] else "chunks" if step["chunks"] else "decode"
+
+    errors: dict[str, list[float]] = {}
+    for step in step_log:
+        errors.setdefault(kind(step), []).append(step["step_s"] / step["predicted_s"] - 1)
+    quantiles = {}
+    for name, values in errors.items():
+        values.sort()
+        quantiles[name] = {"n": len(values), **{f"p{q}": values[min(len(values) - 1, len(values) * q // 100)]
+                                                 for q in (10, 50, 90, 99)}}
+    print("step time / predicted - 1: " + "; ".join(
+        f"{k} (n={v['n']}) p50 {v['p50']:+.0%} p90 {v['p90']:+.0%} p99 {v['p99']:+.0%}" for k, v in quantiles.items()),
+        flush=True)
+    slow = sorted(step_log, key=lambda s: -s["step_s"])[:slowest]
+    for step in slow[:5]:
+        print(f"  slow step at {step['start_s']:.2f} s: {step['step_s'] * 1e3:.0f} ms (predicted "
+              f"{step['predicted_s'] * 1e3:.0f}), {step['decodes']} decodes, chunks (new, prefix) "
+              f"{step['chunks'][:6]}", flush=True)
+    return {"error": quantiles, "slowest": slow}
 
 
 def print_row(name: str, s: dict) -> None:
