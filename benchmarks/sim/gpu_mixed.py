@@ -67,6 +67,7 @@ def run_engine(config: EngineConfig, trace: list[TraceRequest], latency: Latency
             step_log.append({"start_s": round(t0 - start, 4), "step_s": step_s,
                              "predicted_s": latency.step_time_s(chunks),
                              "decodes": sum(1 for n, _ in chunks if n == 1),
+                             "factor": getattr(getattr(engine.scheduler.chunking, "feedback", None), "factor", 1.0),
                              "chunks": [[n, p] for n, p in chunks if n > 1]})
     num_preemptions = engine.scheduler.num_preemptions
     engine.shutdown()

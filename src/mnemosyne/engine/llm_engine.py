@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and submit a micro-batch if stage 0 is free, wait for the pipeline to move, and
         return the outputs of the steps that finished (none, while the first micro-batches fill it)."""
+        start_s = time.perf_counter()
         plan = self.scheduler.schedule() if self.pipeline.has_room else None
         finished = self.pipeline.advance(plan)
         outputs = []
@@ -101,6 +103,11 @@ class LLMEngine:
             updated = self.scheduler.update(done_plan, result)
             self._record_logprobs(result, {request.request_id for request in updated})
             outputs += [self._emit(request) for request in updated]
+        # One stage: this call ran its plan start to end, the time between its decodes' tokens. With
+        # pipeline stages, steps overlap and no call's time is one step's.
+        step_s = time.perf_counter() - start_s if self.config.pipeline_parallel_size == 1 else None
+        for done_plan, _ in finished:
+            self.scheduler.observe_step(done_plan, step_s if done_plan is plan else None)
         return outputs
 
     @property

@@ -4,7 +4,8 @@
 scheduler's order, the largest chunk whose predicted step time still fits the TBT budget: chunks
 start large and shrink as the prefix (and so the attention per token) grows. Without a TBT budget,
 under sequence pipelining, it sizes chunks for the shortest trip of a long prompt through the
-pipeline instead (`PipelineBudget`).
+pipeline instead (`PipelineBudget`). On a device, the budget is corrected by how long the steps it
+sized really took (`feedback.StepTimeFeedback`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
+from mnemosyne.scheduler.feedback import StepTimeFeedback
 from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
 GRANULARITY = 32
@@ -41,6 +43,10 @@ class StepBudget(Protocol):
 class Chunking(Protocol):
     def new_step(self) -> StepBudget:
         """A fresh, empty budget; called once at the start of each `schedule()`."""
+        ...
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """A finished step that held a prefill chunk: its predicted and measured time."""
         ...
 
 
@@ -159,9 +165,13 @@ class FixedChunking:
     def new_step(self) -> TokenBudget:
         return TokenBudget(self.num_tokens, self.model.estimate() if self.model else None)
 
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """Fixed chunks ignore time."""
+
 
 class AdaptiveChunking:
-    """`adaptive`: chunks sized by predicted step time against `budget_s`, never over max_num_tokens.
+    """`adaptive`: chunks sized by predicted step time against `budget_s`, never over max_num_tokens;
+    the budget is divided by `feedback.factor`, how much longer than predicted recent steps ran.
     Without a budget (no --tbt-slo-ms), the token cap alone, or under sequence pipelining over
     spp_stages > 1 stages, the chunks that take a long prompt through the pipeline soonest."""
 
@@ -175,14 +185,18 @@ class AdaptiveChunking:
         # plan beyond what the model's step times hold (dispatch_s, the planner's); fixed by the model.
         self._stage_overhead_s = (model.step_time_s([(GRANULARITY, 0)]) / spp_stages + dispatch_s
                                   if budget_s is None and spp_stages > 1 else 0.0)
+        self.feedback = StepTimeFeedback()
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
-            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s)
+            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s / self.feedback.factor)
         if self.spp_stages > 1:
             return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages,
                                   self._stage_overhead_s)
         return TokenBudget(self.max_num_tokens, self.model.estimate())
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        self.feedback.observe(predicted_s, measured_s)
 
 
 ChunkingFactory = Callable[[int, LatencyModel, float | None, int, int, float], Chunking]

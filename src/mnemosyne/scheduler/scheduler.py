@@ -62,6 +62,8 @@ class Scheduler:
         self._step_id = 0
         self._stage0_cleared: set[int] = set()
         """Steps in flight whose micro-batch has left pipeline stage 0 (see `stage_cleared`)."""
+        self._predicted_s: dict[int, float] = {}
+        """Step id -> predicted time, for steps in flight that hold a prefill chunk (`observe_step`)."""
         self._preempted_at: dict[str, int] = {}
         """Request id -> the last step planned before it was preempted: older plans' work for it is void."""
         self.num_preemptions = 0
@@ -139,7 +141,17 @@ class Scheduler:
         self._step_id += 1
         plan = StepPlan(self._step_id, tuple(new_requests), tuple(chunks), tuple(self._freed_ids))
         self._freed_ids.clear()
+        if step.estimate is not None and any(c.num_new_tokens > 1 for c in chunks):
+            self._predicted_s[plan.step_id] = step.estimate.time_s
         return plan
+
+    def observe_step(self, plan: StepPlan, measured_s: float | None) -> None:
+        """The plan's step is over, after measured_s of wall time (None: not measured, as under pipeline
+        stages, where steps overlap). A step that held a prefill chunk tells the chunking how its
+        predicted time compared."""
+        predicted_s = self._predicted_s.pop(plan.step_id, None)
+        if predicted_s is not None and measured_s is not None:
+            self.chunking.observe(predicted_s, measured_s)
 
     def _candidates(self, now_s: float) -> list[Request]:
         ordered = self.policy.order([*self.running, *self.waiting], now_s)

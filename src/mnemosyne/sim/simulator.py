@@ -128,6 +128,7 @@ def simulate(trace: Sequence[TraceRequest], config: EngineConfig, model: ModelCo
         start_s = clock.now_s
         clock.now_s += step_s
         scheduler.update(plan, result)
+        scheduler.observe_step(plan, step_s)  # as the engine does; the model's own time: the factor stays 1
         steps.record(start_s, step_s, plan, scheduler)
     return SimResult(requests, steps, scheduler.num_preemptions, time.perf_counter() - started)
 

@@ -1,0 +1,111 @@
+"""The step-time model's online correction: a device whose steps run longer than predicted gets
+smaller chunks, so that the measured steps, not the predicted ones, fit the TBT budget."""
+
+from __future__ import annotations
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.request import SamplingParams
+from mnemosyne.scheduler.chunking import AdaptiveChunking
+from mnemosyne.scheduler.feedback import BOUNDS, MIN_STEPS, StepTimeFeedback
+from tests.scheduler.factories import add, land, make_scheduler, shapes, synthetic_model
+
+BUDGET_S = 0.05
+
+
+def test_the_factor_is_a_high_quantile_of_recent_ratios_and_ignores_a_rare_stall():
+    feedback = StepTimeFeedback(window=100, quantile=0.95, min_steps=MIN_STEPS)
+    for _ in range(MIN_STEPS - 1):
+        feedback.observe(0.05, 0.10)
+    assert feedback.factor == 1.0  # too few steps yet
+    feedback.observe(0.05, 0.10)
+    assert feedback.factor == 2.0
+    for i in range(100):  # the window forgets the slow steps; two stalls among 100 move nothing
+        feedback.observe(0.05, 4.4 if i in (10, 60) else 0.06)
+    assert abs(feedback.factor - 1.2) < 1e-9
+    for _ in range(100):
+        feedback.observe(0.05, 50.0)
+    assert feedback.factor == BOUNDS[1]
+    for _ in range(100):
+        feedback.observe(0.05, 0.001)
+    assert feedback.factor == BOUNDS[0]
+    feedback.observe(0.0, 1.0)  # nothing predicted: no ratio
+    assert feedback.num_observed == 100
+
+
+def run(chunking, model, slowdown: float, num_steps: int = 400):
+    """16 chats decoding, then a long prompt; every step 'measures' slowdown × its predicted time."""
+    sched, clock = make_scheduler(chunking=chunking)
+    for i in range(16):
+        add(sched, f"chat{i}", 200, 0.0, max_tokens=600)
+    plans = []
+    for step in range(num_steps):
+        if step == 2:
+            add(sched, "long", 30_000, clock.now_s, max_tokens=1)
+        plan = sched.schedule()
+        if not plan.chunks:
+            break
+        measured_s = slowdown * model.step_time_s(shapes(plan))
+        clock.now_s += measured_s
+        land(sched, plan)
+        sched.observe_step(plan, measured_s)
+        plans.append((plan, measured_s))
+    return plans
+
+
+def test_steps_that_run_long_get_smaller_chunks_until_measured_steps_fit_the_budget():
+    model = synthetic_model()
+    plans = run(AdaptiveChunking(model, BUDGET_S, 1 << 20), model, slowdown=1.5)
+    mixed = [(p, s) for p, s in plans if any(c.num_new_tokens > 1 for c in p.chunks)
+             and any(c.num_new_tokens == 1 for c in p.chunks)]
+    assert len(mixed) > MIN_STEPS + 20
+    # the chats' prefill was the first step observed: MIN_STEPS - 1 mixed steps are sized to the model
+    # alone, and run over budget as measured; every one after is sized to the measured steps
+    assert all(s > BUDGET_S * 1.2 for _, s in mixed[:MIN_STEPS - 1])
+    assert all(s <= BUDGET_S * 1.0001 for _, s in mixed[MIN_STEPS - 1:])
+
+
+def test_a_model_that_is_right_leaves_the_chunks_alone():
+    model = synthetic_model()
+    corrected = run(AdaptiveChunking(model, BUDGET_S, 1 << 20), model, slowdown=1.0)
+    plain = []
+    chunking = AdaptiveChunking(model, BUDGET_S, 1 << 20)
+    sched, clock = make_scheduler(chunking=chunking)
+    for i in range(16):
+        add(sched, f"chat{i}", 200, 0.0, max_tokens=600)
+    for step in range(len(corrected)):
+        if step == 2:
+            add(sched, "long", 30_000, clock.now_s, max_tokens=1)
+        plan = sched.schedule()
+        clock.now_s += model.step_time_s(shapes(plan))
+        land(sched, plan)  # never observed
+        plain.append(plan)
+    assert [p.chunks for p, _ in corrected] == [p.chunks for p in plain]
+
+
+def test_only_measured_steps_with_a_prefill_chunk_are_observed():
+    model = synthetic_model()
+    chunking = AdaptiveChunking(model, BUDGET_S, 1 << 20)
+    sched, _ = make_scheduler(chunking=chunking)
+    add(sched, "a", 100, 0.0, max_tokens=4)
+    prefill = sched.schedule()
+    land(sched, prefill)
+    sched.observe_step(prefill, None)  # not measured (pipeline stages): nothing learnt
+    decode = sched.schedule()
+    land(sched, decode)
+    sched.observe_step(decode, 0.5)  # decodes only: the chunking sized nothing
+    assert chunking.feedback.num_observed == 0
+    add(sched, "b", 100, 0.0, max_tokens=4)
+    mixed = sched.schedule()
+    land(sched, mixed)
+    sched.observe_step(mixed, 0.5)
+    assert chunking.feedback.num_observed == 1
+
+
+def test_the_engine_reports_its_steps_under_a_tbt_slo():
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", tbt_slo_ms=100.0, max_num_batched_tokens=64,
+                                    kv_cache_memory=0.05))
+    engine.add_request([5] * 300, SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.chunking.feedback.num_observed >= 300 // 64
