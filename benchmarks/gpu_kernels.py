@@ -125,7 +125,7 @@ def scattered_report(sms: int, bw: float) -> None:
         span = decode_min_span(batch, HKV, sms)
         policies = [("old graphs: batch", by_batch, 0), ("old eager", num_splits_for(batch, HKV, longest, sms), 0),
                     ("graphs now (256K max context)", graph_decode_splits(batch, HKV, 262144, sms), span),
-                    ("eager now", decode_splits(batch, HKV, longest, sms), span),
+                    ("eager now", decode_splits(batch, HKV, longest, sms, sum(lengths)), span),
                     ("max(batch, 8), span >= 1K", max(by_batch, 8), 1024)]
         kv_bytes = 2 * sum(lengths) * HKV * D * 2
         print(f"  {name}: longest {longest}")
@@ -172,8 +172,8 @@ def splits_report(sms: int, bw: float) -> None:
     print("decode splits in CUDA graphs (kernel + merge; ms; TB/s of KV read)")
     for name, lengths, candidates in SPLIT_SWEEP:
         batch, longest = len(lengths), max(lengths)
-        eager = decode_splits(batch, HKV, longest, sms)
-        graph = graph_variant(graph_split_variants(batch, HKV, 1 << 20, sms), longest)
+        eager = decode_splits(batch, HKV, longest, sms, sum(lengths))
+        graph = graph_variant(graph_split_variants(batch, HKV, 1 << 20, sms), eager, longest)
         span = decode_min_span(batch, HKV, sms)
         pages = [-(-n // PAGE) for n in lengths]
         k = torch.randn(sum(pages) * PAGE, HKV, D, device="cuda", dtype=DT)

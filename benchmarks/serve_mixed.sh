@@ -6,7 +6,8 @@
 #   here:   PYTHON=.venv/bin/python bash benchmarks/serve_mixed.sh cpu   (smoke test: dummy:tiny, ~1 min)
 # Environment: TBT_MS (50) and TTFT_MS (2000), the SLOs given to the servers and judged by the bench;
 # RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed;
-# PROFILE, the step-time profile the servers schedule with (default: the H200 one, on an H200).
+# PROFILE, the step-time profile the servers schedule with (default on an H200: the serving one, taken
+# with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers).
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
@@ -35,7 +36,7 @@ case "$layout" in
     if [ -n "${PROFILE:-}" ]; then
       engine="$engine --latency-profile $PROFILE"
     elif nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -q H200; then
-      engine="$engine --latency-profile benchmarks/profiles/h200-llama-3-8b.json"
+      engine="$engine --latency-profile benchmarks/profiles/h200-llama-3-8b-serving.json"
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     ;;

@@ -144,6 +144,9 @@ def test_warm_up_runs_every_tile_height_before_serving(triton_device, monkeypatc
         heights.append(triton_chunk._row_tiles(group, q.shape[0])[0])
         return triton_chunk.paged_chunks(q, *args, **kwargs)
 
+    cudnn_calls = []
     monkeypatch.setattr(gpu, "paged_chunks", recording)
+    monkeypatch.setattr(gpu, "chunk_attention", lambda *args: cudnn_calls.append(args))
     gpu.GpuBackend(num_sms=8).warm_up(k, torch.randn_like(k), NUM_KV_HEADS * group, PAGE, SCALE, context=32 * PAGE)
     assert heights == [16, 32, 64, 128]
+    assert len(cudnn_calls) == (k.device.type == "cuda")  # and cuDNN's set-up, on a GPU

@@ -49,11 +49,13 @@ def test_split_policies_give_the_choices_timed_on_the_h200():
         graph_decode_splits,
     )
 
-    # benchmarks/gpu_kernels.py --only scattered: max(by batch, longest / 2K) splits, spans >= 1K
-    assert decode_splits(137, 8, 10752, 132) == 6
-    assert decode_splits(64, 8, 65536, 132) == 32
+    # benchmarks/gpu_kernels.py --only scattered and --only splits: at least the splits that fill the
+    # SMs, and the longest row's spans no longer than a program's share of the work, nor than 2K
+    assert decode_splits(64, 8, 65536, 132, total=65536 + 63 * 1024) == 32  # a 64K row among 63 of 1K
     assert decode_splits(64, 8, 4096, 132) == 2
     assert decode_splits(1, 8, 131072, 132) == 66
+    for context in (262144, 524288, 1 << 20):  # one long row: 66, not one split per 2K tokens
+        assert decode_splits(1, 8, context, 132) == 66
     assert decode_min_span(64, 8, 132) == 1024 and decode_min_span(1, 8, 132) == 128  # a lone row: spread
     for batch in (1, 2, 8, 32, 64, 128, 256):
         splits = graph_decode_splits(batch, 8, 131072, 132)
@@ -73,22 +75,22 @@ def test_graph_split_variants_replay_the_fewest_splits_a_step_needs():
     )
 
     assert graph_split_variants(64, 8, 131072, 132) == (2, 4, 8, 16, 32)
-    assert graph_split_variants(1, 8, 131072, 132) == (66, 128)
+    assert graph_split_variants(8, 8, 131072, 132) == (9, 16, 32, 64, 128)
+    assert graph_split_variants(1, 8, 1 << 20, 132) == (66, 128)
     assert graph_split_variants(1, 2, 1 << 20, 132) == (256,)  # tp=4: the batch alone needs the most
-    # 64 x 4K replays the 2 splits timed best on the H200; one 128K row the 66 of an eager step
-    assert graph_variant(graph_split_variants(64, 8, 131072, 132), 4096) == 2
-    assert graph_variant(graph_split_variants(64, 8, 131072, 132), 4097) == 4
-    assert graph_variant(graph_split_variants(1, 8, 1 << 20, 132), 131072 + 40) == 66
-    assert graph_variant(graph_split_variants(1, 8, 1 << 20, 132), 1 << 20) == 128
-    assert graph_variant((66, 128), 128 * MAX_SPLIT_TOKENS + 1) is None  # eager: its splits follow the context
+    # 64 x 4K and one 128K-1M row replay the eager step's splits, timed best on the H200
+    assert graph_variant((2, 4, 8, 16, 32), decode_splits(64, 8, 4096, 132), 4096) == 2
+    assert graph_variant((66, 128), decode_splits(1, 8, 1 << 20, 132), 1 << 20) == 66
+    assert graph_variant((9, 16, 32, 64, 128), 10, 32768) == 16  # 8 x 32K with a few short rows
+    assert graph_variant((66, 128), 66, 128 * MAX_SPLIT_TOKENS + 1) is None  # eager: splits follow the context
     for batch in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
         for max_seq_len in (4096, 131072, 1 << 20):
             variants = graph_split_variants(batch, 8, max_seq_len, 132)
             assert variants[-1] == graph_decode_splits(batch, 8, max_seq_len, 132)
             assert list(variants) == sorted(set(variants))
             for longest in range(1, max_seq_len + 1, max_seq_len // 97):
-                chosen = graph_variant(variants, longest)
                 eager = decode_splits(batch, 8, longest, 132)
+                chosen = graph_variant(variants, eager, longest)
                 if longest > variants[-1] * MAX_SPLIT_TOKENS:
                     assert chosen is None  # eager
                 else:  # the fewest captured splits that are at least the eager step's, else the most there are

@@ -95,7 +95,8 @@ class GpuBackend:
         nd = meta.num_decodes
         if nd:
             num_kv_heads = k_cache.shape[1]
-            splits = meta.decode_splits or decode_splits(nd, num_kv_heads, max(meta.seq_lens[:nd]), self._num_sms)
+            lens = meta.seq_lens[:nd]
+            splits = meta.decode_splits or decode_splits(nd, num_kv_heads, max(lens), self._num_sms, sum(lens))
             o, lse = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd],
                                   meta.seq_lens_tensor[:nd], meta.page_size, scale, splits,
                                   decode_min_span(nd, num_kv_heads, self._num_sms))
@@ -114,7 +115,8 @@ class GpuBackend:
         """Tune both Triton kernels for every shape class they can meet, on real contexts, before any
         request arrives: the decode kernel for each split class, the chunk kernel for each tile
         height. The autotuner would otherwise compile and time its configurations the first time a
-        step met one, seconds in the middle of serving."""
+        step met one, seconds in the middle of serving. Then one cuDNN chunk call, for cuDNN's own
+        set-up."""
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
         # 1, 2, 4, … 64 splits tune the classes, each on the batch that fills the SMs with them; 128 and
@@ -136,6 +138,13 @@ class GpuBackend:
             chunks = ShortChunks((0,), table, num_new, num_new, num_keys)
             splits = chunk_splits(chunks, num_heads, num_kv_heads, self._num_sms)
             paged_chunks(q, k_cache, v_cache, tables, chunks, page_size, scale, splits)
+        # cuDNN's first attention call in a process takes about 2 s (an H200, call26 of
+        # benchmarks/cudnn_replan.py --sweep): here, not in the first step with a long chunk
+        if k_cache.device.type == "cuda":  # (the Triton interpreter's tests run this on the CPU)
+            num_new = min(256, num_keys // 2)
+            q = torch.randn(num_new, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+            k_new = torch.randn(num_new, num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+            chunk_attention(q, k_new, torch.randn_like(k_new), k_cache, v_cache, ((0, num_keys - num_new),), scale)
 
     def _chunks(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -124,8 +124,12 @@ many short ones would otherwise be read by one program per head (a profile measu
 256 decodes with one 512K context, against 23 ms for the same KV spread evenly)."""
 
 
+PROGRAMS_PER_SM = 4
+"""Decode programs a step aims to give each SM."""
+
+
 def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                   programs_per_sm: int = 4, by_length: bool = True) -> int:
+                   programs_per_sm: int = PROGRAMS_PER_SM, by_length: bool = True) -> int:
     """Splits that give about programs_per_sm programs per SM and, when by_length, keep every
     split of the longest request under MAX_SPLIT_TOKENS; none shorter than 512 tokens."""
     wanted = math.ceil(programs_per_sm * num_sms / max(1, batch * num_kv_heads))
@@ -143,7 +147,8 @@ SPAN_TOKENS below, the best or tied-best split policy on every batch that
 0.449 against 0.512 ms, uniform and single-row batches unchanged."""
 
 SPAN_TOKENS = 2048
-"""An eager step gives its longest row at least one split per this many tokens."""
+"""An eager step gives its longest row at least one split per this many tokens, or per its share of
+the batch's work (`decode_splits`), whichever is longer."""
 
 GRAPH_PROGRAMS = 16384
 """A CUDA graph's splits are fixed when it is captured, before it meets any context: as many as keep
@@ -157,11 +162,18 @@ def decode_min_span(batch: int, num_kv_heads: int, num_sms: int) -> int:
     return DECODE_MIN_SPAN if batch * num_kv_heads >= num_sms else 128
 
 
-def decode_splits(batch: int, num_kv_heads: int, longest: int, num_sms: int) -> int:
-    """Splits of an eager decode step: enough programs to fill the SMs, and one per SPAN_TOKENS of
-    its longest row; with `decode_min_span`, short rows use few of them."""
+def decode_splits(batch: int, num_kv_heads: int, longest: int, num_sms: int, total: int | None = None) -> int:
+    """Splits of a decode step over rows of `total` tokens in all (default: batch × longest), the
+    longest `longest`: enough programs to fill the SMs (four an SM), and enough splits that the
+    longest row's spans are no longer than the batch's work per program, nor than SPAN_TOKENS;
+    with `decode_min_span`, short rows use few of them. A lone long row then gets the splits that
+    fill the SMs, not one per SPAN_TOKENS: 66 splits read one 256K-1M-token row 4-7% faster than 128
+    or 256 on an H200 (`gpu_kernels.py --only splits`, in CUDA graphs), and a 64K row among 63 of 1K
+    still gets 32, where the batch size alone gives 2."""
     by_batch = num_splits_for(batch, num_kv_heads, longest, num_sms, by_length=False)
-    return max(1, min(MAX_SPLITS, max(by_batch, -(-longest // SPAN_TOKENS))))
+    total = batch * longest if total is None else total
+    share = -(-total * num_kv_heads // (PROGRAMS_PER_SM * num_sms))  # tokens a program walks, balanced
+    return max(1, min(MAX_SPLITS, max(by_batch, -(-longest // max(SPAN_TOKENS, share)))))
 
 
 def graph_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -173,27 +185,24 @@ def graph_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms
 
 
 def graph_split_variants(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> tuple[int, ...]:
-    """Splits of one batch bucket's decode graphs, fewest first: from what the batch size alone asks
-    for, doubling, up to `graph_decode_splits`. A step replays the first that gives its longest row a
-    split per SPAN_TOKENS, as an eager step would (`graph_variant`). One graph with the most splits
-    for every step cost a batch of 64 short rows 0.02 ms a layer on an H200, where 32 splits were
-    mostly empty programs and merges (benchmarks/gpu_kernels.py --only scattered, 2026-11-21)."""
+    """Splits of one batch bucket's decode graphs, fewest first: what the batch size alone asks for,
+    the powers of two above it, and `graph_decode_splits`. A step replays the fewest that are at least
+    what an eager step would choose (`graph_variant`). One graph with the most splits for every step
+    cost a batch of 64 short rows 0.07 ms a layer on an H200 (32 splits against 2), and the powers
+    of two avoid counts that tile badly (18 splits read 8 × 32K 30% slower than 16 or 17;
+    benchmarks/gpu_kernels.py --only splits, 2026-11-21)."""
     most = graph_decode_splits(batch, num_kv_heads, max_seq_len, num_sms)
-    splits = min(most, num_splits_for(batch, num_kv_heads, max_seq_len, num_sms, by_length=False))
-    variants = []
-    while splits < most:
-        variants.append(splits)
-        splits *= 2
-    return (*variants, most)
+    least = min(most, num_splits_for(batch, num_kv_heads, max_seq_len, num_sms, by_length=False))
+    powers = (1 << k for k in range(1, MAX_SPLITS.bit_length()))
+    return tuple(sorted({least, most, *(p for p in powers if least < p < most)}))
 
 
-def graph_variant(variants: tuple[int, ...], longest: int) -> int | None:
-    """The splits of the graph a decode step whose longest row has `longest` tokens replays, or None
-    to run it eagerly: too long for even the most splits (MAX_SPLIT_TOKENS a split)."""
-    for splits in variants[:-1]:
-        if longest <= splits * SPAN_TOKENS:
-            return splits
-    return variants[-1] if longest <= variants[-1] * MAX_SPLIT_TOKENS else None
+def graph_variant(variants: tuple[int, ...], splits: int, longest: int) -> int | None:
+    """The splits of the graph that a decode step replays when an eager one would use `splits`, or
+    None to run it eagerly: its longest row too long for even the most (MAX_SPLIT_TOKENS a split)."""
+    if longest > variants[-1] * MAX_SPLIT_TOKENS:
+        return None
+    return next((v for v in variants if v >= splits), variants[-1])
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows
-from mnemosyne.attention.triton_decode import graph_split_variants, graph_variant
+from mnemosyne.attention.triton_decode import decode_splits, graph_split_variants, graph_variant
 from mnemosyne.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_kv_heads = kv_caches[0].shape[2]
+        self._num_sms, self._num_kv_heads = num_sms, num_kv_heads
         for b in self.buckets:
             self.splits[b] = graph_split_variants(b, num_kv_heads, max_seq_len, num_sms)
         for gather in self.gathers:
@@ -95,14 +96,16 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs: batch sizes %s, decode splits %s, KVP gathers %s",
                     len(self.graphs), self.buckets, self.splits, self.gathers[1:] or "none")
 
-    def bucket(self, batch: int, max_seq_len: int = 0, gather: int = 0) -> GraphKey | None:
-        """The graph for this decode batch (KVP gather size `gather`, 0 for none), or None to run it
-        eagerly: too large a batch or gather, or a context too long for the graphs' fixed splits
-        (eager steps size splits to the context)."""
+    def bucket(self, batch: int, max_seq_len: int = 0, gather: int = 0, total: int | None = None) -> GraphKey | None:
+        """The graph for this decode batch, whose rows hold `total` tokens of context and the longest
+        max_seq_len (KVP gather size `gather`, 0 for none), or None to run it eagerly: too large a
+        batch or gather, or a context too long for the graphs' fixed splits (eager steps size
+        splits to the context)."""
         b = next((b for b in self.buckets if b >= batch), None)
         if b is None or gather not in self.gathers:
             return None
-        splits = graph_variant(self.splits[b], max_seq_len)
+        wanted = decode_splits(b, self._num_kv_heads, max(1, max_seq_len), self._num_sms, total)
+        splits = graph_variant(self.splits[b], wanted, max_seq_len)
         return None if splits is None else (b, gather, splits)
 
     def run(self, inputs: StepInputs, key: GraphKey) -> torch.Tensor:

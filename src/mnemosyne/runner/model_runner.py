@@ -115,7 +115,7 @@ class ModelRunner:
         if self.graphs is None or meta.num_decodes != meta.num_requests:
             return None
         return self.graphs.bucket(meta.num_requests, max(meta.seq_lens, default=0),
-                                  0 if meta.kvp is None else meta.kvp.num_tokens)
+                                  0 if meta.kvp is None else meta.kvp.num_tokens, sum(meta.seq_lens))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """This stage's layers. The last stage returns the final-normed hidden [T, hidden]; the others
