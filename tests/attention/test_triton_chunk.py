@@ -150,3 +150,17 @@ def test_warm_up_runs_every_tile_height_before_serving(triton_device, monkeypatc
     gpu.GpuBackend(num_sms=8).warm_up(k, torch.randn_like(k), NUM_KV_HEADS * group, PAGE, SCALE, context=32 * PAGE)
     assert heights == [16, 32, 64, 128]
     assert len(cudnn_calls) == (k.device.type == "cuda")  # and cuDNN's set-up, on a GPU
+
+
+def test_a_raised_split_keeps_long_chunks_over_long_prefixes_on_cudnn():
+    """Under a TBT SLO's split (8192 rows), short prompts' chunks join the Triton launch, but a chunk of
+    512 tokens or more over a prefix of 4K or more stays on cuDNN, twice as fast there on an H200."""
+    from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
+
+    serving = GpuBackend(num_sms=8, small_chunk_rows=8192)
+    assert serving._is_short(2048, 4, 0) and serving._is_short(2048, 4, 4095)  # a prompt's early chunks
+    assert not serving._is_short(2048, 4, 131072) and not serving._is_short(512, 4, 4096)
+    assert serving._is_short(511, 4, 131072) and serving._is_short(64, 4, 131072)  # LARS's small chunks
+    assert not serving._is_short(2049, 4, 0)  # over the split
+    lone = GpuBackend(num_sms=8)
+    assert SMALL_CHUNK_ROWS == 512 and lone._is_short(128, 4, 0) and not lone._is_short(129, 4, 0)

@@ -29,6 +29,15 @@ needs to beat cuDNN's at 4 tiles per kv head (about 180 TFLOP/s in that profile)
 (prefixes of 16K-256K), 0.8x at 256 tokens over 64K and more."""
 
 
+CUDNN_MIN_ROWS = 2048
+CUDNN_MIN_PREFIX = 4096
+"""Under a raised split (`small_chunk_rows`, as when serving), a chunk of at least CUDNN_MIN_ROWS
+query rows per kv head (512 tokens at group 4) over a prefix of at least CUDNN_MIN_PREFIX tokens
+still goes to cuDNN: the H200 profiles measured the Triton kernel 2x slower there (2048 tokens over
+128K: 437 ms against 198 ms for 32 layers; 512 over 16K: 17.1 against 8.5 ms), while chunks without
+a long prefix, the short prompts that make steps launch-bound, stay in the one Triton launch."""
+
+
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, H, Lq, D], k/v [1, H, Lk, D] (strided views allowed) -> out [1, H, Lq, D], lse [1, H, Lq]."""
@@ -160,7 +169,7 @@ class GpuBackend:
         outs, lses, short_row = [], [], 0
         for i in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            if self._is_short(end - start, group):
+            if self._is_short(end - start, group, meta.seq_lens[i] - (end - start)):
                 outs.append(short_out[short_row:short_row + end - start])
                 lses.append(short_lse[short_row:short_row + end - start])
                 short_row += end - start
@@ -174,14 +183,17 @@ class GpuBackend:
             lses.append(lse)
         return outs, lses
 
-    def _is_short(self, num_new: int, group: int) -> bool:
-        return group * num_new <= self.small_chunk_rows
+    def _is_short(self, num_new: int, group: int, num_prefix: int) -> bool:
+        """Whether a chunk of num_new tokens over num_prefix cached ones goes to the Triton launch."""
+        rows = group * num_new
+        return rows <= self.small_chunk_rows and (rows < CUDNN_MIN_ROWS or num_prefix < CUDNN_MIN_PREFIX)
 
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
         """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""
         if self._short is None or self._short[0] is not meta:
             qsl = meta.query_start_loc
-            requests = [i for i in range(meta.num_decodes, meta.num_requests) if self._is_short(qsl[i + 1] - qsl[i], group)]
+            requests = [i for i in range(meta.num_decodes, meta.num_requests)
+                        if self._is_short(qsl[i + 1] - qsl[i], group, meta.seq_lens[i] - (qsl[i + 1] - qsl[i]))]
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
 
