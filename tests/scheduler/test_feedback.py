@@ -96,14 +96,20 @@ def test_only_measured_steps_with_a_prefill_chunk_are_observed():
     sched.observe_step(decode, 0.5)  # decodes only: the chunking sized nothing
     assert chunking.feedback.num_observed == 0
     add(sched, "b", 100, 0.0, max_tokens=4)
-    mixed = sched.schedule()
-    land(sched, mixed)
-    sched.observe_step(mixed, 0.5)
+    small = sched.schedule()  # predicted far under the budget: its ratio is host time, not the model's
+    land(sched, small)
+    sched.observe_step(small, 0.5)
+    assert chunking.feedback.num_observed == 0
+    add(sched, "c", 20_000, 0.0, max_tokens=4)
+    full = sched.schedule()  # a chunk sized to the budget
+    land(sched, full)
+    sched.observe_step(full, 0.06)
     assert chunking.feedback.num_observed == 1
 
 
 def test_the_engine_reports_its_steps_under_a_tbt_slo():
-    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", tbt_slo_ms=100.0, max_num_batched_tokens=64,
+    # a budget the roofline fills with a 64-token chunk, so that every prefill step is observed
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", tbt_slo_ms=0.01, max_num_batched_tokens=64,
                                     kv_cache_memory=0.05))
     engine.add_request([5] * 300, SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():

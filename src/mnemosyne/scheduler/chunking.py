@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-from mnemosyne.scheduler.feedback import StepTimeFeedback
+from mnemosyne.scheduler.feedback import NEAR_BUDGET, StepTimeFeedback
 from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
 GRANULARITY = 32
@@ -196,7 +196,8 @@ class AdaptiveChunking:
         return TokenBudget(self.max_num_tokens, self.model.estimate())
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
-        self.feedback.observe(predicted_s, measured_s)
+        if self.budget_s is not None and predicted_s >= NEAR_BUDGET * self.budget_s:
+            self.feedback.observe(predicted_s, measured_s)
 
 
 ChunkingFactory = Callable[[int, LatencyModel, float | None, int, int, float], Chunking]
