@@ -158,9 +158,9 @@ def test_a_raised_split_keeps_long_chunks_over_long_prefixes_on_cudnn():
     from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
 
     serving = GpuBackend(num_sms=8, small_chunk_rows=8192)
-    assert serving._is_short(2048, 4, 0) and serving._is_short(2048, 4, 4095)  # a prompt's early chunks
-    assert not serving._is_short(2048, 4, 131072) and not serving._is_short(512, 4, 4096)
-    assert serving._is_short(511, 4, 131072) and serving._is_short(64, 4, 131072)  # LARS's small chunks
-    assert not serving._is_short(2049, 4, 0)  # over the split
+    assert serving._routes_to_triton(2048, 4, 0) and serving._routes_to_triton(2048, 4, 4095)  # a prompt's early chunks
+    assert not serving._routes_to_triton(2048, 4, 131072) and not serving._routes_to_triton(512, 4, 4096)
+    assert serving._routes_to_triton(511, 4, 131072) and serving._routes_to_triton(64, 4, 131072)  # LARS's small chunks
+    assert not serving._routes_to_triton(2049, 4, 0)  # over the split
     lone = GpuBackend(num_sms=8)
-    assert SMALL_CHUNK_ROWS == 512 and lone._is_short(128, 4, 0) and not lone._is_short(129, 4, 0)
+    assert SMALL_CHUNK_ROWS == 512 and lone._routes_to_triton(128, 4, 0) and not lone._routes_to_triton(129, 4, 0)

@@ -169,7 +169,7 @@ class GpuBackend:
         outs, lses, short_row = [], [], 0
         for i in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            if self._is_short(end - start, group, meta.seq_lens[i] - (end - start)):
+            if self._is_short(meta, i, group):
                 outs.append(short_out[short_row:short_row + end - start])
                 lses.append(short_lse[short_row:short_row + end - start])
                 short_row += end - start
@@ -183,7 +183,12 @@ class GpuBackend:
             lses.append(lse)
         return outs, lses
 
-    def _is_short(self, num_new: int, group: int, num_prefix: int) -> bool:
+    def _is_short(self, meta: AttentionMetadata, i: int, group: int) -> bool:
+        """Whether request i's chunk goes to the Triton launch."""
+        num_new = meta.query_start_loc[i + 1] - meta.query_start_loc[i]
+        return self._routes_to_triton(num_new, group, meta.seq_lens[i] - num_new)
+
+    def _routes_to_triton(self, num_new: int, group: int, num_prefix: int) -> bool:
         """Whether a chunk of num_new tokens over num_prefix cached ones goes to the Triton launch."""
         rows = group * num_new
         return rows <= self.small_chunk_rows and (rows < CUDNN_MIN_ROWS or num_prefix < CUDNN_MIN_PREFIX)
@@ -191,9 +196,7 @@ class GpuBackend:
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
         """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""
         if self._short is None or self._short[0] is not meta:
-            qsl = meta.query_start_loc
-            requests = [i for i in range(meta.num_decodes, meta.num_requests)
-                        if self._is_short(qsl[i + 1] - qsl[i], group, meta.seq_lens[i] - (qsl[i + 1] - qsl[i]))]
+            requests = [i for i in range(meta.num_decodes, meta.num_requests) if self._is_short(meta, i, group)]
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
 

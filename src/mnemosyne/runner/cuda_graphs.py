@@ -2,10 +2,10 @@
 batch-size bucket and decode-split count, replayed with inputs copied into static buffers. Removes
 the per-kernel launch cost that dominates small decode batches.
 
-A graph's decode splits are fixed at capture. Each bucket has a few graphs, from the splits its batch
-size alone needs to the most any context may need, doubling (`triton_decode.graph_split_variants`);
-a step replays the one its longest row needs, so a batch of short rows does not pay for the grid of
-a long one.
+A graph's decode splits are fixed at capture. Each bucket has a few graphs: the splits its batch size
+alone needs, the powers of two above, and the most any context may need
+(`triton_decode.graph_split_variants`); a step replays the fewest that cover what an eager step would
+choose, so a batch of short rows does not pay for the grid of a long one.
 
 Padding rows of a bucket read a null block-table row with seq_len 0 (the kernel returns zeros for
 them) and write their K/V into a scratch page that no request owns. The decode kernel was tuned on real
