@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (no floors)")
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB of KV cache per worker (default: what the GPU has free; 0.05 on the CPU)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan each decode step while the previous one runs (the engine's default)")
     p.add_argument("-o", "--output", default=None, help="write the result as JSON here")
     args = p.parse_args()
 
@@ -65,7 +67,8 @@ def main() -> None:
                           kvp_group_max_tokens=group, max_model_len=total + block,
                           dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
                           max_num_batched_tokens=args.chunk, chunking=f"fixed:{args.chunk}",
-                          kv_cache_memory=args.kv_cache_memory or (None if on_gpu else 0.05))
+                          kv_cache_memory=args.kv_cache_memory or (None if on_gpu else 0.05),
+                          async_scheduling=args.async_scheduling)
     engine = LLMEngine(config)
     cfg = engine.model_config
     if args.context is None:
@@ -94,10 +97,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "model": args.model, "kvp": args.kvp,
         "tp": args.tp, "context": args.context, "kvp_group_max_tokens": group, "random_kv": not args.prefill,
         "tbt_ms": tbt_s * 1e3, "tbt_min_ms": min(gaps) * 1e3, "tbt_max_ms": max(gaps) * 1e3,
-        "decode_steps": len(gaps), "ttft_s": ttft_s,
+        "decode_steps": len(gaps), "ttft_s": ttft_s, "async_scheduling": args.async_scheduling,
     }
     print(f"{result['device']}: {args.model}, kvp={args.kvp} tp={args.tp}, context {args.context} "
-          f"(L = {group}, {'random KV, no prefill' if not args.prefill else 'real prefill'})")
+          f"(L = {group}, {'random KV, no prefill' if not args.prefill else 'real prefill'}, "
+          f"{'async' if args.async_scheduling else 'synchronous'} scheduling)")
     print(f"  decode TBT {result['tbt_ms']:.2f} ms (min {result['tbt_min_ms']:.2f}, max {result['tbt_max_ms']:.2f})"
           + ("" if args.prefill else f"; first step (admission, prompt and block ids sent once) {ttft_s:.2f} s"))
     if ceilings is not None:

@@ -46,8 +46,17 @@ def run_engine(config: EngineConfig, trace: list[TraceRequest], latency: Latency
     requests: list[Request] = []
     steps = StepSeries()
     start = time.monotonic()
+    next_report_s = 10.0
     while len(requests) < len(trace) or engine.has_unfinished_requests():
         now = time.monotonic() - start
+        if now >= next_report_s:  # progress, so a run cut short by a timeout still shows where it was
+            next_report_s += 10.0
+            long = [r for r in requests if r.num_prompt_tokens > 32768]
+            print(f"  [{now:5.0f} s] {sum(r.is_finished for r in requests)}/{len(trace)} requests done, "
+                  f"{len(step_log)} steps, last {step_log[-1]['step_s'] * 1e3 if step_log else 0:.0f} ms, factor "
+                  f"{step_log[-1]['factor'] if step_log else 1:.2f}; long prompt "
+                  f"{long[0].num_computed_tokens if long else 0}/{long[0].num_prompt_tokens if long else 0}",
+                  flush=True)
         while len(requests) < len(trace) and trace[len(requests)].arrival_s <= now:
             spec = trace[len(requests)]
             prompt = [(7 * i + len(requests)) % (vocab - 3) + 3 for i in range(spec.num_prompt_tokens)]

@@ -195,6 +195,10 @@ class EngineConfig:
     """Seed for dummy weights and for requests that bring no seed of their own."""
     trace_file: str | None = None
     """Write a Chrome-trace JSON (Perfetto, chrome://tracing) here: each micro-batch on each (kvp, stage)."""
+    async_scheduling: bool = True
+    """With one pipeline stage, plan each decode-only step while the previous one runs; the workers take
+    its tokens from that step's samples on the device, so the GPU never waits for the host between
+    decode steps. Steps with prefill work are still planned after the previous step lands."""
     enforce_eager: bool = False
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"

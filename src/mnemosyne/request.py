@@ -101,7 +101,8 @@ class Request:
     """A prompt and its generated tokens, as the scheduler sees them.
 
     Invariant: tokens [0, num_computed_tokens) have KV in the cache;
-    `num_computed_tokens + num_inflight_tokens <= num_tokens`.
+    `num_computed_tokens + num_inflight_tokens <= num_tokens + 1`. The one extra is a decode scheduled
+    ahead (async scheduling): its token is the sample of the step before it, still in flight.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -153,7 +154,18 @@ class Request:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens - self.num_inflight_tokens
+        """Known tokens not yet computed or dispatched."""
+        return max(0, self.num_tokens - self.num_computed_tokens - self.num_inflight_tokens)
+
+    def can_decode_ahead(self, max_model_len: int) -> bool:
+        """Whether a decode of the token a step in flight is sampling may be scheduled now (async
+        scheduling): that step reaches the last known token and has no decode behind it yet, and its
+        sample cannot end the request by length. (A stop token may still end it: the step ahead is
+        then wasted, never wrong.)"""
+        return (self.num_inflight_tokens > 0
+                and self.num_computed_tokens + self.num_inflight_tokens == self.num_tokens
+                and self.num_output_tokens + 1 < self.params.max_tokens
+                and self.num_tokens + 1 < max_model_len)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

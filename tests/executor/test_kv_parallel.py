@@ -1,7 +1,8 @@
 """KV-cache parallelism over worker processes (gloo on CPU) gives the single-process run's tokens
 exactly. With 64-token groups (--kvp-group-max-tokens) the long prompts span every group, several
 multi-group requests share steps with short ones, and a seeded sampled request samples on its first
-group. kvp=2, kvp=3, kvp=2 with tp=2, kvp=2 with pp=2, and all three axes (tp=2 × pp=2 × kvp=2)."""
+group. kvp=2, kvp=3, kvp=2 with tp=2, kvp=2 with pp=2, and all three axes (tp=2 × pp=2 × kvp=2). With
+one stage, async scheduling plans decodes ahead: their tokens cross groups on the device."""
 
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ ENGINE = dict(kv_cache_memory=0.01, max_num_batched_tokens=24, chunking="fixed:2
 
 
 def _generate(llm: LLM, prompts: list[list[int]]) -> tuple[list, list[StepPlan]]:
-    """Outputs in prompt order, and every plan the scheduler made."""
+    """Outputs in prompt order, and every plan the scheduler made (`llm.ahead_step_ids`: those planned
+    ahead, while the previous step ran)."""
     plans: list[StepPlan] = []
+    llm.ahead_step_ids = set()  # type: ignore[attr-defined]
     schedule = llm.engine.scheduler.schedule
 
-    def recording() -> StepPlan:
-        plans.append(schedule())
+    def recording(ahead: bool = False) -> StepPlan:
+        plans.append(schedule(ahead))
+        if ahead:
+            llm.ahead_step_ids.add(plans[-1].step_id)  # type: ignore[attr-defined]
         return plans[-1]
 
     llm.engine.scheduler.schedule = recording  # type: ignore[method-assign]
@@ -78,6 +83,9 @@ def test_kvp2_matches_single_process(reference, kvp2):
     outputs, plans = _generate(kvp2, PROMPTS[2])
     assert_same_outputs(reference[2], outputs, NUM_NEW)
     assert max(_multi_group_chunks(p) for p in plans) >= 2
+    # async scheduling: multi-group decodes planned ahead took their tokens from another group's sample
+    ahead = [p for p in plans if p.step_id in kvp2.ahead_step_ids]
+    assert max(_multi_group_chunks(p) for p in ahead) >= 2
     assert kvp2.engine.scheduler.pool.num_free_blocks == kvp2.engine.scheduler.pool.num_blocks
 
 

@@ -168,3 +168,84 @@ def test_a_decode_step_carries_no_context():
         [chunk] = decode.chunks
         assert (chunk.start, chunk.num_new_tokens, chunk.new_token_ids) == (prompt_len, 1, (7,))
         assert len(chunk.new_block_ids) <= 1
+
+
+# -- async scheduling: decodes planned ahead of the step that samples their token ----------------------
+def test_a_decode_is_planned_ahead_of_the_step_that_samples_its_token():
+    sched, clock = make_scheduler(budget=16)
+    a = add(sched, clock, "a", 10, max_tokens=4)
+    assert not sched.can_schedule_ahead()  # nothing in flight yet
+    first = sched.schedule()
+    assert [(c.start, c.num_new_tokens) for c in first.chunks] == [(0, 10)]
+    assert sched.can_schedule_ahead()
+    ahead = sched.schedule(ahead=True)
+    # position 10 is the token `first` is sampling: no id in the plan, the workers take it on the device
+    assert [(c.start, c.num_new_tokens, c.new_token_ids) for c in ahead.chunks] == [(10, 1, ())]
+    assert a.num_computed_tokens + a.num_inflight_tokens == a.num_tokens + 1
+    assert a.num_uncomputed_tokens == 0
+    assert not sched.can_schedule_ahead()  # one step ahead at most
+    finish_step(sched, first, token=5)
+    assert list(a.token_ids[10:]) == [5] and a.num_computed_tokens == 10
+    following = sched.schedule(ahead=True)  # planned while `ahead` runs; the sampled 5 rides along now
+    assert [(c.start, c.new_token_ids) for c in following.chunks] == [(11, (5,))]
+    finish_step(sched, ahead, token=6)
+    finish_step(sched, following, token=8)
+    assert list(a.token_ids[10:]) == [5, 6, 8] and a.num_computed_tokens == 12
+
+
+def test_no_decode_is_planned_ahead_past_max_tokens():
+    sched, clock = make_scheduler(budget=16)
+    a = add(sched, clock, "a", 6, max_tokens=2)
+    plan = sched.schedule()
+    ahead = sched.schedule(ahead=True)  # the first sample leaves one token to go: its decode may run ahead
+    assert len(ahead.chunks) == 1
+    assert not sched.can_schedule_ahead()
+    finish_step(sched, plan)
+    assert not sched.can_schedule_ahead()  # the sample in flight is the last one
+    assert sched.schedule(ahead=True).chunks == ()
+    finish_step(sched, ahead)
+    assert a.is_finished and a.finish_reason == FinishReason.LENGTH
+    assert sched.pool.num_free_blocks == sched.pool.num_blocks
+
+
+def test_a_step_ahead_of_a_request_that_stops_is_discarded():
+    sched, _ = make_scheduler(budget=16)
+    req = Request("a", list(range(1, 7)), SamplingParams(max_tokens=8), eos_token_ids=(2,), arrival_s=0.0)
+    sched.add_request(req, seed=0)
+    plan = sched.schedule()
+    ahead = sched.schedule(ahead=True)
+    finish_step(sched, plan, token=2)  # end of sequence: the decode in flight computes a token nobody wants
+    assert req.is_finished and req.finish_reason == FinishReason.STOP
+    sched.update(ahead, StepResult(ahead.step_id, ("a",), (9,), (None,)))
+    assert list(req.token_ids[6:]) == [2]
+    assert sched.pool.num_free_blocks == sched.pool.num_blocks and not sched.has_unfinished
+    assert sched.schedule().freed_ids == ("a",)  # the workers drop it after the step ahead ran
+
+
+def test_nothing_is_planned_ahead_while_prompt_work_waits():
+    sched, clock = make_scheduler(budget=16)
+    add(sched, clock, "a", 6)
+    plan = sched.schedule()
+    add(sched, clock, "b", 30)  # arrives while the first step runs: the next step waits for its landing
+    assert not sched.can_schedule_ahead()
+    finish_step(sched, plan)
+    nxt = sched.schedule()
+    assert {c.request_id for c in nxt.chunks} == {"a", "b"}
+    assert not sched.can_schedule_ahead()  # b's prompt is not fully dispatched
+
+
+def test_a_decode_that_opens_the_next_kvp_group_waits_for_its_token():
+    from mnemosyne.kv.kvp_placement import KvpPlacement
+    from mnemosyne.scheduler.factory import kvp_group_boundary
+
+    clock = FakeClock()
+    sched = Scheduler(SchedulerLimits(64, 8, 1024), KvpPlacement(2, 16, 4, group_max_tokens=16), FCFS(), clock,
+                      group_boundary=kvp_group_boundary(16))
+    req = Request("a", list(range(1, 17)), SamplingParams(max_tokens=8, ignore_eos=True), arrival_s=0.0)
+    sched.add_request(req, seed=0)
+    plan = sched.schedule()  # positions 0-15 fill the first group: the sample, position 16, opens the second
+    assert not sched.can_schedule_ahead()
+    finish_step(sched, plan)
+    decode = sched.schedule()
+    assert [(c.start, c.num_new_tokens) for c in decode.chunks] == [(16, 1)]
+    assert sched.can_schedule_ahead()  # position 17 is in the second group too, beside 16

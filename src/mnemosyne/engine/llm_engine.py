@@ -1,5 +1,7 @@
 """LLMEngine: the step loop. One step = schedule, execute, update, emit; with pipeline stages a
-step submits one micro-batch and lands whatever finished meanwhile (engine/pipeline.py)."""
+step submits one micro-batch and lands whatever finished meanwhile (engine/pipeline.py). With one
+stage and async scheduling, a decode-only step is planned and queued while the previous one runs, so
+the device does not wait for the host between decode steps."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class LLMEngine:
         trace = None if config.trace_file is None else PipelineTrace(
             config.trace_file, config.pipeline_parallel_size * config.kv_parallel_size)
         self.pipeline = Pipeline(self.executor, self.scheduler, config.sequence_pipelining, trace)
+        self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
+        """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -97,7 +101,11 @@ class LLMEngine:
         return the outputs of the steps that finished (none, while the first micro-batches fill it)."""
         start_s = time.perf_counter()
         plan = self.scheduler.schedule() if self.pipeline.has_room else None
-        finished = self.pipeline.advance(plan)
+        if plan is not None:
+            self.pipeline.submit(plan)
+        if self.is_async and self.pipeline.num_inflight == 1 and self.scheduler.can_schedule_ahead():
+            self.pipeline.submit(self.scheduler.schedule(ahead=True))  # queued behind the step in flight
+        finished = self.pipeline.advance(None)
         outputs = []
         for done_plan, result in finished:
             updated = self.scheduler.update(done_plan, result)

@@ -53,6 +53,8 @@ class Pipeline:
         """Step id -> micro-batch, oldest first."""
         self._freed_ids: tuple[str, ...] = ()
         """Freed by plans that had no chunks (so were not sent): they ride on the next plan sent."""
+        self._submitted: StepPlan | None = None
+        """The latest plan sent since the last `advance` returned."""
         self.last_plan: StepPlan | None = None
         """The plan the latest `advance` submitted, else the latest it landed, else one still in
         flight: None only when the pipeline is idle."""
@@ -70,15 +72,24 @@ class Pipeline:
         """Submit `plan` (if it has chunks), then wait until the pipeline moves: a micro-batch clears
         stage 0 or a step finishes. Returns the finished steps, oldest first, for `scheduler.update`;
         stage-0 reports have already gone to the scheduler. Returns at once when nothing is in flight."""
-        submitted = self._submit(plan) if plan is not None else None
+        if plan is not None:
+            self.submit(plan)
         finished: list[tuple[StepPlan, StepResult]] = []
         has_moved = False
         while self._inflight and not has_moved:
             for event in self.executor.wait_events():
                 has_moved |= self._on_event(event, finished)
-        self.last_plan = submitted or (finished[-1][0] if finished else None) or next(
+        self.last_plan = self._submitted or (finished[-1][0] if finished else None) or next(
             (m.plan for m in self._inflight.values()), None)
+        self._submitted = None
         return finished
+
+    def submit(self, plan: StepPlan) -> StepPlan | None:
+        """Send a plan to the executor now, whether or not stage 0 is free: the engine's own choice when
+        it plans a step ahead (async scheduling). Returns the plan sent, or None if it had no chunks."""
+        submitted = self._submit(plan)
+        self._submitted = submitted or self._submitted
+        return submitted
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Write the trace once late stage reports are in (up to timeout_s; after a worker failure,

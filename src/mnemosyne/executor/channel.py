@@ -100,6 +100,10 @@ class WorkerChannel:
         topic, payload = self.plans.recv_multipart()
         return topic, payload
 
+    def poll(self, timeout_s: float) -> bool:
+        """Whether a plan (or the stop) is waiting, after up to timeout_s."""
+        return bool(self.plans.poll(timeout_s * 1000))
+
     def wait_for_stop(self, timeout_s: float) -> bool:
         """Drop plans until the engine's stop arrives (True) or timeout_s passes (False)."""
         deadline = time.monotonic() + timeout_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import deque
 
 import torch
 
@@ -11,6 +12,7 @@ from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.executor.worker import RuntimeInfo, Worker
 from mnemosyne.models.loaders import ModelLoader
 from mnemosyne.plan import StageDone, StepEvent, StepPlan, StepResult
+from mnemosyne.runner.model_runner import PendingStep
 
 
 class InProcessExecutor:
@@ -20,7 +22,7 @@ class InProcessExecutor:
         self.worker = Worker(config, model_config, loader)
         self._info = self.worker.info
         self._is_timed = config.trace_file is not None
-        self._events: list[StepEvent] = []
+        self._events: deque[StepEvent | PendingStep] = deque()
 
     @property
     def info(self) -> RuntimeInfo:
@@ -35,18 +37,24 @@ class InProcessExecutor:
         return self.worker.execute(plan)
 
     def submit(self, plan: StepPlan) -> None:
-        """Run the plan now; its events wait for `wait_events`."""
+        """Queue the plan's work on the device; `wait_events` brings its result."""
         start_s = time.time()
-        result = self.worker.execute(plan)
+        step = self.worker.launch(plan)
         if self._is_timed:
             if self.worker.device.type == "cuda":
                 torch.cuda.synchronize(self.worker.device)
             self._events.append(StageDone(plan.step_id, 0, 0, start_s, time.time()))
-        self._events.append(result)
+        self._events.append(step)
 
     def wait_events(self, timeout_s: float | None = None) -> list[StepEvent]:
-        """The events of submitted steps, in order; never waits (submit already ran them)."""
-        events, self._events = self._events, []
+        """The oldest submitted step's events, its result last: waits for that step's kernels only, so
+        a step queued behind it keeps the device busy meanwhile."""
+        events = []
+        while self._events:
+            event = self._events.popleft()
+            events.append(event.result() if isinstance(event, PendingStep) else event)
+            if isinstance(event, PendingStep):
+                break
         return events
 
     def shutdown(self) -> None:

@@ -21,7 +21,7 @@ from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
 from mnemosyne.runner.block_tables import BlockTables
-from mnemosyne.runner.model_runner import ModelRunner
+from mnemosyne.runner.model_runner import ModelRunner, PendingStep
 from mnemosyne.runner.stage_link import StageLink
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ class Worker:
         link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,
                          config.pp_scatter_gather, is_timed=config.trace_file is not None)
         self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device, link,
-                                  kvp_rank=kvp_group.rank, blocks_per_group=num_blocks, scratch_slot=num_slots)
+                                  kvp_rank=kvp_group.rank, blocks_per_group=num_blocks, scratch_slot=num_slots,
+                                  kvp_group=kvp_group,
+                                  shares_samples=config.async_scheduling and pp_group.size == 1)
         # The graphs capture the whole model, embedding to logits: one pipeline stage runs eagerly.
         if getattr(backend, "supports_cuda_graphs", False) and not config.enforce_eager and pp_group.size == 1:
             from mnemosyne.runner.cuda_graphs import DecodeGraphs  # imports Triton
@@ -145,10 +147,14 @@ class Worker:
         return int(budget // block_bytes)
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch(plan).result()
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue the plan's work on the device; the result comes from the returned step."""
         self._profiler.before_step()
-        result = self.runner.execute(plan)
+        step = self.runner.launch(plan)
         self._profiler.after_step()
-        return result
+        return step
 
 
 def stage_weight_names(config: ModelConfig, model: LlamaForCausalLM) -> list[str]:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
 from mnemosyne.executor.worker import Worker
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.plan import StageDone
+from mnemosyne.runner.model_runner import PendingStep
 
 logger = logging.getLogger("mnemosyne.executor.worker_process")  # also when run as __main__
 
@@ -107,7 +109,14 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
     reports_stage = topology.tp_rank == 0 and (config.trace_file is not None or (
         topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
     stage_clock = StageClock(device, is_timed=config.trace_file is not None)
+    # Async scheduling: the engine may send a step's plan before the previous step's result; the output
+    # rank queues it first and then reports the previous one, so the device runs back to back.
+    is_async = config.async_scheduling and layout.pp_size == 1
+    pending: deque[PendingStep] = deque()
     while True:
+        if pending and not _plan_comes_first(channel, pending[0]):
+            channel.send(wire.KIND_RESULT, wire.encode(pending.popleft().result()))
+            continue
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
             worker.runner.link.wait()
@@ -115,18 +124,37 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
             return
         plan = wire.decode_plan(payload)
         begin_s = time.time()
-        result = worker.execute(plan)
+        step = worker.launch(plan)
         if reports_stage:
             end_s = stage_clock.done_s()
             start_s = min(max(begin_s, worker.runner.link.received_s), end_s)
             channel.send(wire.KIND_STAGE_DONE, wire.encode(StageDone(
                 plan.step_id, topology.kvp_rank, topology.pp_rank, start_s, end_s)))
-        if topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
-            if not config.sequence_pipelining and not result.token_ids and device.type == "cuda":
-                # Without SPP the next chunk waits for the whole pipeline: a step that sampled
-                # nothing (no host sync) is reported once its kernels have run, not when queued.
-                torch.cuda.current_stream(device).synchronize()
-            channel.send(wire.KIND_RESULT, wire.encode(result))
+        if not topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
+            continue
+        if is_async:
+            pending.append(step)
+            while len(pending) > 1:
+                channel.send(wire.KIND_RESULT, wire.encode(pending.popleft().result()))
+            continue
+        result = step.result()
+        if not config.sequence_pipelining and not result.token_ids and device.type == "cuda":
+            # Without SPP the next chunk waits for the whole pipeline: a step that sampled
+            # nothing (no host sync) is reported once its kernels have run, not when queued.
+            torch.cuda.current_stream(device).synchronize()
+        channel.send(wire.KIND_RESULT, wire.encode(result))
+
+
+_POLL_S = 0.0002
+
+
+def _plan_comes_first(channel: WorkerChannel, step: PendingStep) -> bool:
+    """Wait until the next plan arrives (True) or the step's kernels have run (False), whichever is
+    first: a plan is queued behind the step before its result is sent."""
+    while not step.is_done():
+        if channel.poll(_POLL_S):
+            return True
+    return False
 
 
 class StageClock:

@@ -71,8 +71,9 @@ class SectionRow:
     gather_start: int
     """The chunk's first row in the KVP gather; -1 for a request that lives on one group."""
     is_sampled: bool
-    """This group samples the chunk's last token: it reaches the last known token, and this is the
-    request's first group (active in every one of its steps, so its generator sees every sample)."""
+    """This group samples the chunk's last token: it reaches (or, scheduled ahead, passes) the last known
+    token, and this is the request's first group (active in every one of its steps, so its generator
+    sees every sample)."""
 
 
 def plan_section(chunks: Sequence[ScheduledChunk], requests: Mapping[str, RequestState],
@@ -99,7 +100,7 @@ def plan_section(chunks: Sequence[ScheduledChunk], requests: Mapping[str, Reques
         shard = kv.group_ids.index(group)
         is_writer = shard == writer
         seq_len = end - kv.starts[shard] if is_writer else kv.starts[shard + 1] - kv.starts[shard]
-        is_sampled = end == len(state.token_ids) and shard == 0
+        is_sampled = end >= len(state.token_ids) and shard == 0  # past it: a decode scheduled ahead
         rows.append(SectionRow(chunk, is_writer, kv.starts[shard], seq_len, gather_start, is_sampled))
     rows.sort(key=lambda r: r.chunk.num_new_tokens != 1)  # stable: decodes first, as backends expect
     return rows, num_gathered

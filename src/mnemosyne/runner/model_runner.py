@@ -1,5 +1,7 @@
 """The worker-side half of a step: keep replicated request state, apply the plan's diff, build
-flat inputs and attention metadata, run the model, sample."""
+flat inputs and attention metadata, run the model, sample. A step is launched (queued on the device)
+and its samples fetched later, so the next step can be queued first; a decode scheduled ahead takes
+its token from the previous step's samples on the device."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows, gather_size
-from mnemosyne.layers.sampler import SamplingBatch, make_generator, sample
+from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.layers.sampler import SamplerOutput, SamplingBatch, make_generator, sample
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
 from mnemosyne.request import SamplingParams
@@ -33,6 +36,70 @@ class CachedRequest:
 
 
 @dataclass(frozen=True)
+class SampleShare:
+    """How one KVP group's samples reach the others (async scheduling): a decode scheduled ahead of a
+    multi-group request needs the token its first group is sampling, on every group that holds part of
+    it. Each group writes the tokens it sampled at their rows' places in the KVP gather; one max
+    all-reduce over the KVP group (-1 elsewhere) gives every group every one."""
+
+    sampled_rows: torch.Tensor
+    """[S] int64: rows of this group's sample output that belong to multi-group requests."""
+    gather_rows: torch.Tensor
+    """[S] int64: their places in the gather."""
+    gather_row_of: dict[str, int]
+    """Every multi-group request of this group's section -> the place of its last token."""
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """The latest step's sampled tokens, on the device: where a decode scheduled ahead reads its token."""
+
+    token_ids: torch.Tensor
+    """[N] int64"""
+    row_of: dict[str, int]
+    """Request id -> its token's row in token_ids."""
+
+
+class PendingStep:
+    """A launched step: its kernels are queued, and its samples are being copied to pinned host memory
+    behind them, so the next step can be launched before this one's tokens reach the host."""
+
+    def __init__(self, step_id: int, request_ids: tuple[str, ...] = (), out: SamplerOutput | None = None,
+                 wanted: tuple[int | None, ...] = ()):
+        self.step_id = step_id
+        self.request_ids = request_ids
+        self.wanted = wanted
+        self._host = None if out is None else SamplerOutput(*(None if t is None else _to_host(t) for t in (
+            out.token_ids, out.logprobs, out.top_token_ids, out.top_logprobs)))
+        self._event = None
+        if out is not None and out.token_ids.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def is_done(self) -> bool:
+        """Whether `result` would return without waiting for the device."""
+        return self._event is None or self._event.query()
+
+    def result(self) -> StepResult:
+        """The step's sampled tokens and logprobs; waits for its kernels (not for later steps')."""
+        if self._host is None:
+            return StepResult(self.step_id, (), (), ())
+        if self._event is not None:
+            self._event.synchronize()
+        return StepResult(self.step_id, self.request_ids, tuple(self._host.token_ids.tolist()),
+                          _logprobs(self._host, list(self.wanted)))
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t in host memory, queued on the stream (pinned, so the copy does not block the host)."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass(frozen=True)
 class StepInputs:
     token_ids: torch.Tensor
     """[num_tokens] int64"""
@@ -42,12 +109,15 @@ class StepInputs:
     sample_rows: list[int]
     """Rows of the flat batch whose logits are sampled, in the order of sample_ids."""
     sample_ids: list[str]
+    share: SampleShare | None = None
+    """Set when this step's samples must reach the other KVP groups (see `SampleShare`)."""
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_tables: BlockTables,
                  backend: AttentionBackend, device: torch.device, link: StageLink | None = None,
-                 kvp_rank: int = 0, blocks_per_group: int = 1 << 62, scratch_slot: int = -1):
+                 kvp_rank: int = 0, blocks_per_group: int = 1 << 62, scratch_slot: int = -1,
+                 kvp_group: Group = SINGLE, shares_samples: bool = False):
         self.model = model
         self.kv_caches = kv_caches
         """Per layer of this stage: [2, num_slots, kv_heads, head_dim]."""
@@ -66,6 +136,10 @@ class ModelRunner:
         """Set by the worker on a GPU; replays decode-only steps."""
         self.link = link or StageLink(device=device)
         """Activations from the previous pipeline stage and to the next one."""
+        self.kvp_group = kvp_group
+        self.shares_samples = shares_samples and kvp_group.size > 1
+        """Async scheduling under KVP: every step's multi-group samples reach every group (`SampleShare`)."""
+        self._samples: _Samples | None = None
 
     def apply_plan(self, plan: StepPlan) -> None:
         """Bring the replicated request state up to date with the plan's diff."""
@@ -86,29 +160,65 @@ class ModelRunner:
         generator = None if new.params.is_greedy else make_generator(new.seed, self.device)
         return CachedRequest(array("i", new.token_ids), new.params, generator)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run a step to the end: its sampled tokens on the host."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue a step's work on the device without waiting for any of it."""
         self.apply_plan(plan)
         inputs = self.prepare(plan)
         meta = inputs.meta
         if meta.num_requests == 0 and meta.kvp is None:  # nothing of this step lives on this KVP group
-            return StepResult(plan.step_id, (), (), ())
+            self._samples = None
+            return PendingStep(plan.step_id)
+        logits = self._logits(inputs)
+        states = [self.requests[r] for r in inputs.sample_ids]
+        out = None if logits is None else sample(logits, _sampling_batch(states))
+        self._keep_samples(inputs, out)
+        if out is None:
+            return PendingStep(plan.step_id)
+        return PendingStep(plan.step_id, tuple(inputs.sample_ids), out, tuple(s.params.logprobs for s in states))
+
+    def _logits(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits of the rows this rank samples, or None when it samples none (not the last pipeline
+        stage, or every row samples on another KVP group)."""
+        meta = inputs.meta
         graph = self._graph_for(meta)
         if graph is not None:  # decode-only: the graph's logits are the batch's rows, in order
             logits = self.graphs.run(inputs, graph)
-            if not inputs.sample_ids:  # KVP: every row samples on another group
-                return StepResult(plan.step_id, (), (), ())
-            if len(inputs.sample_rows) != meta.num_requests:
-                logits = logits[inputs.sample_rows]
-        else:
-            hidden = self._forward(inputs)
-            if hidden is None or not inputs.sample_ids:  # not the last stage, or nothing to sample
-                return StepResult(plan.step_id, (), (), ())
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        states = [self.requests[r] for r in inputs.sample_ids]
-        out = sample(logits, _sampling_batch(states))
-        return StepResult(plan.step_id, tuple(inputs.sample_ids), tuple(out.token_ids.tolist()),
-                          _logprobs(out, [s.params.logprobs for s in states]))
+            if not inputs.sample_ids:
+                return None
+            return logits if len(inputs.sample_rows) == meta.num_requests else logits[inputs.sample_rows]
+        hidden = self._forward(inputs)
+        if hidden is None or not inputs.sample_ids:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _keep_samples(self, inputs: StepInputs, out: SamplerOutput | None) -> None:
+        """Keep this step's sampled tokens on the device for the next step's decodes scheduled ahead,
+        with those other KVP groups sampled where this group holds part of a multi-group request."""
+        token_ids = out.token_ids if out is not None else torch.empty(0, dtype=torch.int64, device=self.device)
+        row_of = {request_id: i for i, request_id in enumerate(inputs.sample_ids)}
+        share = inputs.share
+        if share is not None:
+            assert inputs.meta.kvp is not None
+            shared = torch.full((inputs.meta.kvp.num_tokens,), -1, dtype=torch.int64, device=self.device)
+            if out is not None:
+                shared.index_copy_(0, share.gather_rows, token_ids.index_select(0, share.sampled_rows))
+            self.kvp_group.all_reduce(shared, op="max")
+            for request_id, row in share.gather_row_of.items():
+                row_of.setdefault(request_id, len(token_ids) + row)
+            token_ids = torch.cat((token_ids, shared))
+        self._samples = _Samples(token_ids, row_of)
+
+    def _sample_row(self, request_id: str) -> int:
+        """Where the previous step's sample of a request lies in `_samples`."""
+        if self._samples is None or request_id not in self._samples.row_of:
+            raise RuntimeError(f"a decode of {request_id} was scheduled ahead, but the previous step on this "
+                               "worker did not sample it")
+        return self._samples.row_of[request_id]
 
     def _graph_for(self, meta: AttentionMetadata) -> GraphKey | None:
         """The CUDA graph that runs this step, or None to run it eagerly: only decode-only steps have one."""
@@ -133,12 +243,22 @@ class ModelRunner:
         inputs reach the device in one copy, and nothing here waits for the device."""
         rows, num_gathered = plan_section(plan.chunks, self.requests, self.kvp_rank)
         tokens, positions, slots, local_rows, gather_rows = (array("q") for _ in range(5))
+        ahead_rows, ahead_sources, share_sampled, share_gather = (array("q") for _ in range(4))
         host_rows, seq_lens = array("i"), array("i")
         query_start, prefix_runs, sample_rows, sample_ids = [0], [], [], []
+        gather_row_of: dict[str, int] = {}
         for r in rows:
             chunk, num_new = r.chunk, r.chunk.num_new_tokens
             end = chunk.start + num_new
-            tokens.fromlist(self.requests[chunk.request_id].token_ids[chunk.start:end].tolist())
+            known = self.requests[chunk.request_id].token_ids[chunk.start:end].tolist()
+            tokens.fromlist(known)
+            if len(known) < num_new:  # a decode scheduled ahead: its token is the previous step's sample
+                if num_new - len(known) != 1:
+                    raise RuntimeError(f"chunk [{chunk.start}, {end}) of {chunk.request_id} is {num_new - len(known)} "
+                                       "tokens past the ones known; a step ahead adds one")
+                ahead_rows.append(query_start[-1] + num_new - 1)
+                ahead_sources.append(self._sample_row(chunk.request_id))
+                tokens.append(0)
             positions.extend(range(chunk.start, end))
             if r.is_writer:
                 slots.extend(self.block_tables.slots(chunk.request_id, chunk.start - r.shard_start,
@@ -155,16 +275,28 @@ class ModelRunner:
             if r.is_sampled:
                 sample_rows.append(query_start[-1] - 1)
                 sample_ids.append(chunk.request_id)
-        token_tensor, position_tensor, slot_tensor, local_tensor, gather_tensor, row_tensor, seq_len_tensor = (
-            self._on_device(tokens, positions, slots, local_rows, gather_rows, host_rows, seq_lens))
+            if self.shares_samples and r.gather_start >= 0:
+                gather_row_of[chunk.request_id] = r.gather_start + num_new - 1
+                if r.is_sampled:
+                    share_sampled.append(len(sample_ids) - 1)
+                    share_gather.append(r.gather_start + num_new - 1)
+        (token_tensor, position_tensor, slot_tensor, local_tensor, gather_tensor, row_tensor, seq_len_tensor,
+         ahead_tensor, source_tensor, sampled_tensor, share_tensor) = self._on_device(
+            tokens, positions, slots, local_rows, gather_rows, host_rows, seq_lens,
+            ahead_rows, ahead_sources, share_sampled, share_gather)
+        if ahead_rows:
+            assert self._samples is not None
+            token_tensor.index_copy_(0, ahead_tensor, self._samples.token_ids.index_select(0, source_tensor))
         kvp = None if num_gathered == 0 else KvpRows(gather_size(num_gathered), local_tensor, gather_tensor)
+        share = None if kvp is None or not self.shares_samples else SampleShare(sampled_tensor, share_tensor,
+                                                                                gather_row_of)
         meta = AttentionMetadata(
             query_start_loc=tuple(query_start), seq_lens=tuple(seq_lens), slot_mapping=slot_tensor,
             block_tables=self.block_tables.ids, rows=row_tensor, seq_lens_tensor=seq_len_tensor,
             page_size=self.page_size, num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1),
             prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows),
             is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
-        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids)
+        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids, share)
 
     def _prefix_runs(self, row: SectionRow) -> tuple[tuple[int, int], ...]:
         """Cache slot runs of the keys a chunk's queries see non-causally: the shard's tokens before the

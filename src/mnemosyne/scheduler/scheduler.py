@@ -102,8 +102,23 @@ class Scheduler:
         return bool(self.requests)
 
     # -- one step --------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
-        """Pick this step's tokens. Marks them in flight on each request; `update` lands them."""
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be planned before the one in flight lands (async scheduling, one
+        pipeline stage): only when it would hold decodes alone, every one of them the next token of a
+        request whose step in flight samples it. Anything else (a waiting request, a prompt not fully
+        dispatched) waits for the landing, so scheduling ahead never delays a prefill."""
+        return (not self.waiting and bool(self.running)
+                and all(r.num_uncomputed_tokens == 0 for r in self.running)
+                and any(self._can_decode_ahead(r) for r in self.running))
+
+    def schedule(self, ahead: bool = False) -> StepPlan:
+        """Pick this step's tokens. Marks them in flight on each request; `update` lands them.
+
+        `ahead` (see `can_schedule_ahead`): plan decodes of the tokens the step in flight is sampling.
+        Their chunks start at the request's token count; the workers take the token from that step's
+        sample on the device, so the plan needs no token id."""
+        if ahead:
+            return self._schedule_ahead()
         now = self.clock()
         self._preempted_ids.clear()
         step = self.chunking.new_step()
@@ -144,6 +159,34 @@ class Scheduler:
         if step.estimate is not None and any(c.num_new_tokens > 1 for c in chunks):
             self._predicted_s[plan.step_id] = step.estimate.time_s
         return plan
+
+    def _schedule_ahead(self) -> StepPlan:
+        self._preempted_ids.clear()
+        step = self.chunking.new_step()
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        for request in self._candidates(self.clock()):
+            if step.is_full:
+                break
+            if request.request_id in self._preempted_ids or not self._can_decode_ahead(request):
+                continue
+            start = request.num_tokens
+            if step.fit(start, 1, 0.0) == 0 or not self._reserve(request, 1, scheduled):
+                continue
+            step.add(1, start)
+            chunks.append(self._chunk(request, 1, []))
+            scheduled.add(request.request_id)
+        self._step_id += 1
+        plan = StepPlan(self._step_id, (), tuple(chunks), tuple(self._freed_ids))
+        self._freed_ids.clear()
+        return plan
+
+    def _can_decode_ahead(self, request: Request) -> bool:
+        """`Request.can_decode_ahead`, unless that token would open the request's next KVP group: that
+        group holds none of it yet, so no sample reaches it on the device; it waits for the landing."""
+        position = request.num_tokens
+        opens_group = self.group_boundary is not None and self.group_boundary(position - 1) == position
+        return request.can_decode_ahead(self.max_model_len) and not opens_group
 
     def observe_step(self, plan: StepPlan, measured_s: float | None) -> None:
         """The plan's step is over, after measured_s of wall time (None: not measured, as under pipeline
