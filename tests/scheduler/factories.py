@@ -26,7 +26,7 @@ class SyntheticCosts:
 
     measured_tp = 1
 
-    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+    def base_s(self, num_tokens: int, num_seqs: int, num_decodes: int = 0) -> float:
         return 1e-3 + 1e-5 * num_tokens
 
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:

@@ -102,8 +102,11 @@ def test_profile_round_trips_and_interpolates(tmp_path):
     assert costs.decode_step_s(8, 1900, 500) == pytest.approx(0.04)  # linear in the KV read past the grid
     model = LatencyModel(costs, PRESETS["tiny"], DEVICES["cpu"])
     assert model.step_time_s([(1, 100)]) == pytest.approx(0.011)
-    # mixed: linear(33 tokens) + one extra request + the chunk's and the decode's attention
-    assert model.step_time_s([(1, 100), (32, 0)]) == pytest.approx(0.010 + 0.015 * 17 / 240 + 0.003)
+    # mixed: linear(33 tokens) + the chunk's and the decode's attention; a decode's own cost past its
+    # token is in the decode tables, so only a second multi-token chunk adds per_seq_s
+    assert model.step_time_s([(1, 100), (32, 0)]) == pytest.approx(0.010 + 0.015 * 17 / 240 + 0.002)
+    assert model.step_time_s([(1, 100), (32, 0), (32, 0)]) == pytest.approx(
+        0.010 + 0.015 * 49 / 240 + 0.001 + 0.003)  # one extra chunk, two chunks and a decode attending
     assert Profiled(profile, tp=2).chunk_attention_s(32, 0) == pytest.approx(0.0005)
 
 

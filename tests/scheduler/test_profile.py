@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from mnemosyne.bench.profile import QUICK_GRID, held_out_batches
+from mnemosyne.bench.profile import QUICK_GRID, held_out_batches, recheck
 from mnemosyne.cli import main
 from mnemosyne.models.loaders.dummy import PRESETS
 from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled
@@ -28,6 +28,11 @@ def test_quick_cpu_profile_and_check(tmp_path, capsys):
     # checking an existing profile needs no -o
     assert main(["profile", "dummy:tiny", "--device", "cpu", "--quick", "--check",
                  "--latency-profile", str(path)]) == 0
+    # the saved check, predicted again by the same model: the same predictions and errors
+    checked = LatencyModel(Profiled(profile), PRESETS["tiny"], DEVICES["cpu"])
+    again = recheck(profile, report["batches"], checked, num_check=QUICK_GRID.num_check)
+    assert [r["predicted_s"] for r in again["batches"]] == [r["predicted_s"] for r in report["batches"]]
+    assert again["all"] == report["all"]
 
 
 def test_held_out_batches_stay_inside_the_measured_ranges():

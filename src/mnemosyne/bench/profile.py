@@ -63,7 +63,7 @@ class Grid:
 
 GPU_GRID = Grid(linear_num_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384),
                 chunk_num_new=(32, 128, 256, 512, 2048, 8192), chunk_num_prefix=(0, 4096, 16384, 65536, 131072),
-                decode_num_decodes=(1, 4, 16, 64, 256), decode_prefix_tokens=(0, 32768, 131072, 524288),
+                decode_num_decodes=(1, 4, 16, 64, 128, 256), decode_prefix_tokens=(0, 32768, 131072, 262144, 524288),
                 repeats=3, num_check=45)
 QUICK_GRID = Grid(linear_num_tokens=(16, 128), chunk_num_new=(32, 128), chunk_num_prefix=(0, 1024),
                   decode_num_decodes=(1, 8), decode_prefix_tokens=(0, 2048), repeats=2, num_check=9)
@@ -202,6 +202,10 @@ def check(timer: StepTimer, latency: LatencyModel, grid: Grid) -> dict[str, Any]
         decodes = [p for n, p in shapes if n == 1]
         rows.append({"kind": kind, "num_decodes": len(decodes), "decode_prefix_tokens": sum(decodes),
                      "chunks": [s for s in shapes if s[0] > 1], "measured_s": measured, "predicted_s": predicted})
+    return _report(errors, rows)
+
+
+def _report(errors: dict[str, list[float]], rows: list[dict[str, Any]]) -> dict[str, Any]:
     every = sorted(e for v in errors.values() for e in v)
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -252,6 +256,26 @@ def _profile(engine: Any, config: EngineConfig, grid: Grid, top_prefix: int, top
         if output is not None:
             profile.save(output, {"check": report})
     return 0
+
+
+def recheck(profile: Profile, measured: list[dict[str, Any]], latency: LatencyModel,
+            num_check: int = 45) -> dict[str, Any]:
+    """`check`'s report again from the batches a past check measured (`measured`, its report's
+    "batches"), with the predictions of `latency` as it is now: a change to the step-time model judged
+    on the GPU's held-out batches without the GPU. The batches are rebuilt from the profile's axes, as
+    `check` drew them."""
+    grid = Grid(profile.linear_num_tokens, profile.chunk_num_new, profile.chunk_num_prefix, profile.decode_num_decodes,
+                profile.decode_prefix_tokens, repeats=1, num_check=num_check)
+    errors: dict[str, list[float]] = {"decode": [], "chunks": [], "mixed": []}
+    rows = []
+    for (kind, shapes), row in zip(held_out_batches(grid), measured, strict=True):
+        decodes = [p for n, p in shapes if n == 1]
+        if (kind, len(decodes), sum(decodes)) != (row["kind"], row["num_decodes"], row["decode_prefix_tokens"]):
+            raise ValueError("the measured batches are not the ones this version draws for the profile's grid")
+        predicted = latency.step_time_s(shapes)
+        errors[kind].append(abs(predicted - row["measured_s"]) / row["measured_s"])
+        rows.append({**row, "predicted_s": predicted})
+    return _report(errors, rows)
 
 
 def format_check(report: dict[str, Any]) -> str:

@@ -105,9 +105,10 @@ class StepCosts(Protocol):
     measured_tp: int
     """Tensor-parallel size whose collectives the costs already include (1: none)."""
 
-    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+    def base_s(self, num_tokens: int, num_seqs: int, num_decodes: int = 0) -> float:
         """Everything but attention in a step with a multi-token chunk: fixed cost, linear layers,
-        norms, LM head and sampling."""
+        norms, LM head and sampling. num_seqs counts every request of the step, num_decodes those of
+        them with one token."""
         ...
 
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
@@ -143,7 +144,7 @@ class Roofline:
         self._qk_flops = 4.0 * model.num_layers * heads * model.head_dim  # per (query, key) pair
         self._kv_bytes = 2.0 * model.num_layers * kv_heads * model.head_dim * b  # per cached token
 
-    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+    def base_s(self, num_tokens: int, num_seqs: int, num_decodes: int = 0) -> float:
         flops = self._linear_flops * num_tokens + self._head_flops * num_seqs
         return self.device.step_overhead_s + max(flops / self._flops_per_s, self._weight_bytes / self._bytes_per_s)
 
@@ -221,10 +222,13 @@ class Profiled:
         self.measured_tp = profile.tp
         self._scale = profile.tp / tp
 
-    def base_s(self, num_tokens: int, num_seqs: int) -> float:
+    def base_s(self, num_tokens: int, num_seqs: int, num_decodes: int = 0) -> float:
+        # per_seq_s is the cost of one more multi-token chunk (measured as 8 chunks against one of the
+        # same total): each gets its own prefix runs and attention call. Decodes share one kernel, and
+        # what each costs beyond its token is in the decode tables (timed beside a chunk, both ways).
         p = self.profile
         return (self._scale * interp(p.linear_num_tokens, p.linear_s, num_tokens)
-                + p.per_seq_s * max(0, num_seqs - 1))
+                + p.per_seq_s * max(0, num_seqs - num_decodes - 1))
 
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
         p = self.profile
@@ -423,7 +427,7 @@ class StepEstimate:
         if num_decodes == num_seqs:
             t = costs.decode_step_s(num_decodes, decode_prefix_tokens, decode_max_prefix)
         else:
-            t = costs.base_s(num_tokens, num_seqs) + chunk_attention_s
+            t = costs.base_s(num_tokens, num_seqs, num_decodes) + chunk_attention_s
             if num_decodes:
                 t += costs.decode_attention_s(num_decodes, decode_prefix_tokens, decode_max_prefix)
         t += m._comm_fixed_s + m._comm_per_token_s * num_tokens
