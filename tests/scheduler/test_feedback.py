@@ -115,3 +115,17 @@ def test_the_engine_reports_its_steps_under_a_tbt_slo():
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.scheduler.chunking.feedback.num_observed >= 300 // 64
+
+
+def test_the_factor_comes_down_once_the_steps_it_shrank_run_as_predicted():
+    """Steps sized to the budget over the factor are the ones observed: after a slow spell the factor
+    returns, instead of freezing where no step is predicted near the raw budget any more."""
+    chunking = AdaptiveChunking(synthetic_model(), BUDGET_S, 1 << 20)
+    for _ in range(MIN_STEPS):
+        chunking.observe(BUDGET_S, BUDGET_S * 10)
+    assert chunking.feedback.factor == BOUNDS[1]
+    for _ in range(300):  # now sized to a quarter of the budget, and as long as predicted
+        chunking.observe(BUDGET_S / BOUNDS[1], BUDGET_S / BOUNDS[1])
+        if chunking.feedback.factor == 1.0:
+            break
+    assert chunking.feedback.factor == 1.0

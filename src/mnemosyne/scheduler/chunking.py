@@ -196,7 +196,10 @@ class AdaptiveChunking:
         return TokenBudget(self.max_num_tokens, self.model.estimate())
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
-        if self.budget_s is not None and predicted_s >= NEAR_BUDGET * self.budget_s:
+        # near the budget the steps are sized to now: against the raw budget, a factor of 2 or more
+        # would leave no step to observe, and the factor could never come down again (call29 and
+        # call30 froze at 4, and a long prompt got no chunk for minutes)
+        if self.budget_s is not None and predicted_s >= NEAR_BUDGET * self.budget_s / self.feedback.factor:
             self.feedback.observe(predicted_s, measured_s)
 
 

@@ -14,13 +14,16 @@ WINDOW = 256
 QUANTILE = 0.95
 """The ratio this fraction of recent steps stay under: most steps then fit the budget, and a rare
 stall (a kernel compiled mid-serving) moves nothing."""
-MIN_STEPS = 16
-"""Steps observed before the factor departs from 1."""
+MIN_STEPS = 64
+"""Steps observed before the factor departs from 1: enough that the quantile passes over a few stalls
+(with 16, QUANTILE's index was the largest ratio, and one cuDNN compile in a run's first steps took
+the factor to its bound)."""
 NEAR_BUDGET = 0.5
-"""Only steps predicted at this share of the budget or more are observed: the budget limits those,
-and a small step's ratio is mostly fixed host time. In call27 (an H200) steps predicted at 3-25 ms
-ran up to 3x over; counted, they took the factor to 3.3 in the run's first seconds, when the window
-was short, and the chunks of short prompts that arrived then shrank with it."""
+"""Only steps predicted at this share of the budget in force (the TBT budget over the factor) or more
+are observed: the budget limits those, and a small step's ratio is mostly fixed host time. In call27
+(an H200) steps predicted at 3-25 ms ran up to 3x over; counted, they took the factor to 3.3 in the
+run's first seconds, when the window was short, and the chunks of short prompts that arrived then
+shrank with it."""
 BOUNDS = (0.5, 4.0)
 """The factor's range: a model off by more than this is a wrong profile, not something to chase."""
 
