@@ -6,6 +6,7 @@
 #   here:   PYTHON=.venv/bin/python bash benchmarks/serve_mixed.sh cpu   (smoke test: dummy:tiny, ~1 min)
 # Environment: TBT_MS (50) and TTFT_MS (2000), the SLOs given to the servers and judged by the bench;
 # RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed;
+# RUNS (lars,fcfs): lars alone skips the FCFS baseline;
 # PROFILE, the step-time profile the servers schedule with (default on an H200: the serving one, taken
 # with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers).
 set -uo pipefail
@@ -43,6 +44,8 @@ case "$layout" in
   *) echo "usage: $0 [1gpu|kvp4|pp4|cpu]" >&2; exit 2 ;;
 esac
 "$python" -c "import httpx" || { echo "bench serve needs httpx: carry its wheels (httpx, httpcore, h11) in .whl" >&2; exit 1; }
+compare=("--scheduler lars --chunking adaptive --max-num-batched-tokens 16384")
+[ "${RUNS:-lars,fcfs}" = lars ] || compare+=("--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed")
 dest="$out/serve-$layout"
 mkdir -p "$dest"
 echo "== bench serve: $layout, $model"
@@ -50,8 +53,7 @@ start=$(date +%s)
 # shellcheck disable=SC2086  # $trace is a list of flags
 "$python" -m mnemosyne bench serve \
   --launch "$model $engine --tbt-slo-ms $tbt_ms --ttft-slo-ms $ttft_ms" \
-  --compare "--scheduler lars --chunking adaptive --max-num-batched-tokens 16384" \
-            "--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed" \
+  --compare "${compare[@]}" \
   $trace --tbt-slo-ms "$tbt_ms" --ttft-slo-ms "$ttft_ms" --trace-timeout-s "$run_s" \
   --save-trace "$dest/trace.jsonl" -o "$dest" \
   > "$dest/bench.log" 2>&1
