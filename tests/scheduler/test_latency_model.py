@@ -3,6 +3,8 @@ the incremental estimate the chunking policy uses."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mnemosyne.models.loaders.dummy import PRESETS
@@ -108,6 +110,15 @@ def test_profile_round_trips_and_interpolates(tmp_path):
     assert model.step_time_s([(1, 100), (32, 0), (32, 0)]) == pytest.approx(
         0.010 + 0.015 * 49 / 240 + 0.001 + 0.003)  # one extra chunk, two chunks and a decode attending
     assert Profiled(profile, tp=2).chunk_attention_s(32, 0) == pytest.approx(0.0005)
+
+
+def test_decode_steps_replayed_as_graphs_cost_their_padded_batch():
+    eager = Profiled(tiny_profile())
+    graphed = Profiled(replace(tiny_profile(), decode_graph_buckets=(1, 8)))
+    assert graphed.decode_step_s(3, 1000, 400) == pytest.approx(eager.decode_step_s(8, 1000, 400))
+    assert graphed.decode_step_s(1, 1000, 1000) == pytest.approx(eager.decode_step_s(1, 1000, 1000))
+    assert graphed.decode_step_s(9, 1000, 400) == pytest.approx(eager.decode_step_s(9, 1000, 400))  # past them
+    assert eager.decode_step_s(3, 1000, 400) < graphed.decode_step_s(3, 1000, 400)
 
 
 def test_bad_profiles_and_devices_name_the_flag(tmp_path):

@@ -159,10 +159,12 @@ def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dty
         for k in tables:
             tables[k].append(tuple(rows[k]))
     bar.close()
+    graphs = timer.runner.graphs
     return Profile(model_name, device_name, dtype, 1, grid.linear_num_tokens, linear, per_seq_s,
                    grid.chunk_num_new, grid.chunk_num_prefix, chunk, grid.decode_num_decodes,
                    grid.decode_prefix_tokens, tuple(tables["even_attn"]), tuple(tables["even_step"]),
-                   tuple(tables["skew_attn"]), tuple(tables["skew_step"]))
+                   tuple(tables["skew_attn"]), tuple(tables["skew_step"]),
+                   tuple(graphs.buckets) if graphs is not None else ())
 
 
 def held_out_batches(grid: Grid, seed: int = 1234) -> list[tuple[str, list[Shape]]]:

@@ -191,6 +191,9 @@ class Profile:
     """[same] as decode_attention_s, with all the prefix tokens in one request (empty: not measured)."""
     skewed_step_s: tuple[tuple[float, ...], ...] = ()
     """[same] as decode_step_s, with all the prefix tokens in one request."""
+    decode_graph_buckets: tuple[int, ...] = ()
+    """Batch sizes of the CUDA graphs that ran the decode-only steps (empty: eager). Such a step runs
+    its batch padded to the next bucket, so its time is read off the tables there."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         Path(path).write_text(json.dumps({"version": 3, **asdict(self), **(extra or {})}, indent=1) + "\n")
@@ -240,7 +243,8 @@ class Profiled:
 
     def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
-        return self._decode_s(p.decode_step_s, p.skewed_step_s, num_decodes, num_prefix_tokens, max_prefix)
+        padded = next((b for b in p.decode_graph_buckets if b >= num_decodes), num_decodes)
+        return self._decode_s(p.decode_step_s, p.skewed_step_s, padded, num_prefix_tokens, max_prefix)
 
     def _decode_s(self, even: Sequence[Sequence[float]], skewed: Sequence[Sequence[float]], num_decodes: int,
                   num_prefix_tokens: int, max_prefix: int) -> float:
