@@ -8,6 +8,8 @@ cuDNN reads K/V per kv head; the q heads that share a kv head are folded into th
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
@@ -15,6 +17,8 @@ from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_ch
 from mnemosyne.attention.triton_decode import MAX_SPLITS, decode_min_span, decode_splits, paged_decode
 from mnemosyne.attention.triton_merge import merge_pair
 from mnemosyne.config import LONE_TRITON_CHUNK_ROWS
+
+logger = logging.getLogger(__name__)
 
 SMALL_CHUNK_ROWS = LONE_TRITON_CHUNK_ROWS
 """Query rows per kv head (GQA group × new tokens: 128 tokens at Llama-3-8B's group of 4) up to which
@@ -85,6 +89,21 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     return out, lse
 
 
+def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,
+                       max_keys: int) -> tuple[list[int], list[int]]:
+    """The chunk and run lengths whose cuDNN calls build every plan of the ragged path that serving
+    can need: chunks of each power of two from the smallest that `GpuBackend` sends to cuDNN (its
+    causal part is keyed on the length, its prefix part on group x length) up to the one that holds
+    max_chunk; prefix runs (any length: a prefix may end mid-page) of each power of two up to
+    max_keys, and max_keys itself for the class above the last power."""
+    smallest = -(-min(CUDNN_MIN_ROWS, small_chunk_rows + 1) // group)
+    chunks = [1 << i for i in range((smallest - 1).bit_length(), (max_chunk - 1).bit_length() + 1)]
+    runs = [1 << i for i in range(max_keys.bit_length()) if 1 << i <= max_keys]
+    if runs[-1] < max_keys:
+        runs.append(max_keys)
+    return chunks, runs
+
+
 class GpuBackend:
     supports_cuda_graphs = True
 
@@ -120,12 +139,13 @@ class GpuBackend:
         return torch.cat(outs), torch.cat(lses)
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
-                scale: float, context: int = 16384) -> None:
+                scale: float, context: int = 16384, cudnn_classes: tuple[int, int] | None = None) -> None:
         """Tune both Triton kernels for every shape class they can meet, on real contexts, before any
         request arrives: the decode kernel for each split class, the chunk kernel for each tile
         height. The autotuner would otherwise compile and time its configurations the first time a
         step met one, seconds in the middle of serving. Then one cuDNN chunk call, for cuDNN's own
-        set-up."""
+        set-up, and with `cudnn_classes` = (most tokens in a chunk, most keys in a prefix run), a call
+        for every plan cuDNN's ragged path can build (`_warm_cudnn_classes`)."""
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
         # 1, 2, 4, … 64 splits tune the classes, each on the batch that fills the SMs with them; 128 and
@@ -154,6 +174,26 @@ class GpuBackend:
             q = torch.randn(num_new, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
             k_new = torch.randn(num_new, num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
             chunk_attention(q, k_new, torch.randn_like(k_new), k_cache, v_cache, ((0, num_keys - num_new),), scale)
+            if cudnn_classes is not None:
+                self._warm_cudnn_classes(k_cache, v_cache, num_heads, page_size, scale, *cudnn_classes)
+
+    def _warm_cudnn_classes(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
+                            scale: float, max_chunk: int, max_keys: int) -> None:
+        """cuDNN's ragged path (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) keys its plans on lengths rounded up
+        to powers of two, and builds each plan at its first call: 40-100 ms on an H200 (`cudnn_replan.py
+        --sweep`). Serving met a new class every few steps early on, each a step of 80-130 ms against
+        a 50 ms budget (call31's long+short run, all in its first 3.4 s). One call per (chunk, run)
+        class of `cudnn_plan_classes` builds them all here."""
+        num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+        chunks, runs = cudnn_plan_classes(num_heads // num_kv_heads, self.small_chunk_rows, max_chunk,
+                                          min(max_keys, k_cache.shape[0] - page_size))
+        q = torch.randn(chunks[-1], num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+        k_new = torch.randn(chunks[-1], num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+        for num_new in chunks:
+            for run in runs:
+                chunk_attention(q[:num_new], k_new[:num_new], k_new[:num_new], k_cache, v_cache, ((0, run),), scale)
+        logger.info("cuDNN ragged plans built: chunks of %s tokens over runs of %d to %d keys", chunks, runs[0],
+                    runs[-1])
 
     def _chunks(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -111,7 +111,9 @@ class Worker:
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
         backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton)
         if hasattr(backend, "warm_up"):
-            backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale)
+            # with cuDNN's ragged path (serving), every plan its chunks can need, before any request
+            ragged = (config.max_num_batched_tokens, max_len) if config.uses_cudnn_ragged else None
+            backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale, cudnn_classes=ragged)
         if kvp_group.size > 1:
             backend = KvpAttention(backend, kvp_group)
         link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,
