@@ -33,7 +33,7 @@ def test_the_factor_is_a_high_quantile_of_recent_ratios_and_ignores_a_rare_stall
     assert feedback.num_observed == 100
 
 
-def run(chunking, model, slowdown: float, num_steps: int = 400):
+def run(chunking, model, slowdown: float, num_steps: int = 400, long_tokens: int = 30_000):
     """16 chats decoding, then a long prompt; every step 'measures' slowdown × its predicted time."""
     sched, clock = make_scheduler(chunking=chunking)
     for i in range(16):
@@ -41,7 +41,7 @@ def run(chunking, model, slowdown: float, num_steps: int = 400):
     plans = []
     for step in range(num_steps):
         if step == 2:
-            add(sched, "long", 30_000, clock.now_s, max_tokens=1)
+            add(sched, "long", long_tokens, clock.now_s, max_tokens=1)
         plan = sched.schedule()
         if not plan.chunks:
             break
@@ -55,7 +55,7 @@ def run(chunking, model, slowdown: float, num_steps: int = 400):
 
 def test_steps_that_run_long_get_smaller_chunks_until_measured_steps_fit_the_budget():
     model = synthetic_model()
-    plans = run(AdaptiveChunking(model, BUDGET_S, 1 << 20), model, slowdown=1.5)
+    plans = run(AdaptiveChunking(model, BUDGET_S, 1 << 20), model, slowdown=1.5, long_tokens=60_000)
     mixed = [(p, s) for p, s in plans if any(c.num_new_tokens > 1 for c in p.chunks)
              and any(c.num_new_tokens == 1 for c in p.chunks)]
     assert len(mixed) > MIN_STEPS + 20

@@ -121,6 +121,23 @@ def test_decode_steps_replayed_as_graphs_cost_their_padded_batch():
     assert eager.decode_step_s(3, 1000, 400) < graphed.decode_step_s(3, 1000, 400)
 
 
+def test_decode_steps_are_read_at_their_imbalance_between_even_uneven_and_skewed():
+    from mnemosyne.scheduler.latency_model import uneven_imbalance, uneven_prefixes
+
+    # decode_step_s at 8 decodes: even 0.03, uneven 0.05, skewed 0.09 (at 1000 tokens of KV)
+    profile = replace(tiny_profile(), skewed_step_s=((0.011, 0.012), (0.02, 0.09)),
+                      uneven_step_s=((0.011, 0.012), (0.02, 0.05)))
+    costs = Profiled(profile)
+    knee = uneven_imbalance(8)
+    assert max(uneven_prefixes(8, 1000)) * 8 / 1000 == pytest.approx(knee, rel=0.02)
+    assert costs.decode_step_s(8, 1000, 125) == pytest.approx(0.03)  # even: imbalance 1
+    assert costs.decode_step_s(8, 1000, round(125 * knee)) == pytest.approx(0.05, rel=0.01)
+    assert costs.decode_step_s(8, 1000, 1000) == pytest.approx(0.09)  # every token in one request
+    times = [costs.decode_step_s(8, 1000, m) for m in range(125, 1001, 25)]
+    assert times == sorted(times)
+    assert Profiled(tiny_profile()).decode_step_s(8, 1000, 500) == pytest.approx(0.03)  # no uneven table
+
+
 def test_bad_profiles_and_devices_name_the_flag(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="--latency-profile"):

@@ -20,6 +20,8 @@ def test_quick_cpu_profile_and_check(tmp_path, capsys):
     assert all(t > 0 for t in profile.linear_s)
     assert len(profile.chunk_s) == len(profile.chunk_num_new)
     assert all(len(row) == len(profile.chunk_num_prefix) for row in profile.chunk_s)
+    for table in (profile.decode_step_s, profile.skewed_step_s, profile.uneven_step_s, profile.uneven_attention_s):
+        assert len(table) == len(profile.decode_num_decodes)
     report = json.loads(path.read_text())["check"]
     assert report["all"]["num_batches"] == QUICK_GRID.num_check
     assert "median" in capsys.readouterr().out

@@ -25,7 +25,15 @@ from tqdm import tqdm
 from mnemosyne.config import EngineConfig
 from mnemosyne.plan import NewRequest, ScheduledChunk, StepPlan
 from mnemosyne.request import SamplingParams
-from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled, detect_device, interp
+from mnemosyne.scheduler.latency_model import (
+    DEVICES,
+    LatencyModel,
+    Profile,
+    Profiled,
+    detect_device,
+    interp,
+    uneven_prefixes,
+)
 
 Shape = tuple[int, int]
 """(num_new_tokens, num_prefix_tokens) of one request in a step."""
@@ -63,7 +71,7 @@ class Grid:
 
 GPU_GRID = Grid(linear_num_tokens=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384),
                 chunk_num_new=(32, 128, 256, 512, 2048, 8192), chunk_num_prefix=(0, 4096, 16384, 65536, 131072),
-                decode_num_decodes=(1, 4, 16, 64, 128, 256), decode_prefix_tokens=(0, 32768, 131072, 262144, 524288),
+                decode_num_decodes=(1, 4, 16, 64, 256), decode_prefix_tokens=(0, 32768, 131072, 524288),
                 repeats=3, num_check=45)
 QUICK_GRID = Grid(linear_num_tokens=(16, 128), chunk_num_new=(32, 128), chunk_num_prefix=(0, 1024),
                   decode_num_decodes=(1, 8), decode_prefix_tokens=(0, 2048), repeats=2, num_check=9)
@@ -131,7 +139,7 @@ class StepTimer:
 def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dtype: str) -> Profile:
     """Every table of a Profile, with a progress bar on stderr."""
     num_points = (len(grid.linear_num_tokens) + 2 + len(grid.chunk_num_new) * len(grid.chunk_num_prefix)
-                  + 6 * len(grid.decode_num_decodes) * len(grid.decode_prefix_tokens) + 2)
+                  + 9 * len(grid.decode_num_decodes) * len(grid.decode_prefix_tokens) + 2)
     bar = tqdm(total=num_points, desc="profiling", unit="step", file=sys.stderr)
 
     def timed(shapes: list[Shape], null: bool = False) -> float:
@@ -147,12 +155,14 @@ def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dty
     chunk = tuple(tuple(max(0.0, timed([(c, p)]) - interp(grid.linear_num_tokens, linear, c))
                         for p in grid.chunk_num_prefix) for c in grid.chunk_num_new)
     carrier_s = max(0.0, timed([_CARRIER]) - timed([_CARRIER], null=True))
-    tables: dict[str, list[tuple[float, ...]]] = {"even_attn": [], "even_step": [], "skew_attn": [], "skew_step": []}
+    tables: dict[str, list[tuple[float, ...]]] = {f"{name}_{part}": [] for name in ("even", "skew", "uneven")
+                                                   for part in ("attn", "step")}
     for d in grid.decode_num_decodes:
         rows: dict[str, list[float]] = {k: [] for k in tables}
         for total in grid.decode_prefix_tokens:
             for name, decodes in (("even", [(1, total // d + (i < total % d)) for i in range(d)]),
-                                  ("skew", [(1, total)] + [(1, 0)] * (d - 1))):
+                                  ("skew", [(1, total)] + [(1, 0)] * (d - 1)),
+                                  ("uneven", [(1, p) for p in uneven_prefixes(d, total)])):
                 mixed = [_CARRIER, *decodes]
                 rows[f"{name}_attn"].append(max(0.0, timed(mixed) - timed(mixed, null=True) - carrier_s))
                 rows[f"{name}_step"].append(timed(decodes))
@@ -164,7 +174,8 @@ def measure(timer: StepTimer, grid: Grid, model_name: str, device_name: str, dty
                    grid.chunk_num_new, grid.chunk_num_prefix, chunk, grid.decode_num_decodes,
                    grid.decode_prefix_tokens, tuple(tables["even_attn"]), tuple(tables["even_step"]),
                    tuple(tables["skew_attn"]), tuple(tables["skew_step"]),
-                   tuple(graphs.buckets) if graphs is not None else ())
+                   tuple(graphs.buckets) if graphs is not None else (),
+                   tuple(tables["uneven_attn"]), tuple(tables["uneven_step"]))
 
 
 def held_out_batches(grid: Grid, seed: int = 1234) -> list[tuple[str, list[Shape]]]:

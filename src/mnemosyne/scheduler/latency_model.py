@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -194,6 +195,10 @@ class Profile:
     decode_graph_buckets: tuple[int, ...] = ()
     """Batch sizes of the CUDA graphs that ran the decode-only steps (empty: eager). Such a step runs
     its batch padded to the next bucket, so its time is read off the tables there."""
+    uneven_attention_s: tuple[tuple[float, ...], ...] = ()
+    """[same] as decode_attention_s, the prefix tokens spread as `uneven_prefixes` (empty: not measured)."""
+    uneven_step_s: tuple[tuple[float, ...], ...] = ()
+    """[same] as decode_step_s, spread as `uneven_prefixes`."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         Path(path).write_text(json.dumps({"version": 3, **asdict(self), **(extra or {})}, indent=1) + "\n")
@@ -239,22 +244,56 @@ class Profiled:
 
     def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
-        return self._decode_s(p.decode_attention_s, p.skewed_attention_s, num_decodes, num_prefix_tokens, max_prefix)
+        return self._decode_s(p.decode_attention_s, p.uneven_attention_s, p.skewed_attention_s, num_decodes,
+                              num_decodes, num_prefix_tokens, max_prefix)
 
     def decode_step_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
         padded = next((b for b in p.decode_graph_buckets if b >= num_decodes), num_decodes)
-        return self._decode_s(p.decode_step_s, p.skewed_step_s, padded, num_prefix_tokens, max_prefix)
+        return self._decode_s(p.decode_step_s, p.uneven_step_s, p.skewed_step_s, padded, num_decodes,
+                              num_prefix_tokens, max_prefix)
 
-    def _decode_s(self, even: Sequence[Sequence[float]], skewed: Sequence[Sequence[float]], num_decodes: int,
-                  num_prefix_tokens: int, max_prefix: int) -> float:
-        # An uneven batch takes at least as long as its total KV spread evenly, and at least as long
-        # as its longest request with the rest empty.
+    def _decode_s(self, even: Sequence[Sequence[float]], uneven: Sequence[Sequence[float]],
+                  skewed: Sequence[Sequence[float]], rows: int, num_decodes: int, num_prefix_tokens: int,
+                  max_prefix: int) -> float:
+        """The tables at `rows` (the batch, or its graph's padded size) and the batch's KV, read at its
+        imbalance: the longest prefix over the mean, 1 for an even batch, `uneven_imbalance` for the
+        uneven table's spread, num_decodes with every token in one request (the skewed table at the
+        whole KV), interpolated in log(imbalance) between them. Never less than the longest request
+        alone (the skewed table at max_prefix)."""
         p = self.profile
-        t = _interp2(p.decode_num_decodes, p.decode_prefix_tokens, even, num_decodes, num_prefix_tokens)
+
+        def at(table: Sequence[Sequence[float]], kv: int) -> float:
+            return _interp2(p.decode_num_decodes, p.decode_prefix_tokens, table, rows, kv)
+
+        t = at(even, num_prefix_tokens)
+        if uneven and num_decodes > 1 and num_prefix_tokens > 0:
+            imbalance = max(1.0, max_prefix * num_decodes / num_prefix_tokens)
+            knee = uneven_imbalance(num_decodes)
+            if imbalance <= knee:
+                t += (at(uneven, num_prefix_tokens) - t) * math.log(imbalance) / math.log(knee)
+            else:
+                t = at(uneven, num_prefix_tokens)
+                if skewed and num_decodes > knee:
+                    share = min(1.0, math.log(imbalance / knee) / math.log(num_decodes / knee))
+                    t += (at(skewed, num_prefix_tokens) - t) * share
         if skewed:
-            t = max(t, _interp2(p.decode_num_decodes, p.decode_prefix_tokens, skewed, num_decodes, max_prefix))
+            t = max(t, at(skewed, max_prefix))
         return self._scale * t
+
+
+def uneven_prefixes(num_decodes: int, total: int) -> list[int]:
+    """The uneven decode batch the profile times: prefixes in proportion to ((i + 1/2) / n)^3, a few
+    long contexts among many short ones, as in serving."""
+    weights = [((i + 0.5) / num_decodes) ** 3 for i in range(num_decodes)]
+    scale = total / sum(weights)
+    return [int(w * scale) for w in weights]
+
+
+def uneven_imbalance(num_decodes: int) -> float:
+    """Longest prefix over the mean in `uneven_prefixes` (about 4 for large batches)."""
+    weights = [((i + 0.5) / num_decodes) ** 3 for i in range(num_decodes)]
+    return max(1.0 + 1e-9, weights[-1] * num_decodes / sum(weights))
 
 
 def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
