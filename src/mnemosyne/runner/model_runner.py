@@ -198,7 +198,7 @@ class ModelRunner:
 
     def _keep_samples(self, inputs: StepInputs, out: SamplerOutput | None) -> None:
         """Keep this step's sampled tokens on the device for the next step's decodes scheduled ahead,
-        with those other KVP groups sampled where this group holds part of a multi-group request."""
+        and, where this group holds part of a multi-group request, the token its first group sampled."""
         token_ids = out.token_ids if out is not None else torch.empty(0, dtype=torch.int64, device=self.device)
         row_of = {request_id: i for i, request_id in enumerate(inputs.sample_ids)}
         share = inputs.share
