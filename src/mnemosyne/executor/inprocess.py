@@ -52,9 +52,10 @@ class InProcessExecutor:
         events = []
         while self._events:
             event = self._events.popleft()
-            events.append(event.result() if isinstance(event, PendingStep) else event)
             if isinstance(event, PendingStep):
+                events.append(event.result())
                 break
+            events.append(event)
         return events
 
     def shutdown(self) -> None:

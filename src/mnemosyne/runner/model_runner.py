@@ -160,10 +160,6 @@ class ModelRunner:
         generator = None if new.params.is_greedy else make_generator(new.seed, self.device)
         return CachedRequest(array("i", new.token_ids), new.params, generator)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run a step to the end: its sampled tokens on the host."""
-        return self.launch(plan).result()
-
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         """Queue a step's work on the device without waiting for any of it."""

@@ -10,6 +10,7 @@ on the chunk alone, and one-token chunks (decodes) are costed together, as one k
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import math
@@ -282,17 +283,24 @@ class Profiled:
         return self._scale * t
 
 
+@functools.cache
+def _uneven_weights(num_decodes: int) -> tuple[float, ...]:
+    return tuple(((i + 0.5) / num_decodes) ** 3 for i in range(num_decodes))
+
+
 def uneven_prefixes(num_decodes: int, total: int) -> list[int]:
     """The uneven decode batch the profile times: prefixes in proportion to ((i + 1/2) / n)^3, a few
     long contexts among many short ones, as in serving."""
-    weights = [((i + 0.5) / num_decodes) ** 3 for i in range(num_decodes)]
+    weights = _uneven_weights(num_decodes)
     scale = total / sum(weights)
     return [int(w * scale) for w in weights]
 
 
+@functools.cache
 def uneven_imbalance(num_decodes: int) -> float:
-    """Longest prefix over the mean in `uneven_prefixes` (about 4 for large batches)."""
-    weights = [((i + 0.5) / num_decodes) ** 3 for i in range(num_decodes)]
+    """Longest prefix over the mean in `uneven_prefixes` (about 4 for large batches). Cached: every
+    prediction of a step with decodes reads it, inside the chunking's binary search."""
+    weights = _uneven_weights(num_decodes)
     return max(1.0 + 1e-9, weights[-1] * num_decodes / sum(weights))
 
 

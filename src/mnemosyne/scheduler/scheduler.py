@@ -153,9 +153,7 @@ class Scheduler:
             step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
-        self._step_id += 1
-        plan = StepPlan(self._step_id, tuple(new_requests), tuple(chunks), tuple(self._freed_ids))
-        self._freed_ids.clear()
+        plan = self._next_plan(new_requests, chunks)
         if step.estimate is not None and any(c.num_new_tokens > 1 for c in chunks):
             self._predicted_s[plan.step_id] = step.estimate.time_s
         return plan
@@ -176,8 +174,12 @@ class Scheduler:
             step.add(1, start)
             chunks.append(self._chunk(request, 1, []))
             scheduled.add(request.request_id)
+        return self._next_plan([], chunks)
+
+    def _next_plan(self, new_requests: list[NewRequest], chunks: list[ScheduledChunk]) -> StepPlan:
+        """The next step's plan, carrying the requests freed since the last one."""
         self._step_id += 1
-        plan = StepPlan(self._step_id, (), tuple(chunks), tuple(self._freed_ids))
+        plan = StepPlan(self._step_id, tuple(new_requests), tuple(chunks), tuple(self._freed_ids))
         self._freed_ids.clear()
         return plan
 
