@@ -2,7 +2,7 @@
 arrival times, under LARS + adaptive chunking and under FCFS + fixed:2048; then the simulator on the
 same trace with the measured profile, so predicted and measured TTFT/TBT sit side by side. Each
 measured step is also put beside the step-time model's prediction for its batch: the prediction error
-by kind of step, and the slowest steps with their chunks, land in steps.json.
+by kind of step, the slowest steps with their chunks, and every step, land in steps.json.
 
     PYTHONPATH=src python3 benchmarks/sim/gpu_mixed.py --profile PROFILE.json [--out DIR]
 """
@@ -132,7 +132,8 @@ def main() -> None:
 
 
 def step_report(step_log: list[dict], slowest: int = 25) -> dict:
-    """Prediction error (measured / predicted - 1) per kind of step, and the slowest steps."""
+    """Prediction error (measured / predicted - 1) per kind of step, the slowest steps, and every step
+    (as rows, to replay the feedback or a changed model against them)."""
     def kind(step: dict) -> str:
         return "mixed" if step["decodes"] and step["chunks"] else "chunks" if step["chunks"] else "decode"
 
@@ -152,7 +153,10 @@ def step_report(step_log: list[dict], slowest: int = 25) -> dict:
         print(f"  slow step at {step['start_s']:.2f} s: {step['step_s'] * 1e3:.0f} ms (predicted "
               f"{step['predicted_s'] * 1e3:.0f}), {step['decodes']} decodes, chunks (new, prefix) "
               f"{step['chunks'][:6]}", flush=True)
-    return {"error": quantiles, "slowest": slow}
+    every = [[s["start_s"], round(s["step_s"], 5), round(s["predicted_s"], 5), s["decodes"], round(s["factor"], 3),
+              s["chunks"]] for s in step_log]
+    return {"error": quantiles, "slowest": slow,
+            "steps": {"columns": ["start_s", "step_s", "predicted_s", "decodes", "factor", "chunks"], "rows": every}}
 
 
 def print_row(name: str, s: dict) -> None:

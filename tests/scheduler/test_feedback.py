@@ -3,11 +3,15 @@ smaller chunks, so that the measured steps, not the predicted ones, fit the TBT 
 
 from __future__ import annotations
 
+import pytest
+
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.models.loaders.dummy import PRESETS
 from mnemosyne.request import SamplingParams
 from mnemosyne.scheduler.chunking import AdaptiveChunking
 from mnemosyne.scheduler.feedback import BOUNDS, MIN_STEPS, StepTimeFeedback
+from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled
 from tests.scheduler.factories import add, land, make_scheduler, shapes, synthetic_model
 
 BUDGET_S = 0.05
@@ -31,6 +35,40 @@ def test_the_factor_is_a_high_quantile_of_recent_ratios_and_ignores_a_rare_stall
     assert feedback.factor == BOUNDS[0]
     feedback.observe(0.0, 1.0)  # nothing predicted: no ratio
     assert feedback.num_observed == 100
+
+
+def test_before_its_own_steps_the_factor_is_the_profile_checks():
+    feedback = StepTimeFeedback(prior=[1.0] * 18 + [1.1, 1.3])  # rank 0.95 x 19 = 18: 1.1
+    assert abs(feedback.factor - 1.1) < 1e-9
+    for _ in range(MIN_STEPS - 1):
+        feedback.observe(0.05, 0.06)
+    assert abs(feedback.factor - 1.1) < 1e-9
+    feedback.observe(0.05, 0.06)
+    assert abs(feedback.factor - 1.2) < 1e-9
+    assert StepTimeFeedback().factor == 1.0  # no profile check: the model as it is
+
+
+def test_one_stall_among_the_first_steps_moves_nothing():
+    feedback = StepTimeFeedback()
+    for i in range(MIN_STEPS):
+        feedback.observe(0.05, 2.0 if i == 3 else 0.055)
+    assert abs(feedback.factor - 1.1) < 1e-9
+
+
+def test_adaptive_chunking_starts_from_its_profiles_check(tmp_path):
+    profile = Profile("dummy:tiny", "cpu", "float32", 1, (16, 1024), (0.001, 0.01), 0.0, (32, 1024), (0, 4096),
+                      ((0.001, 0.002), (0.01, 0.02)), (1, 8), (0, 4096), ((0.001, 0.002), (0.002, 0.004)),
+                      ((0.002, 0.003), (0.003, 0.005)))
+    batches = [{"kind": kind, "measured_s": m, "predicted_s": 0.01}
+               for kind, m in (("decode", 0.03), ("chunks", 0.011), ("mixed", 0.012), ("mixed", 0.01))]
+    path = tmp_path / "p.json"
+    profile.save(path, {"check": {"batches": batches}})
+    loaded = Profile.load(path)
+    assert loaded.check_ratios == pytest.approx((1.1, 1.2, 1.0))  # decode batches are left out
+    model = LatencyModel(Profiled(loaded), PRESETS["tiny"], DEVICES["cpu"])
+    chunking = AdaptiveChunking(model, BUDGET_S, 1 << 20)
+    assert abs(chunking.feedback.factor - 1.1) < 1e-9  # rank 0.95 x 2 = 1 of (1.0, 1.1, 1.2)
+    assert abs(chunking.new_step().budget_s - BUDGET_S / 1.1) < 1e-12
 
 
 def run(chunking, model, slowdown: float, num_steps: int = 400, long_tokens: int = 30_000):

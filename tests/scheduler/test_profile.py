@@ -24,6 +24,10 @@ def test_quick_cpu_profile_and_check(tmp_path, capsys):
         assert len(table) == len(profile.decode_num_decodes)
     report = json.loads(path.read_text())["check"]
     assert report["all"]["num_batches"] == QUICK_GRID.num_check
+    # the feedback's prior: measured / predicted of the checked batches that held a prefill chunk
+    assert profile.check_ratios == tuple(b["measured_s"] / b["predicted_s"] for b in report["batches"]
+                                         if b["kind"] != "decode")
+    assert len(profile.check_ratios) == 2 * QUICK_GRID.num_check // 3
     assert "median" in capsys.readouterr().out
     model = LatencyModel(Profiled(profile), PRESETS["tiny"], DEVICES["cpu"])
     assert model.step_time_s([(1, 100), (64, 500)]) > 0

@@ -185,7 +185,8 @@ class AdaptiveChunking:
         # plan beyond what the model's step times hold (dispatch_s, the planner's); fixed by the model.
         self._stage_overhead_s = (model.step_time_s([(GRANULARITY, 0)]) / spp_stages + dispatch_s
                                   if budget_s is None and spp_stages > 1 else 0.0)
-        self.feedback = StepTimeFeedback()
+        profile = getattr(model.costs, "profile", None)
+        self.feedback = StepTimeFeedback(prior=profile.check_ratios if profile is not None else ())
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:

@@ -3,11 +3,15 @@ by predicted time; on a real device, steps that mix decodes with prefill chunks 
 profile predicts (host time, launches, kernels at shapes between the profile's grid points), and a
 step sized to the budget then misses it about half the time. The engine reports each such step's
 measured time; the budget is divided by a high quantile of measured / predicted over recent steps,
-so that most steps land within it. In the simulator, measured is predicted and the factor stays 1."""
+so that most steps land within it. Until it has observations of its own, the factor is the same
+quantile of the profile's own check (`Profile.check_ratios`): a real run's first steps were its
+slowest against the budget (call31-call33, an H200: 15-20 steps of 50-66 ms in the first 4-5 s, with
+the factor still at 1). In the simulator, measured is predicted and the factor goes to 1."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 WINDOW = 256
 """Recent steps whose ratios the factor is taken over."""
@@ -16,10 +20,12 @@ QUANTILE = 0.95
 stall (a kernel compiled mid-serving) moves nothing. The 99th percentile after 100 steps measured
 worse on an H200 (call33: p99 TBT 59.7 ms against 51.2 ms with these settings in call32): the steps
 before the factor departs from 1 run over the budget, and they set p99."""
-MIN_STEPS = 64
-"""Steps observed before the factor departs from 1: enough that the quantile passes over a few stalls
-(with 16, QUANTILE's index was the largest ratio, and one cuDNN compile in a run's first steps took
-the factor to its bound)."""
+MIN_STEPS = 16
+"""Steps observed before the factor is taken from them alone (before: the prior). The quantile's rank
+over n ratios is QUANTILE × (n - 1), so the largest of 16 is passed over: one stall moves nothing. With
+64 (and the prior at 1) the factor first moved 3.9 s into call32's run, and those seconds held most of
+its steps over the budget. (Serving engines now build their cuDNN plans at start-up, so the compile
+that once took the factor to its bound in a run's first steps no longer happens.)"""
 NEAR_BUDGET = 0.5
 """Only steps predicted at this share of the budget in force (the TBT budget over the factor) or more
 are observed: the budget limits those, and a small step's ratio is mostly fixed host time. In call27
@@ -30,13 +36,23 @@ BOUNDS = (0.5, 4.0)
 """The factor's range: a model off by more than this is a wrong profile, not something to chase."""
 
 
+def ratio_quantile(ratios: Sequence[float], quantile: float = QUANTILE) -> float:
+    """The ratio at rank quantile × (n - 1) of the sorted ratios, within BOUNDS (1 for none)."""
+    if not ratios:
+        return 1.0
+    ordered = sorted(ratios)
+    return min(BOUNDS[1], max(BOUNDS[0], ordered[int(quantile * (len(ordered) - 1))]))
+
+
 class StepTimeFeedback:
-    def __init__(self, window: int = WINDOW, quantile: float = QUANTILE, min_steps: int = MIN_STEPS):
+    def __init__(self, window: int = WINDOW, quantile: float = QUANTILE, min_steps: int = MIN_STEPS,
+                 prior: Sequence[float] = ()):
         self._ratios: deque[float] = deque(maxlen=window)
         self.quantile = quantile
         self.min_steps = min_steps
-        self.factor = 1.0
-        """measured / predicted that QUANTILE of recent steps stay under (1 until MIN_STEPS)."""
+        self.factor = ratio_quantile(prior, quantile)
+        """measured / predicted that QUANTILE of recent steps stay under; until MIN_STEPS, of the
+        prior's ratios (measured / predicted of the profile's held-out batches), 1 without one."""
 
     @property
     def num_observed(self) -> int:
@@ -49,6 +65,4 @@ class StepTimeFeedback:
             return
         self._ratios.append(measured_s / predicted_s)
         if len(self._ratios) >= self.min_steps:
-            ordered = sorted(self._ratios)
-            ratio = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
-            self.factor = min(BOUNDS[1], max(BOUNDS[0], ratio))
+            self.factor = ratio_quantile(self._ratios, self.quantile)

@@ -200,6 +200,9 @@ class Profile:
     """[same] as decode_attention_s, the prefix tokens spread as `uneven_prefixes` (empty: not measured)."""
     uneven_step_s: tuple[tuple[float, ...], ...] = ()
     """[same] as decode_step_s, spread as `uneven_prefixes`."""
+    check_ratios: tuple[float, ...] = ()
+    """measured / predicted of the held-out batches with a prefill chunk that `profile --check` timed
+    (read from its saved report; empty: not checked): the feedback's factor before a run has its own."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         Path(path).write_text(json.dumps({"version": 3, **asdict(self), **(extra or {})}, indent=1) + "\n")
@@ -211,6 +214,10 @@ class Profile:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--latency-profile {str(path)!r} cannot be read: {e}") from e
         known = {f.name for f in fields(cls)}
+        check = raw.get("check") if isinstance(raw, dict) else None
+        if isinstance(check, dict) and not raw.get("check_ratios"):
+            raw["check_ratios"] = [b["measured_s"] / b["predicted_s"] for b in check.get("batches", ())
+                                   if b.get("kind") != "decode" and b.get("predicted_s", 0) > 0]
         try:
             return cls(**{k: _tuples(v) for k, v in raw.items() if k in known})
         except TypeError as e:
