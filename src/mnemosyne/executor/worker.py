@@ -17,6 +17,7 @@ from mnemosyne.attention.kvp import KvpAttention
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
 from mnemosyne.executor.step_profiler import StepProfiler
+from mnemosyne.layers.linear import use_triton_gemv
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
@@ -107,6 +108,7 @@ class Worker:
                              self.device, reserved_rows=1)
         if os.environ.get("MNEMOSYNE_RANDOM_KV_SEED"):  # benchmarks only: long-context decode without a prefill
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
+        use_triton_gemv(config.triton_gemv)  # before the first forward, so the CUDA graphs capture it
         if config.uses_cudnn_ragged:  # read once, at the process's first cuDNN attention call
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
         backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton)

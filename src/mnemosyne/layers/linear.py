@@ -2,7 +2,8 @@
 features and all-reduces; fused QKV and gate-up keep each part's shard contiguous per rank.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's slice of
-a full HF tensor, so loaders stay ignorant of the parallel layout.
+a full HF tensor, so loaders stay ignorant of the parallel layout. One-row inputs (batch-1 decode) may
+go to the Triton GEMV instead of cuBLAS (`use_triton_gemv`, from --triton-gemv).
 """
 
 from __future__ import annotations
@@ -17,6 +18,32 @@ from mnemosyne.distributed.comm import SINGLE, Group
 
 _HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
 """torch.mm(..., out_dtype=float32) on half-precision CUDA inputs (torch 2.8 and later)."""
+
+_is_triton_gemv = False
+"""One-row half-precision CUDA inputs go to the Triton GEMV (`use_triton_gemv`)."""
+
+
+def use_triton_gemv(enabled: bool) -> None:
+    """Send the linears' one-row products (batch-1 decode) to `layers/triton_gemv.gemv` instead of cuBLAS,
+    or not. Process-wide: the worker sets it from EngineConfig.triton_gemv before the model first runs,
+    so its CUDA graphs capture the kernel the config names."""
+    global _is_triton_gemv
+    _is_triton_gemv = enabled
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T (+ bias) -> [T, out] in out_dtype: None (x's) or float32 (straight
+    from the accumulator, as `matmul_float32`, and then without bias). The Triton GEMV when switched on
+    and x is one contiguous half-precision CUDA row, else torch's."""
+    if (_is_triton_gemv and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()):
+        from mnemosyne.layers.triton_gemv import gemv
+
+        return gemv(x, weight, bias, out_dtype)
+    if out_dtype == torch.float32:
+        return matmul_float32(x, weight)
+    return F.linear(x, weight, bias)
 
 
 def _param(shape: Sequence[int], loader) -> nn.Parameter:
@@ -52,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(nn.Module):
@@ -85,7 +112,7 @@ class QKVParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(rows)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -111,8 +138,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reduce_float32 and x.dtype in (torch.bfloat16, torch.float16):
-            return self.group.sum_rounded(matmul_float32(x, self.weight), x.dtype)
-        return self.group.all_reduce(F.linear(x, self.weight))
+            return self.group.sum_rounded(linear(x, self.weight, out_dtype=torch.float32), x.dtype)
+        return self.group.all_reduce(linear(x, self.weight))
 
 
 def matmul_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
