@@ -4,9 +4,10 @@ of a prefill chunk over a long prefix through the cuDNN path (prefix + causal + 
 chunks through both the cuDNN path and the Triton chunk kernel, to set the threshold between them
 (`attention/gpu.py`'s SMALL_CHUNK_ROWS), split policies for decode batches of scattered contexts, and
 decode split counts timed inside CUDA graphs, as the engine's decode steps run (`--only splits`: no
-host launch time in the figure, which eager timing of a small decode mostly is).
+host launch time in the figure, which eager timing of a small decode mostly is), and the Triton GEMV
+against cuBLAS for one-row linears at Llama-3-8B's projections (`--only gemv`, also in CUDA graphs).
 
-    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits] [--retune]
+    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits|gemv] [--retune]
 """
 
 from __future__ import annotations
@@ -266,9 +267,75 @@ def short_chunks_report(sms: int, retune: bool) -> None:
                   f"{flops / triton_ms / 1e9:4.0f} TFLOP/s ({config})")
 
 
+GEMV_SHAPES = (("qkv", 6144, 4096, 0), ("o", 4096, 4096, 1), ("gate_up", 28672, 4096, 0), ("down", 4096, 14336, 1))
+"""Llama-3-8B's projections [N, K] and the axis a tensor-parallel rank shards (0: column-, 1: row-parallel)."""
+GEMV_CALLS = 20
+GEMV_ROTATE_BYTES = 256 << 20
+"""Weight copies a graph's calls rotate over, at least this much in all (5 times an H200's L2), so every
+call reads its weight from memory, as a decode step does (each layer's weights evict the last's)."""
+
+
+def gemv_case(n: int, k: int) -> dict[str, tuple[float, float]]:
+    """(µs per call, max |error| against a float32 matmul) of each variant at M = 1 for W [n, k] bf16,
+    from a CUDA graph of GEMV_CALLS calls over rotating copies of W."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from mnemosyne.layers.triton_gemv import CONFIGS, gemv
+
+    copies = min(GEMV_CALLS, max(2, -(-GEMV_ROTATE_BYTES // (n * k * 2))))
+    weights = [torch.randn(n, k, device="cuda", dtype=DT) / k ** 0.5 for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=DT)
+    want = F.linear(x.float(), weights[0].float())
+    variants = {"cuBLAS": lambda w: F.linear(x, w), "torch.mv": lambda w: torch.mv(w, x[0])}
+    variants |= {name: functools.partial(gemv, x, config=config) for name, config in CONFIGS.items()}
+    results = {}
+    for name, fn in variants.items():
+        error = (fn(weights[0]).float().view(1, n) - want).abs().max().item()
+        rotation = itertools.cycle(weights)
+        ms = graph_time_ms(lambda fn=fn, rotation=rotation: fn(next(rotation)), calls=GEMV_CALLS)
+        results[name] = (ms * 1e3, error)
+    del weights
+    torch.cuda.empty_cache()
+    return results
+
+
+def gemv_report(sms: int, bw: float) -> None:
+    """M = 1 linears at Llama-3-8B's projections and their tp = 2 and 4 shards: cuBLAS, torch.mv and
+    every configuration of the Triton GEMV, in µs per call and TB/s of weight read; the winner of each
+    shape and what `triton_gemv.default_config` picks (`--triton-gemv` is for where Triton wins)."""
+    from mnemosyne.layers.triton_gemv import default_config
+
+    print(f"GEMV at M=1, bf16, in CUDA graphs of {GEMV_CALLS} calls: µs per call and TB/s of weight read "
+          f"(copy: {bw:.2f})")
+    print(f"  {'shape':<27} {'cuBLAS':>11} {'torch.mv':>11}  {'best Triton':<27} {'default Triton':<27} winner")
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for tp in (1, 2, 4):
+        for proj, n, k, axis in GEMV_SHAPES:
+            n, k = (n // tp, k) if axis == 0 else (n, k // tp)
+            results = table[f"{proj}/{tp}"] = gemv_case(n, k)
+
+            def cell(name: str, results=results, n=n, k=k) -> str:
+                return f"{results[name][0]:5.1f} {n * k * 2 / results[name][0] / 1e6:4.2f}"
+
+            best = min((m for m in results if m not in ("cuBLAS", "torch.mv")), key=lambda m: results[m][0])
+            default = default_config(n, k, sms).name
+            winner = min(results, key=lambda m: results[m][0])
+            print(f"  {f'{proj} tp={tp} [{n}, {k}]':<27} {cell('cuBLAS'):>11} {cell('torch.mv'):>11}  "
+                  f"{best:<15} {cell(best)} {default:<15} {cell(default)} {winner} "
+                  f"({results['cuBLAS'][0] / results[winner][0]:.2f}x cuBLAS)")
+    print("  every variant, µs per call (shape/tp), and its largest |error| against a float32 matmul")
+    print(f"    {'':<16}" + "".join(f"{label:>10}" for label in table) + "  max |error|")
+    for name in next(iter(table.values())):
+        print(f"    {name:<16}" + "".join(f"{r[name][0]:10.1f}" for r in table.values())
+              + f"  {max(r[name][1] for r in table.values()):.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits"), help="one section (default: all)")
+    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits", "gemv"),
+                   help="one section (default: all)")
     p.add_argument("--retune", action="store_true",
                    help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
     args = p.parse_args()
@@ -290,6 +357,8 @@ def main() -> None:
         short_chunks_report(sms, args.retune)
     if args.only in (None, "splits"):
         splits_report(sms, bw)
+    if args.only in (None, "gemv"):
+        gemv_report(sms, bw)
 
 if __name__ == "__main__":
     main()
