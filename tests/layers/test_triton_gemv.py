@@ -80,23 +80,22 @@ def test_gemv_rejects_what_it_cannot_compute():
 # --- dispatch from the parallel linears (CPU) -------------------------------------------------
 
 
-def test_linears_fall_back_to_torch_off_cuda_with_the_switch_on(monkeypatch):
-    """Switched on, a CPU row still goes to F.linear (and the Triton module is never imported)."""
+def test_linears_fall_back_to_torch_off_cuda_with_the_gemv_on():
+    """Built with one_row_gemv, a CPU row still goes to F.linear (and the Triton module is never imported)."""
     from mnemosyne.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
-    monkeypatch.setattr(linear_module, "_is_triton_gemv", True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64, generator=gen, dtype=torch.float32).bfloat16()
-    column = ColumnParallelLinear(64, [48], bias=True).bfloat16()
-    qkv = QKVParallelLinear(64, 16, 4, 2).bfloat16()
-    row = RowParallelLinear(64, 32).bfloat16()
+    column = ColumnParallelLinear(64, [48], bias=True, one_row_gemv=True).bfloat16()
+    qkv = QKVParallelLinear(64, 16, 4, 2, one_row_gemv=True).bfloat16()
+    row = RowParallelLinear(64, 32, one_row_gemv=True).bfloat16()
     for layer in (column, qkv, row):
         for p in layer.parameters():
             p.data.normal_(generator=gen)
     torch.testing.assert_close(column(x), F.linear(x, column.weight, column.bias), atol=0, rtol=0)
     torch.testing.assert_close(torch.cat(qkv(x), dim=-1), F.linear(x, qkv.weight), atol=0, rtol=0)
     torch.testing.assert_close(row(x), F.linear(x, row.weight), atol=0, rtol=0)
-    assert linear_module.linear(x, row.weight, out_dtype=torch.float32).dtype == torch.float32
+    assert linear_module.linear(x, row.weight, out_dtype=torch.float32, one_row_gemv=True).dtype == torch.float32
 
 
 @pytest.mark.gpu
@@ -107,15 +106,14 @@ def test_one_cuda_row_goes_to_the_gemv_also_in_a_cuda_graph(monkeypatch):
     rows = []
     gemv = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda x, *args: rows.append(x.shape[0]) or gemv(x, *args))
-    monkeypatch.setattr(linear_module, "_is_triton_gemv", True)
-    layer = ColumnParallelLinear(512, [384], bias=True).cuda().bfloat16()
+    layer = ColumnParallelLinear(512, [384], bias=True, one_row_gemv=True).cuda().bfloat16()
     for p in layer.parameters():
         p.data.normal_()
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and rows == []  # two rows: cuBLAS
     _check(layer(x[:1]), x[:1], layer.weight, layer.bias, torch.bfloat16)
-    _check(linear_module.linear(x[:1], layer.weight, out_dtype=torch.float32), x[:1], layer.weight, None,
-           torch.float32)
+    _check(linear_module.linear(x[:1], layer.weight, out_dtype=torch.float32, one_row_gemv=True), x[:1],
+           layer.weight, None, torch.float32)
     assert rows == [1, 1]
     graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
@@ -125,15 +123,19 @@ def test_one_cuda_row_goes_to_the_gemv_also_in_a_cuda_graph(monkeypatch):
     _check(out, x[:1], layer.weight, layer.bias, torch.bfloat16)
 
 
-def test_the_worker_sets_the_switch_from_the_config(monkeypatch):
+def test_the_worker_builds_its_linears_with_the_configs_choice():
     from mnemosyne.config import EngineConfig
     from mnemosyne.engine.llm_engine import LLMEngine
+    from mnemosyne.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
-    monkeypatch.setattr(linear_module, "_is_triton_gemv", False)
-    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", triton_gemv=True)).shutdown()
-    assert linear_module._is_triton_gemv
-    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32")).shutdown()
-    assert not linear_module._is_triton_gemv
+    for on in (True, False):
+        engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", triton_gemv=on))
+        try:
+            linears = [m for m in engine.executor.worker.model.modules()
+                       if isinstance(m, ColumnParallelLinear | QKVParallelLinear | RowParallelLinear)]
+            assert linears and all(m.one_row_gemv is on for m in linears)
+        finally:
+            engine.shutdown()
 
 
 @pytest.mark.parametrize("flags,expected", [([], False), (["--triton-gemv"], True), (["--no-triton-gemv"], False)])

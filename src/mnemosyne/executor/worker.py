@@ -17,7 +17,6 @@ from mnemosyne.attention.kvp import KvpAttention
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
 from mnemosyne.executor.step_profiler import StepProfiler
-from mnemosyne.layers.linear import use_triton_gemv
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
 from mnemosyne.plan import StepPlan, StepResult
@@ -84,7 +83,8 @@ class Worker:
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32)
+            self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32,
+                                          config.triton_gemv)
         names = stage_weight_names(model_config, self.model)
         weights = loader.iter_weights(self.device, self.dtype, frozenset(names), lazy=True)
         self._profiler = StepProfiler(world_group.rank, self.device)
@@ -108,7 +108,6 @@ class Worker:
                              self.device, reserved_rows=1)
         if os.environ.get("MNEMOSYNE_RANDOM_KV_SEED"):  # benchmarks only: long-context decode without a prefill
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
-        use_triton_gemv(config.triton_gemv)  # before the first forward, so the CUDA graphs capture it
         if config.uses_cudnn_ragged:  # read once, at the process's first cuDNN attention call
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
         backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton)

@@ -2,8 +2,8 @@
 features and all-reduces; fused QKV and gate-up keep each part's shard contiguous per rank.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's slice of
-a full HF tensor, so loaders stay ignorant of the parallel layout. One-row inputs (batch-1 decode) may
-go to the Triton GEMV instead of cuBLAS (`use_triton_gemv`, from --triton-gemv).
+a full HF tensor, so loaders stay ignorant of the parallel layout. Built with `one_row_gemv` (from
+--triton-gemv), a linear sends one-row inputs (batch-1 decode) to the Triton GEMV instead of cuBLAS.
 """
 
 from __future__ import annotations
@@ -19,24 +19,12 @@ from mnemosyne.distributed.comm import SINGLE, Group
 _HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
 """torch.mm(..., out_dtype=float32) on half-precision CUDA inputs (torch 2.8 and later)."""
 
-_is_triton_gemv = False
-"""One-row half-precision CUDA inputs go to the Triton GEMV (`use_triton_gemv`)."""
-
-
-def use_triton_gemv(enabled: bool) -> None:
-    """Send the linears' one-row products (batch-1 decode) to `layers/triton_gemv.gemv` instead of cuBLAS,
-    or not. Process-wide: the worker sets it from EngineConfig.triton_gemv before the model first runs,
-    so its CUDA graphs capture the kernel the config names."""
-    global _is_triton_gemv
-    _is_triton_gemv = enabled
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, one_row_gemv: bool = False) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T (+ bias) -> [T, out] in out_dtype: None (x's) or float32 (straight
-    from the accumulator, as `matmul_float32`, and then without bias). The Triton GEMV when switched on
-    and x is one contiguous half-precision CUDA row, else torch's."""
-    if (_is_triton_gemv and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+    from the accumulator, as `matmul_float32`, and then without bias). With one_row_gemv, a single
+    contiguous half-precision CUDA row goes to the Triton GEMV (`layers/triton_gemv.py`); else torch's."""
+    if (one_row_gemv and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()):
         from mnemosyne.layers.triton_gemv import gemv
 
@@ -65,9 +53,11 @@ class ColumnParallelLinear(nn.Module):
     holds [gate_shard; up_shard].
     """
 
-    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False, group: Group = SINGLE):
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False, group: Group = SINGLE,
+                 one_row_gemv: bool = False):
         super().__init__()
         self.group = group
+        self.one_row_gemv = one_row_gemv
         self.shard_sizes = [_divide(n, group.size, "output features") for n in output_sizes]
         self.weight = _param((sum(self.shard_sizes), input_size), self._load)
         self.bias = _param((sum(self.shard_sizes),), self._load) if bias else None
@@ -79,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, one_row_gemv=self.one_row_gemv)
 
 
 class QKVParallelLinear(nn.Module):
@@ -87,9 +77,10 @@ class QKVParallelLinear(nn.Module):
     replicated on tp_size / num_kv_heads consecutive ranks (the ranks whose q heads use it)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, group: Group = SINGLE):
+                 bias: bool = False, group: Group = SINGLE, one_row_gemv: bool = False):
         super().__init__()
         self.group = group
+        self.one_row_gemv = one_row_gemv
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, group.size, "attention heads")
         if num_kv_heads >= group.size:
@@ -112,7 +103,7 @@ class QKVParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(rows)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias, one_row_gemv=self.one_row_gemv).split(self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -126,9 +117,11 @@ class RowParallelLinear(nn.Module):
     which are latency-bound and do not notice.
     """
 
-    def __init__(self, input_size: int, output_size: int, group: Group = SINGLE, reduce_float32: bool = True):
+    def __init__(self, input_size: int, output_size: int, group: Group = SINGLE, reduce_float32: bool = True,
+                 one_row_gemv: bool = False):
         super().__init__()
         self.group = group
+        self.one_row_gemv = one_row_gemv
         self.shard_size = _divide(input_size, group.size, "input features")
         self.weight = _param((output_size, self.shard_size), self._load)
         self.reduce_float32 = reduce_float32 and group.size > 1
@@ -138,8 +131,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reduce_float32 and x.dtype in (torch.bfloat16, torch.float16):
-            return self.group.sum_rounded(linear(x, self.weight, out_dtype=torch.float32), x.dtype)
-        return self.group.all_reduce(linear(x, self.weight))
+            return self.group.sum_rounded(linear(x, self.weight, out_dtype=torch.float32,
+                                                 one_row_gemv=self.one_row_gemv), x.dtype)
+        return self.group.all_reduce(linear(x, self.weight, one_row_gemv=self.one_row_gemv))
 
 
 def matmul_float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

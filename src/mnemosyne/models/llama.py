@@ -20,11 +20,13 @@ from mnemosyne.models.loaders import TensorSlices, read_whole
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True,
+                 one_row_gemv: bool = False):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.attention_bias, group=group)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group, reduce_float32)
+                                          bias=cfg.attention_bias, group=group, one_row_gemv=one_row_gemv)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group, reduce_float32,
+                                        one_row_gemv)
         self.rotary = rotary
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -43,10 +45,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True):
+    def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True, one_row_gemv: bool = False):
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, reduce_float32)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group,
+                                                 one_row_gemv=one_row_gemv)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, reduce_float32,
+                                           one_row_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -59,10 +63,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True,
+                 one_row_gemv: bool = False):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, group, reduce_float32)
-        self.mlp = LlamaMLP(cfg, group, reduce_float32)
+        self.self_attn = LlamaAttention(cfg, rotary, group, reduce_float32, one_row_gemv)
+        self.mlp = LlamaMLP(cfg, group, reduce_float32, one_row_gemv)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -85,10 +90,12 @@ _FUSED = {
 
 class LlamaForCausalLM(nn.Module):
     """Layers [layer_start, layer_end) of the model; the first stage embeds, the last one has
-    the final norm and LM head (pipeline stages hold a slice, a single process holds all)."""
+    the final norm and LM head (pipeline stages hold a slice, a single process holds all).
+    one_row_gemv: the layers' linears send a one-row input (batch-1 decode) to the Triton GEMV."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group = SINGLE,
-                 layer_range: tuple[int, int] | None = None, tp_reduce_float32: bool = True):
+                 layer_range: tuple[int, int] | None = None, tp_reduce_float32: bool = True,
+                 one_row_gemv: bool = False):
         super().__init__()
         self.config = cfg
         self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
@@ -97,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group) \
             if self.is_first_pp_stage else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group, tp_reduce_float32)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group, tp_reduce_float32, one_row_gemv)
                                     for _ in range(self.layer_start, self.layer_end))
         if self.is_last_pp_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
