@@ -301,7 +301,7 @@ def gemv_case(n: int, k: int) -> dict[str, tuple[float, float]]:
     return results
 
 
-def gemv_report(sms: int, bw: float) -> None:
+def gemv_report(bw: float) -> None:
     """M = 1 linears at Llama-3-8B's projections and their tp = 2 and 4 shards: cuBLAS, torch.mv and
     every configuration of the Triton GEMV, in µs per call and TB/s of weight read; the winner of each
     shape and what `triton_gemv.default_config` picks (`--triton-gemv` is for where Triton wins)."""
@@ -320,7 +320,7 @@ def gemv_report(sms: int, bw: float) -> None:
                 return f"{results[name][0]:5.1f} {n * k * 2 / results[name][0] / 1e6:4.2f}"
 
             best = min((m for m in results if m not in ("cuBLAS", "torch.mv")), key=lambda m: results[m][0])
-            default = default_config(n, k, sms).name
+            default = default_config(n, k).name
             winner = min(results, key=lambda m: results[m][0])
             print(f"  {f'{proj} tp={tp} [{n}, {k}]':<27} {cell('cuBLAS'):>11} {cell('torch.mv'):>11}  "
                   f"{best:<15} {cell(best)} {default:<15} {cell(default)} {winner} "
@@ -358,7 +358,7 @@ def main() -> None:
     if args.only in (None, "splits"):
         splits_report(sms, bw)
     if args.only in (None, "gemv"):
-        gemv_report(sms, bw)
+        gemv_report(bw)
 
 if __name__ == "__main__":
     main()

@@ -217,8 +217,9 @@ class EngineConfig:
     38/93 ms (benchmarks/RESULTS.md); 512 otherwise, where cuDNN runs a lone prompt's chunks of 256
     tokens or more faster (benchmarks/gpu_kernels.py --only short). Chunks of 512 tokens or more over
     a prefix of 4K or more stay on cuDNN whatever the split (attention/gpu.py's CUDNN_MIN_ROWS)."""
-    triton_gemv: bool = False
-    """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS."""
+    triton_gemv: bool = True
+    """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
+    (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"

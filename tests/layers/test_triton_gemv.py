@@ -55,15 +55,15 @@ def test_float32_output_is_the_unrounded_sum(config, triton_device):
     _check(gemv(x, w, out_dtype=torch.float32, config=CONFIGS[config]), x, w, None, torch.float32)
 
 
-def test_default_config_splits_narrow_shards_over_k():
+def test_default_config_is_the_measured_rule():
     pytest.importorskip("triton")
     from mnemosyne.layers.triton_gemv import CONFIGS, default_config
 
-    assert default_config(6144, 4096, 132).split_k == 1  # qkv at tp=1: 768 row blocks
-    assert default_config(1536, 4096, 132).split_k == 2  # qkv at tp=4: 192
-    assert default_config(512, 4096, 132).split_k == 4
-    assert default_config(512, 512, 132).split_k == 1  # one step of columns: nothing to split
-    assert all(default_config(n, 4096, 132) in CONFIGS.values() for n in (64, 1536, 28672))
+    assert default_config(6144, 4096).name == "n4_k1024_w4_s1"  # q/k/v, and gate_up, at any tp
+    assert default_config(4096, 14336).name == "n16_k1024_w8_s1"  # down at tp=1: a long K
+    assert default_config(4096, 3584).name == "n8_k512_w4_s1"  # down at tp=4: K not in 1024s
+    assert default_config(64, 64).name == "n8_k512_w4_s1"
+    assert all(default_config(n, k) in CONFIGS.values() for n in (64, 1536, 28672) for k in (1024, 4096, 8192))
 
 
 def test_gemv_rejects_what_it_cannot_compute():
@@ -138,7 +138,7 @@ def test_the_worker_builds_its_linears_with_the_configs_choice():
             engine.shutdown()
 
 
-@pytest.mark.parametrize("flags,expected", [([], False), (["--triton-gemv"], True), (["--no-triton-gemv"], False)])
+@pytest.mark.parametrize("flags,expected", [([], True), (["--triton-gemv"], True), (["--no-triton-gemv"], False)])
 def test_the_flag_reaches_the_config(flags, expected):
     from mnemosyne.cli import build_parser, engine_config
 

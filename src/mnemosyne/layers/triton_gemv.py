@@ -4,7 +4,6 @@ elementwise products and tl.sum; no tensor cores. Imported only on CUDA (or unde
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -89,22 +88,17 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, n, SPLIT_K: tl.constexpr,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: any rule will do
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def default_config(n: int, k: int, num_sms: int) -> GemvConfig:
-    """The configuration `gemv` uses for W [n, k] on a device of `num_sms` SMs: rows in blocks of 8 and
-    columns in steps of 512 (4 warps), split over K in 2 or 4 when that is what it takes to give every
-    SM at least two programs (tensor-parallel shards of a narrow projection). The rule is chosen by
-    `benchmarks/gpu_kernels.py --only gemv`, which times every configuration of CONFIGS against cuBLAS
-    at Llama-3-8B's projection shapes and their tp = 2 and 4 shards, and prints this rule's pick."""
-    row_blocks = triton.cdiv(n, 8)
-    split_k = next((s for s in (1, 2) if row_blocks * s >= 2 * num_sms), 4)
-    return CONFIGS[GemvConfig(8, 512, 4, min(split_k, triton.cdiv(k, 512))).name]
+def default_config(n: int, k: int) -> GemvConfig:
+    """The configuration `gemv` uses for W [n, k]: K up to 4096 in 1024-column steps with 4-row
+    programs, longer K with 16-row programs of 8 warps, and a K that is not a multiple of 1024 in
+    512-column steps with 8-row programs (no masked loads). Measured with `benchmarks/gpu_kernels.py
+    --only gemv` on an H200 (`benchmarks/jobs/call34.txt`) at Llama-3-8B's four projections and their
+    tp = 2 and 4 shards: this rule picks the fastest of CONFIGS at 10 of the 12, and is within 8% at the
+    other two (o at tp = 1 and 2); it beats cuBLAS at all 12, by 1-39%. Splitting K never won, not even
+    at the narrowest shard (q/k/v at tp = 4, 192 programs of 8 rows: 6.6 µs split in 2, 5.4 µs not)."""
+    if k % 1024:
+        return CONFIGS["n8_k512_w4_s1"]
+    return CONFIGS["n4_k1024_w4_s1" if k <= 4096 else "n16_k1024_w8_s1"]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -120,7 +114,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != k or x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"gemv takes one half-precision dtype and x's K equal to weight's: x {x.dtype} "
                          f"{tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}")
-    config = config or default_config(n, k, _num_sms(x.device))
+    config = config or default_config(n, k)
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     split_k = min(config.split_k, triton.cdiv(k, config.block_k))
     k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), split_k) * config.block_k
