@@ -223,7 +223,9 @@ class EngineConfig:
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
-    """adaptive (largest chunks whose predicted step time fits --tbt-slo-ms) or fixed:N (N tokens a step)."""
+    """adaptive (largest chunks whose predicted step time fits --tbt-slo-ms; without it, the token cap),
+    pipeline (adaptive, but without --tbt-slo-ms chunks cut for the pipeline's drain under SPP) or
+    fixed:N (N tokens a step)."""
     tbt_slo_ms: float | None = None
     """Time-between-tokens SLO, the step-time budget of adaptive chunking; None: only the token budget."""
     ttft_slo_ms: float | None = None

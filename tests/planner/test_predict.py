@@ -160,10 +160,11 @@ def test_energy_follows_the_power_profile():
     assert q.prefill_j_per_token < 2 * p.prefill_j_per_token  # bubbles and groups waiting to onboard cost 0
 
 
-def test_pipeline_budget_shortens_a_long_prefill_through_the_pipeline():
+def test_pipeline_budget_shortens_a_long_prefill_through_the_modelled_pipeline():
     """1M tokens at pp=4 with no TBT budget: the token cap's 16K chunks end with a drain of three
-    stage-times of the costliest chunk; the pipeline budget's chunks, cut to the stage time that
-    minimises the flow shop's makespan, finish sooner in the explicit pipeline simulation."""
+    stage-times of the costliest chunk; `--chunking pipeline`'s chunks, cut to the stage time that
+    minimises the flow shop's makespan, finish sooner in the explicit pipeline simulation of the model.
+    (On four H200s they did not: 152.6 s against 140.3 s, so `adaptive`, the default, keeps the cap.)"""
     layout, context = Layout(pp=4), 1 << 20
     lm = latency_model(LLAMA_8B, H200, NET, layout)
 
@@ -176,7 +177,8 @@ def test_pipeline_budget_shortens_a_long_prefill_through_the_pipeline():
         return simulate_pipeline(stage, [h / (layout.pp - 1) for h in hops], layout.pp, H200.stage_dispatch_s), chunks
 
     capped, capped_chunks = simulated("fixed:16384")
-    budgeted, chunks = simulated("adaptive")
+    budgeted, chunks = simulated("pipeline")
+    assert {n for _, n in simulated("adaptive")[1]} == {16384}
     assert {n for _, n in capped_chunks} == {16384}
     assert chunks[0][1] == 16384 and chunks[-1][1] < 4096  # large while the prefix is short, tapered at the end
     assert budgeted < 0.97 * capped

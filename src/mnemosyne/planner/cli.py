@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     slo.add_argument("--tbt-slo-ms", type=float, help="TBT SLO: of its decode, and of decodes batched with its prefill")
     slo.add_argument("--step-budget-ms", help="step budgets to try, comma-separated (default: the TBT SLO, "
                                               "or none: chunks as large as the token cap)")
-    slo.add_argument("--chunking", default="adaptive", help="adaptive or fixed:N (default: adaptive)")
+    slo.add_argument("--chunking", default="adaptive", help="adaptive, pipeline or fixed:N (default: adaptive)")
     slo.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                      help=f"token cap of a step (default: {EngineConfig.max_num_batched_tokens})")
     slo.add_argument("--no-sequence-pipelining", dest="sequence_pipelining", action="store_false",

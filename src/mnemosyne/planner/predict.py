@@ -200,7 +200,7 @@ def chunk_runs(lm: LatencyModel, candidate: Candidate, context: int, group: int 
         size = chunking.new_step().fit(start, left, 0.0)
         # The whole remainder fits when it is a run of this size with under GRANULARITY tokens over.
         count = left // size if left % size == 0 else max(1, (left - GRANULARITY) // size)
-        if count > 1 and candidate.chunking == "adaptive":
+        if count > 1 and candidate.chunking in ("adaptive", "pipeline"):
             count = _run_length(chunking, start, left, size, count)
         runs.append(_Run(start, size, count))
         start += size * count
