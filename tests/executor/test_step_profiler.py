@@ -38,3 +38,18 @@ def test_unset_means_off(monkeypatch, tmp_path):
         profiler.before_step()
         profiler.after_step()
     assert profiler.out_dir is None and not list(tmp_path.iterdir())
+
+
+def test_a_window_past_the_last_step_is_written_when_the_worker_stops(tmp_path):
+    profiler = StepProfiler(0, torch.device("cpu"), f"{tmp_path}:1:10")
+    for _ in range(4):  # steps 0-3: the window (1-10) is still open
+        profiler.before_step()
+        torch.ones(32, 32).matmul(torch.ones(32, 32))
+        profiler.after_step()
+    assert not (tmp_path / "rank0.txt").exists()
+    profiler.close()
+    text = (tmp_path / "rank0.txt").read_text()
+    assert text.startswith("3 steps (the window of 10 was cut short when the worker stopped): wall ")
+    assert "aten::matmul" in text
+    profiler.close()  # nothing left open: nothing more written
+    assert [f.name for f in tmp_path.iterdir()] == ["rank0.txt"]

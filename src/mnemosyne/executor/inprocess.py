@@ -63,6 +63,7 @@ class InProcessExecutor:
         process (a benchmark's second run) gets the memory back."""
         if self.worker is None:
             return
+        self.worker.close()
         device, self.worker = self.worker.device, None
         gc.collect()
         if device.type == "cuda":

@@ -44,8 +44,17 @@ class StepProfiler:
 
     def after_step(self) -> None:
         self._step += 1
-        if self._profiler is None or self._step != self.first + self.count:
-            return
+        if self._profiler is not None and self._step == self.first + self.count:
+            self._write(self.count)
+
+    def close(self) -> None:
+        """The worker is stopping: a window still open (it reached past the run's last step) is
+        written with the steps it saw, rather than left to the profiler's teardown at exit (a
+        segmentation fault on an H200, with nothing written: benchmarks/jobs/call37.txt)."""
+        if self._profiler is not None:
+            self._write(self._step - self.first, cut_short=True)
+
+    def _write(self, num_steps: int, cut_short: bool = False) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_s = time.perf_counter() - self._start_s
@@ -60,7 +69,9 @@ class StepProfiler:
         device_us = sum(e.self_device_time_total for e in events)
         table = events.table(sort_by="self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total",
                              row_limit=25)
+        per = max(1, num_steps)
+        note = f" (the window of {self.count} was cut short when the worker stopped)" if cut_short else ""
         (self.out_dir / f"{name}.txt").write_text(
-            f"{self.count} steps: wall {wall_s * 1e3 / self.count:.3f} ms/step, device busy (sum of kernel "
-            f"times) {device_us / 1e3 / self.count:.3f} ms/step\n{table}\n")
+            f"{num_steps} steps{note}: wall {wall_s * 1e3 / per:.3f} ms/step, device busy (sum of kernel "
+            f"times) {device_us / 1e3 / per:.3f} ms/step\n{table}\n")
         self._profiler = None

@@ -152,6 +152,10 @@ class Worker:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.launch(plan).result()
 
+    def close(self) -> None:
+        """The worker is stopping: write a profiling window still open."""
+        self._profiler.close()
+
     def launch(self, plan: StepPlan) -> PendingStep:
         """Queue the plan's work on the device; the result comes from the returned step."""
         self._profiler.before_step()

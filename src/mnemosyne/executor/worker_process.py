@@ -120,6 +120,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
             worker.runner.link.wait()
+            worker.close()
             channel.stopping.set()
             return
         plan = wire.decode_plan(payload)
