@@ -8,7 +8,8 @@
 # RUN_S (150), after which a configuration's replay stops and what has not finished counts as failed;
 # RUNS (lars,fcfs): lars alone skips the FCFS baseline;
 # PROFILE, the step-time profile the servers schedule with (default on an H200: the serving one, taken
-# with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers).
+# with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers);
+# ENGINE_FLAGS, more engine flags for every server (for example "--rho-max 0.9").
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
@@ -43,6 +44,7 @@ case "$layout" in
     ;;
   *) echo "usage: $0 [1gpu|kvp4|pp4|cpu]" >&2; exit 2 ;;
 esac
+engine="$engine ${ENGINE_FLAGS:-}"
 "$python" -c "import httpx" || { echo "bench serve needs httpx: carry its wheels (httpx, httpcore, h11) in .whl" >&2; exit 1; }
 compare=("--scheduler lars --chunking adaptive --max-num-batched-tokens 16384")
 [ "${RUNS:-lars,fcfs}" = lars ] || compare+=("--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed")
