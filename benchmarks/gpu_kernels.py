@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 
 import torch
+import torch.nn.functional as F
 
 from mnemosyne.attention.backend import build_metadata
 from mnemosyne.bench.floors import measure_ceilings, time_s
@@ -278,10 +280,6 @@ call reads its weight from memory, as a decode step does (each layer's weights e
 def gemv_case(n: int, k: int) -> dict[str, tuple[float, float]]:
     """(µs per call, max |error| against a float32 matmul) of each variant at M = 1 for W [n, k] bf16,
     from a CUDA graph of GEMV_CALLS calls over rotating copies of W."""
-    import itertools
-
-    import torch.nn.functional as F
-
     from mnemosyne.layers.triton_gemv import CONFIGS, gemv
 
     copies = min(GEMV_CALLS, max(2, -(-GEMV_ROTATE_BYTES // (n * k * 2))))
@@ -304,7 +302,8 @@ def gemv_case(n: int, k: int) -> dict[str, tuple[float, float]]:
 def gemv_report(bw: float) -> None:
     """M = 1 linears at Llama-3-8B's projections and their tp = 2 and 4 shards: cuBLAS, torch.mv and
     every configuration of the Triton GEMV, in µs per call and TB/s of weight read; the winner of each
-    shape and what `triton_gemv.default_config` picks (`--triton-gemv` is for where Triton wins)."""
+    shape and what `triton_gemv.default_config` picks, the rule the engine runs (`--no-triton-gemv`:
+    cuBLAS)."""
     from mnemosyne.layers.triton_gemv import default_config
 
     print(f"GEMV at M=1, bf16, in CUDA graphs of {GEMV_CALLS} calls: µs per call and TB/s of weight read "
