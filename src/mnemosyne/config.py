@@ -147,6 +147,11 @@ prompt's chunks (no --tbt-slo-ms): 128 tokens at group 4, the measured crossover
 SERVING_TRITON_CHUNK_ROWS = 8192
 """The same under a --tbt-slo-ms, where steps are bound by launches: 2048 tokens at group 4."""
 
+PIPELINE_MIN_CHUNK = 1024
+"""`--chunking pipeline` cuts a long prompt into chunks of powers of two from this up to the token cap:
+cuDNN needs a plan per chunk length, 40-100 ms each to build on an H200, which the worker builds for
+these few lengths at start-up (`EngineConfig.long_prompt_chunks`), not once per chunk mid-prefill."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -274,6 +279,17 @@ class EngineConfig:
         if self.triton_chunk_rows is not None:
             return self.triton_chunk_rows
         return SERVING_TRITON_CHUNK_ROWS if self.tbt_slo_ms is not None else LONE_TRITON_CHUNK_ROWS
+
+    @property
+    def long_prompt_chunks(self) -> tuple[int, ...]:
+        """The chunk lengths a lone long prompt's prefill is cut into, for which the worker builds
+        cuDNN's plans at start-up: the token cap, or under `--chunking pipeline` with sequence
+        pipelining and no TBT SLO, its powers of two from PIPELINE_MIN_CHUNK (see chunking.py)."""
+        cap = self.max_num_batched_tokens
+        if (self.chunking == "pipeline" and self.sequence_pipelining and self.pipeline_parallel_size > 1
+                and self.tbt_slo_ms is None):
+            return tuple(1 << i for i in range(PIPELINE_MIN_CHUNK.bit_length() - 1, cap.bit_length()))
+        return (cap,)
 
     @property
     def world_size(self) -> int:

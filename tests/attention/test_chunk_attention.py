@@ -1,7 +1,8 @@
 """`gpu.chunk_attention` (a long chunk: cuDNN over its prefix runs, plus its causal part) on the CPU,
-with a stand-in for the cuDNN op: the folding of q heads into the query axis and back, and the
-layout each call hands cuDNN. Needs Triton importable (the GPU backend's module loads its kernels):
-runs on a GPU machine, or under the Triton interpreter."""
+with a stand-in for the cuDNN op: GQA handed over natively, the folding of q heads into the query axis
+and back for short chunks, prefix runs cut into pieces, and the layout each call hands cuDNN. Needs
+Triton importable (the GPU backend's module loads its kernels): runs on a GPU machine, or under the
+Triton interpreter."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ from .paged import attention_f64
 pytestmark = pytest.mark.triton
 
 
+CALLS = []
+
+
 def _cudnn(q, k, v, scale, is_causal):
-    """`gpu._cudnn`'s contract (out [1, H, Lq, D], lse [1, H, Lq]), checking that q, k and v are
-    stored sequence-major (BSHD) and packed, which cuDNN's ragged path requires."""
+    """`gpu._cudnn`'s contract (out [1, H, Lq, D], lse [1, H, Lq], with H q heads over H / group kv heads
+    as cuDNN takes GQA), checking that q, k and v are stored sequence-major (BSHD) and packed, which
+    cuDNN's ragged path requires."""
     for t in (q, k, v):
         assert t.transpose(1, 2).is_contiguous(), (t.shape, t.stride())
+    CALLS.append((tuple(q.shape), tuple(k.shape), is_causal))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
     if is_causal:  # top-left aligned, as cuDNN's causal flag
         lq, lk = scores.shape[-2:]
@@ -27,11 +35,15 @@ def _cudnn(q, k, v, scale, is_causal):
     return out, lse[..., 0]
 
 
-@pytest.mark.parametrize("num_new,runs", [(5, [(0, 7)]), (9, [(3, 10), (20, 41)]), (4, [])])
-def test_chunk_attention_folds_heads_and_hands_cudnn_sequence_major_tensors(monkeypatch, num_new, runs):
+@pytest.mark.parametrize("split_runs", [False, True])
+@pytest.mark.parametrize("num_new,runs", [(5, [(0, 7)]), (9, [(3, 10), (20, 41)]), (4, []), (12, [(0, 44)])])
+def test_chunk_attention_matches_float64_attention(monkeypatch, num_new, runs, split_runs):
     from mnemosyne.attention import gpu
 
     monkeypatch.setattr(gpu, "_cudnn", _cudnn)
+    monkeypatch.setattr(gpu, "FOLD_MAX_TOKENS", 8)  # chunks of 9 and 12 tokens take GQA natively
+    monkeypatch.setattr(gpu, "PIECE_MIN_KEYS", 4)
+    CALLS.clear()
     gen = torch.Generator().manual_seed(num_new)
     heads, kv_heads, d = 8, 2, 16
     k_cache = torch.randn(48, kv_heads, d, generator=gen, dtype=torch.float64)
@@ -42,7 +54,7 @@ def test_chunk_attention_folds_heads_and_hands_cudnn_sequence_major_tensors(monk
     # The merge of the parts is a Triton kernel: on a GPU machine its tensors must live on the GPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out, lse = gpu.chunk_attention(*(t.to(device) for t in (q, k_new, v_new, k_cache, v_cache)), tuple(runs),
-                                   d ** -0.5)
+                                   d ** -0.5, split_runs=split_runs)
     out, lse = out.cpu(), lse.cpu()
 
     prefix = [slot for start, end in runs for slot in range(start, end)]
@@ -52,3 +64,41 @@ def test_chunk_attention_folds_heads_and_hands_cudnn_sequence_major_tensors(monk
     ref_out, ref_lse = attention_f64(q, keys, values, d ** -0.5, q_pos, torch.arange(len(prefix) + num_new))
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+    causal, *prefix_calls = CALLS
+    assert causal == ((1, heads, num_new, d), (1, kv_heads, num_new, d), True)  # K/V never expanded
+    rows = heads // kv_heads * num_new if num_new <= 8 else num_new  # folded: the group's q heads along the query axis
+    assert all(call[0] == ((1, kv_heads, rows, d) if num_new <= 8 else (1, heads, rows, d)) for call in prefix_calls)
+    pieces = [p for run in runs for p in (gpu.run_pieces(*run) if split_runs else [run])]
+    assert [call[1][2] for call in prefix_calls] == [end - start for start, end in pieces]
+
+
+def test_run_pieces_are_powers_of_two_then_the_rest():
+    from mnemosyne.attention.gpu import PIECE_MIN_KEYS, run_pieces
+
+    assert PIECE_MIN_KEYS == 1024
+    assert run_pieces(0, 131072) == [(0, 131072)]
+    assert run_pieces(16, 16 + 7 * 16384) == [(16, 16 + 65536), (16 + 65536, 16 + 98304), (16 + 98304, 16 + 114688)]
+    assert run_pieces(0, 4096 + 1023) == [(0, 4096), (4096, 5119)]  # the rest, under PIECE_MIN_KEYS, is one piece
+    assert run_pieces(0, 3072) == [(0, 2048), (2048, 3072)]
+    assert run_pieces(5, 100) == [(5, 100)]
+    # every prefix of a prompt in 16K chunks up to 1M tokens takes its pieces from 7 lengths
+    lengths = {end - start for n in range(1, 65) for start, end in run_pieces(0, n * 16384)}
+    assert lengths == {16384 << i for i in range(7)}
+
+
+def test_the_exact_plan_warm_up_calls_each_chunk_and_piece_length_once(monkeypatch):
+    """With exact plans (no ragged path), the warm-up calls cuDNN for each chunk length a long prompt is
+    cut into, over every piece length its prefixes can be cut into, so that its prefill builds none."""
+    from mnemosyne.attention import gpu
+
+    calls = []
+    monkeypatch.setattr(gpu, "chunk_attention", lambda q, k, v, kc, vc, runs, scale, split_runs=False:
+                        calls.append((q.shape[0], runs, split_runs)))
+    k = torch.zeros(10000, 2, 16)
+    gpu.GpuBackend(num_sms=8)._warm_cudnn_pieces(k, k, 8, 16, 0.25, (1024, 16384), 1 << 20)
+    pieces = (1024, 2048, 4096, 8192)  # up to the cache's 10K slots
+    assert calls == [(n, ((0, p),), True) for n in (1024, 16384) for p in pieces]
+    calls.clear()
+    gpu.GpuBackend(num_sms=8)._warm_cudnn_pieces(k, k, 8, 16, 0.25, (64,), 1 << 20)
+    assert calls == []  # chunks of 64 tokens (256 rows) go to the Triton kernel

@@ -44,6 +44,8 @@ def test_the_triton_chunk_split_follows_the_tbt_slo_unless_set(monkeypatch):
     seen = []
     select = attention_backend.select_backend
     monkeypatch.setattr("mnemosyne.executor.worker.select_backend",
-                        lambda name, device, dtype, rows: seen.append(rows) or select(name, device, dtype, rows))
+                        lambda name, device, dtype, rows, ragged: seen.append((rows, ragged))
+                        or select(name, device, dtype, rows, ragged))
     LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32", tbt_slo_ms=50)).shutdown()
-    assert seen == [8192]
+    LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", dtype="float32")).shutdown()
+    assert seen == [(8192, True), (512, False)]  # the backend also learns whether cuDNN's plans are exact

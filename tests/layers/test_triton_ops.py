@@ -55,8 +55,11 @@ def test_rotary_store(dtype, heads, kv_heads):
     want_q, want_k = rot(positions, q.clone(), k.clone())
     kc, vc, want_kc, want_vc = (torch.zeros(100, kv_heads, 128, device="cuda", dtype=dtype) for _ in range(4))
     store_kv(want_k, v, want_kc, want_vc, slots)
-    rotary_store_(q, k, v, positions, rot.inv_freq, rot.attention_factor, kc, vc, slots)
-    torch.testing.assert_close(q, want_q, **_tol(dtype))
+    before = qkv.clone()
+    rotated = rotary_store_(q, k, v, positions, rot.inv_freq, rot.attention_factor, kc, vc, slots)
+    assert rotated.is_contiguous()  # packed, whatever q's row stride
+    torch.testing.assert_close(rotated, want_q, **_tol(dtype))
+    torch.testing.assert_close(qkv, before, atol=0, rtol=0)  # the projection's rows are left as they were
     torch.testing.assert_close(kc, want_kc, **_tol(dtype))
     torch.testing.assert_close(vc, want_vc, atol=0, rtol=0)
 

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 
+from mnemosyne.config import PIPELINE_MIN_CHUNK
 from mnemosyne.scheduler.chunking import GRANULARITY, AdaptiveChunking, FixedChunking, make_chunking
 from mnemosyne.scheduler.factory import kvp_group_boundary
 from mnemosyne.scheduler.latency_model import Layout
@@ -138,9 +139,10 @@ def test_bad_chunking_specs_name_the_flag(spec):
 
 
 def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
-    """No TBT budget, 4 stages under SPP: each chunk of a prompt with W of stage work takes about
-    t = h + sqrt(W h / 3) per stage, so chunks shrink as the prefix grows, and a longer prompt gets
-    longer chunks; without SPP (one stage), the token cap alone."""
+    """No TBT budget, 4 stages under SPP: each chunk of a prompt with W of stage work takes at most
+    t = h + sqrt(W h / 3) per stage, the largest power of two that does (few lengths, so that cuDNN's
+    plans are built at start-up), so chunks shrink as the prefix grows, and a longer prompt gets longer
+    chunks; without SPP (one stage), the token cap alone."""
     model = synthetic_model(Layout(pp=4))
     spp = make_chunking("pipeline", model, None, 16384, spp_stages=4)
     plain = AdaptiveChunking(model, None, 16384)
@@ -151,12 +153,16 @@ def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
     prefixes = (0, 100_000, 200_000, 290_000)
     sizes = [budget.fit(prefix, 300_000 - prefix, 0.0) for prefix in prefixes]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
-    assert all(s % GRANULARITY == 0 for s in sizes)
+    assert all(s & (s - 1) == 0 and s >= PIPELINE_MIN_CHUNK for s in sizes)
     target_s = 4 * budget.stage_target_s(300_000)
-    for prefix, size in zip(prefixes[1:], sizes[1:], strict=True):  # an even stage time
-        assert model.step_time_s([(size, prefix)]) <= target_s < model.step_time_s([(size + GRANULARITY, prefix)])
+    for prefix, size in zip(prefixes[1:], sizes[1:], strict=True):  # within the stage time, the next length over
+        assert size == PIPELINE_MIN_CHUNK or model.step_time_s([(size, prefix)]) <= target_s  # (or the shortest)
+        assert target_s < model.step_time_s([(2 * size, prefix)])
+    assert budget.fit(290_000, 700, 0.0) == 700  # a remainder under the shortest length goes whole
+    rest = budget.fit(0, 5000, 0.0)
+    assert rest & (rest - 1) == 0 and PIPELINE_MIN_CHUNK <= rest < 5000  # a longer one is cut to a power of two too
     # the same prefix in a longer prompt: more work, a longer target, a larger chunk
-    assert budget.fit(200_000, 10_000, 0.0) < budget.fit(200_000, 1_000_000, 0.0)
+    assert budget.fit(20_000, 100_000, 0.0) < budget.fit(20_000, 1_000_000, 0.0)
 
 
 def test_long_prompts_among_short_ones_stay_one_run_of_blocks_each():

@@ -145,10 +145,11 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                   triton_chunk_rows: int | None = None) -> AttentionBackend:
+                   triton_chunk_rows: int | None = None, cudnn_ragged: bool = False) -> AttentionBackend:
     """Backend by name; 'auto' picks the fastest exact one for the device and dtype: the Triton and
     cuDNN kernels on a GPU in bf16/fp16, torch's fused CPU kernel on CPU, the reference otherwise.
-    triton_chunk_rows: the GPU backend's split between its chunk kernels (None: its default)."""
+    triton_chunk_rows: the GPU backend's split between its chunk kernels (None: its default);
+    cudnn_ragged: whether the process runs cuDNN's ragged path (EngineConfig.cudnn_ragged)."""
     if name == "auto":
         if device.type == "cuda":
             name = "gpu" if dtype in (torch.bfloat16, torch.float16) else "reference"
@@ -161,7 +162,9 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.f
     if name == "gpu":
         from mnemosyne.attention.gpu import GpuBackend
 
-        return GpuBackend() if triton_chunk_rows is None else GpuBackend(small_chunk_rows=triton_chunk_rows)
+        if triton_chunk_rows is None:
+            return GpuBackend(cudnn_ragged=cudnn_ragged)
+        return GpuBackend(small_chunk_rows=triton_chunk_rows, cudnn_ragged=cudnn_ragged)
     from mnemosyne.attention.sdpa import SdpaBackend
 
     return SdpaBackend()

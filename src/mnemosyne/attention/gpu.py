@@ -2,8 +2,9 @@
 kernel, one launch each for the whole batch; longer chunks run cuDNN over their cached prefix, read
 as strided views of contiguous page runs, plus a causal pass over the chunk itself, all merged by LSE.
 
-cuDNN reads K/V per kv head; the q heads that share a kv head are folded into the query axis
-([1, kv_heads, group × C, D]), so GQA needs no K/V expansion over the prefix.
+cuDNN takes the 8 kv heads as they are (GQA natively), so K/V are never expanded; for short chunks the
+q heads that share a kv head are folded into the query axis ([1, kv_heads, group × C, D]) instead,
+which runs faster there.
 """
 
 from __future__ import annotations
@@ -50,41 +51,75 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]).float()
 
 
+FOLD_MAX_TOKENS = 2048
+"""Chunks of at most this many tokens (a power of two, so that a length class of cuDNN's ragged path
+takes one path) fold their q heads into the query axis for the prefix calls; longer ones
+hand cuDNN the 8 kv heads as they are (GQA natively). At an 8K chunk over a 256K prefix the two ran at
+599 and 602 TFLOP/s on an H200, at 1K 625 and 593 (DEVICE.md), and the fold costs a copy of q and
+one of the output, proportional to the chunk."""
+
+PIECE_MIN_KEYS = 1024
+"""With exact cuDNN plans, prefix runs are cut into pieces of power-of-two lengths down to this, and a
+last piece of the rest (`run_pieces`)."""
+
+
+def run_pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) as pieces of power-of-two lengths, longest first, while at least PIECE_MIN_KEYS
+    remain, then one piece of the rest. PyTorch builds a cuDNN plan for every new shape, 40-100 ms of
+    host time with the GPU idle (`benchmarks/cudnn_replan.py`), and a prompt prefilled in 16K chunks
+    meets a new prefix length at every chunk: as pieces, a 1M-token prompt's prefixes need about 8
+    plan shapes instead of 64, which the warm-up builds before the first request. The price is an LSE
+    merge per extra piece, a pass over the chunk's output (about 0.1 ms a layer for 16K tokens)."""
+    pieces = []
+    while end - start >= PIECE_MIN_KEYS:
+        length = 1 << ((end - start).bit_length() - 1)
+        pieces.append((start, start + length))
+        start += length
+    if end > start:
+        pieces.append((start, end))
+    return pieces
+
+
 def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_runs: tuple[tuple[int, int], ...],
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, split_runs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's chunk: q [C, Hq, D] with its own k/v [C, Hkv, D], over prefix runs in the cache.
     k_new = v_new = None: no causal part (a KVP group's earlier shard, all in prefix_runs).
+    split_runs: cut the runs into `run_pieces` (with exact cuDNN plans, not on the ragged path).
 
+    Every tensor handed to cuDNN is stored sequence-major (BSHD) and packed, the layout its ragged
+    path (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) needs; K/V of the prefix are strided views of the cache.
     Returns out [C, Hq, D], lse [C, Hq] float32.
     """
     num_new, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    outs, lses = [], []
+    q = q.contiguous()  # the rotary kernel's output already is
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, C, D]
+    parts = []
     if k_new is not None and v_new is not None:
-        # Causal part over the chunk itself; K/V expanded over heads (proportional to the chunk only).
-        # q is usually a view into the fused qkv projection: copied, it is packed sequence-major, the
-        # layout cuDNN's ragged path needs (else it falls back to a plan per new prompt length).
-        qh = q.contiguous().transpose(0, 1).unsqueeze(0)
-        kh = k_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-        vh = v_new.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-        out, lse = _cudnn(qh, kh, vh, scale, True)
-        outs, lses = [out[0].transpose(0, 1)], [lse[0].transpose(0, 1)]
-    if prefix_runs:
-        # [1, Hkv, group·C, D] with rows (q head in group, token), stored sequence-major (BSHD): the
-        # layout in which cuDNN's ragged path (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) can take the call
+        # the causal part over the chunk itself, its 8 kv heads shared by the q heads (GQA natively)
+        k_new, v_new = (t.contiguous().transpose(0, 1).unsqueeze(0) for t in (k_new, v_new))  # gathered: packed
+        out, lse = _cudnn(qh, k_new, v_new, scale, True)
+        parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    runs = [piece for run in prefix_runs for piece in (run_pieces(*run) if split_runs else (run,))]
+    fold = group > 1 and num_new <= FOLD_MAX_TOKENS
+    if runs and fold:
+        # [1, Hkv, group·C, D] with rows (q head in group, token), stored sequence-major
         folded = q.view(num_new, num_kv_heads, group, head_dim).permute(2, 0, 1, 3).contiguous()
-        folded = folded.view(1, group * num_new, num_kv_heads, head_dim).transpose(1, 2)
-        for start, end in prefix_runs:
-            k = k_cache[start:end].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, L, D], a view
-            v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
-            o, lse_run = _cudnn(folded, k, v, scale, False)
-            outs.append(o[0].view(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
-                        .reshape(num_new, num_heads, head_dim))
-            lses.append(lse_run[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads))
-    out, lse = outs[0], lses[0]
-    for part_out, part_lse in zip(outs[1:], lses[1:], strict=True):
+        qh = folded.view(1, group * num_new, num_kv_heads, head_dim).transpose(1, 2)
+    for start, end in runs:
+        k = k_cache[start:end].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, L, D], a view
+        v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
+        out, lse = _cudnn(qh, k, v, scale, False)
+        if fold:
+            parts.append((out[0].view(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
+                          .reshape(num_new, num_heads, head_dim),
+                          lse[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads)))
+        else:
+            parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    out, lse = parts[0]
+    for part_out, part_lse in parts[1:]:
         out, lse = merge_pair(out, lse, part_out, part_lse)
     return out, lse
 
@@ -107,11 +142,15 @@ def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,
 class GpuBackend:
     supports_cuda_graphs = True
 
-    def __init__(self, num_sms: int | None = None, small_chunk_rows: int = SMALL_CHUNK_ROWS) -> None:
+    def __init__(self, num_sms: int | None = None, small_chunk_rows: int = SMALL_CHUNK_ROWS,
+                 cudnn_ragged: bool = False) -> None:
         """num_sms: streaming multiprocessors that context splits fill; None reads the device's.
-        small_chunk_rows: query rows per kv head up to which a chunk goes to the Triton chunk kernel."""
+        small_chunk_rows: query rows per kv head up to which a chunk goes to the Triton chunk kernel.
+        cudnn_ragged: the process runs cuDNN's ragged path (plans keyed on power-of-two classes of
+        length); otherwise plans are exact, and prefix runs are cut into `run_pieces`."""
         self._num_sms = num_sms
         self.small_chunk_rows = small_chunk_rows
+        self.cudnn_ragged = cudnn_ragged
         self._short: tuple[AttentionMetadata, ShortChunks] | None = None
         """The last step's short chunks, built by its first layer and reused by the others."""
 
@@ -139,13 +178,14 @@ class GpuBackend:
         return torch.cat(outs), torch.cat(lses)
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
-                scale: float, context: int = 16384, cudnn_classes: tuple[int, int] | None = None) -> None:
+                scale: float, context: int = 16384, cudnn_plans: tuple[tuple[int, ...], int] | None = None) -> None:
         """Tune both Triton kernels for every shape class they can meet, on real contexts, before any
         request arrives: the decode kernel for each split class, the chunk kernel for each tile
         height. The autotuner would otherwise compile and time its configurations the first time a
         step met one, seconds in the middle of serving. Then one cuDNN chunk call, for cuDNN's own
-        set-up, and with `cudnn_classes` = (most tokens in a chunk, most keys in a prefix run), a call
-        for every plan cuDNN's ragged path can build (`_warm_cudnn_classes`)."""
+        set-up, and with `cudnn_plans` = (a long prompt's chunk lengths, most keys in a prefix run), a
+        call for every plan cuDNN's ragged path can build (`_warm_cudnn_classes`, up to the longest
+        chunk), or with exact plans, for every piece those chunks can meet (`_warm_cudnn_pieces`)."""
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
         # 1, 2, 4, … 64 splits tune the classes, each on the batch that fills the SMs with them; 128 and
@@ -174,8 +214,35 @@ class GpuBackend:
             q = torch.randn(num_new, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
             k_new = torch.randn(num_new, num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
             chunk_attention(q, k_new, torch.randn_like(k_new), k_cache, v_cache, ((0, num_keys - num_new),), scale)
-            if cudnn_classes is not None:
-                self._warm_cudnn_classes(k_cache, v_cache, num_heads, page_size, scale, *cudnn_classes)
+            if cudnn_plans is not None:
+                chunk_lengths, max_keys = cudnn_plans
+                if self.cudnn_ragged:
+                    self._warm_cudnn_classes(k_cache, v_cache, num_heads, page_size, scale, max(chunk_lengths),
+                                             max_keys)
+                else:
+                    self._warm_cudnn_pieces(k_cache, v_cache, num_heads, page_size, scale, chunk_lengths, max_keys)
+
+    def _warm_cudnn_pieces(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
+                           scale: float, chunk_lengths: tuple[int, ...], max_keys: int) -> None:
+        """With exact plans, a long prompt's chunks (of chunk_lengths tokens) meet a causal part of
+        their length and prefix pieces (`run_pieces`) of each power of two from PIECE_MIN_KEYS: one
+        call per (chunk, piece) length builds every plan they need, 40-100 ms each, here rather than
+        in a prefill. (A prompt's last chunk, of another length, still builds its own.)"""
+        num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        max_keys = min(max_keys, k_cache.shape[0] - page_size)
+        chunks = [n for n in chunk_lengths if not self._routes_to_triton(n, group, max_keys)]
+        pieces = [1 << i for i in range((PIECE_MIN_KEYS - 1).bit_length(), max_keys.bit_length())]
+        if not chunks or not pieces:
+            return  # such chunks go to the Triton kernel, or no prefix reaches a piece
+        q = torch.randn(max(chunks), num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+        k_new = torch.randn(max(chunks), num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+        for num_new in chunks:
+            for piece in pieces:
+                chunk_attention(q[:num_new], k_new[:num_new], k_new[:num_new], k_cache, v_cache, ((0, piece),),
+                                scale, split_runs=True)
+        logger.info("cuDNN plans built: chunks of %s tokens over pieces of %d to %d keys", chunks, pieces[0],
+                    pieces[-1])
 
     def _warm_cudnn_classes(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
                             scale: float, max_chunk: int, max_keys: int) -> None:
@@ -217,8 +284,8 @@ class GpuBackend:
             new_slots = meta.slot_mapping[start:end]
             has_own_keys = not (meta.is_prefix_only and meta.is_prefix_only[i])
             o, lse = chunk_attention(q[start:end], k_cache[new_slots] if has_own_keys else None,
-                                   v_cache[new_slots] if has_own_keys else None, k_cache, v_cache,
-                                   meta.prefix_runs[i], scale)
+                                     v_cache[new_slots] if has_own_keys else None, k_cache, v_cache,
+                                     meta.prefix_runs[i], scale, split_runs=not self.cudnn_ragged)
             outs.append(o)
             lses.append(lse)
         return outs, lses

@@ -110,11 +110,12 @@ class Worker:
             kv.normal_(generator=torch.Generator(self.device).manual_seed(int(os.environ["MNEMOSYNE_RANDOM_KV_SEED"])))
         if config.uses_cudnn_ragged:  # read once, at the process's first cuDNN attention call
             os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
-        backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton)
+        backend = select_backend(config.attention_backend, self.device, self.dtype, config.chunk_rows_to_triton,
+                                 config.uses_cudnn_ragged)
         if hasattr(backend, "warm_up"):
-            # with cuDNN's ragged path (serving), every plan its chunks can need, before any request
-            ragged = (config.max_num_batched_tokens, max_len) if config.uses_cudnn_ragged else None
-            backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale, cudnn_classes=ragged)
+            # every cuDNN plan a long prompt's chunks can need, before any request
+            backend.warm_up(kv[0, 0], kv[0, 1], attn.num_heads, config.block_size, attn.scale,
+                            cudnn_plans=(config.long_prompt_chunks, max_len))
         if kvp_group.size > 1:
             backend = KvpAttention(backend, kvp_group)
         link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,

@@ -95,13 +95,13 @@ class RotaryEmbedding(nn.Module):
                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """Rotate q and k, write k and v [T, Hkv, D] to the caches at slot_mapping [T]; returns rotated q.
 
-        On a GPU this is one fused kernel that rotates q in place.
+        On a GPU this is one fused kernel, which returns q packed ([T, Hq, D] contiguous).
         """
         if q.is_cuda:
             from mnemosyne.layers.triton_ops import rotary_store_
 
-            rotary_store_(q, k, v, positions, self.inv_freq, self.attention_factor, k_cache, v_cache, slot_mapping)
-            return q
+            return rotary_store_(q, k, v, positions, self.inv_freq, self.attention_factor, k_cache, v_cache,
+                                 slot_mapping)
         from mnemosyne.attention.backend import store_kv
 
         q, k = self(positions, q, k)

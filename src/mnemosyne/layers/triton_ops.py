@@ -76,12 +76,12 @@ def _rotate(src, dst, heads, d, mask, cos, sin, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
-                         attention_factor, HALF: tl.constexpr, NUM_HEADS: tl.constexpr, Q_HEADS: tl.constexpr,
+                         stride_ot, stride_oh, attention_factor, HALF: tl.constexpr, NUM_HEADS: tl.constexpr, Q_HEADS: tl.constexpr,
                          NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr):
     """Program (t, 0) writes token t's k and v into the caches; program (t, p > 0) rotates its q heads
-    (p - 1) * Q_HEADS onwards. A decode step's one token is then a few programs, not one."""
+    (p - 1) * Q_HEADS onwards into q_out. A decode step's one token is then a few programs, not one."""
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -100,20 +100,27 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr
         tl.store(v_cache_ptr + slot * stride_ct + kv_heads[:, None] * stride_ch + dd[None, :], v, mask=kv_mask)
     else:
         heads = (part - 1) * Q_HEADS + tl.arange(0, Q_HEADS)
-        q = q_ptr + t * stride_qt + heads[:, None] * stride_qh
-        _rotate(q, q, heads, d, heads[:, None] < NUM_HEADS, cos, sin, HALF)
+        _rotate(q_ptr + t * stride_qt + heads[:, None] * stride_qh,
+                q_out_ptr + t * stride_ot + heads[:, None] * stride_oh, heads, d, heads[:, None] < NUM_HEADS, cos, sin,
+                HALF)
 
 
 def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   inv_freq: torch.Tensor, attention_factor: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Rotate q [T, Hq, D] in place; write rotated k and v [T, Hkv, D] into the caches [slots, Hkv, D]
-    at slot_mapping [T]. Neox layout (halves). One launch instead of rotary, rotary, copy, copy."""
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Write rotated k and v [T, Hkv, D] into the caches [slots, Hkv, D] at slot_mapping [T]; return q
+    [T, Hq, D] rotated. Neox layout (halves). One launch instead of rotary, rotary, copy, copy.
+
+    q usually arrives as a view into the fused qkv projection's rows; the rotated q is written packed
+    into a new tensor (the same traffic as rotating in place), the sequence-major layout that cuDNN's
+    attention reads without a copy."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     q_heads = min(8, triton.next_power_of_2(num_heads))
     _rotary_store_kernel[(num_tokens, 1 + triton.cdiv(num_heads, q_heads))](
-        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), attention_factor,
+        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q_out, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), q_out.stride(0),
+        q_out.stride(1), attention_factor,
         HALF=head_dim // 2, NUM_HEADS=num_heads, Q_HEADS=q_heads,
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads))
