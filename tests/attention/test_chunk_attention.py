@@ -1,6 +1,6 @@
 """`gpu.chunk_attention` (a long chunk: cuDNN over its prefix runs, plus its causal part) on the CPU,
-with a stand-in for the cuDNN op: GQA handed over natively, the folding of q heads into the query axis
-and back for short chunks, prefix runs cut into pieces, and the layout each call hands cuDNN. Needs
+with a stand-in for the cuDNN op: GQA handed over natively, prefix runs cut into pieces, and the layout
+each call hands cuDNN. Needs
 Triton importable (the GPU backend's module loads its kernels): runs on a GPU machine, or under the
 Triton interpreter."""
 
@@ -41,7 +41,6 @@ def test_chunk_attention_matches_float64_attention(monkeypatch, num_new, runs, s
     from mnemosyne.attention import gpu
 
     monkeypatch.setattr(gpu, "_cudnn", _cudnn)
-    monkeypatch.setattr(gpu, "FOLD_MAX_TOKENS", 8)  # chunks of 9 and 12 tokens take GQA natively
     monkeypatch.setattr(gpu, "PIECE_MIN_KEYS", 4)
     CALLS.clear()
     gen = torch.Generator().manual_seed(num_new)
@@ -67,8 +66,7 @@ def test_chunk_attention_matches_float64_attention(monkeypatch, num_new, runs, s
 
     causal, *prefix_calls = CALLS
     assert causal == ((1, heads, num_new, d), (1, kv_heads, num_new, d), True)  # K/V never expanded
-    rows = heads // kv_heads * num_new if num_new <= 8 else num_new  # folded: the group's q heads along the query axis
-    assert all(call[0] == ((1, kv_heads, rows, d) if num_new <= 8 else (1, heads, rows, d)) for call in prefix_calls)
+    assert all(call[0] == (1, heads, num_new, d) and not call[2] for call in prefix_calls)
     pieces = [p for run in runs for p in (gpu.run_pieces(*run) if split_runs else [run])]
     assert [call[1][2] for call in prefix_calls] == [end - start for start, end in pieces]
 

@@ -2,9 +2,10 @@
 kernel, one launch each for the whole batch; longer chunks run cuDNN over their cached prefix, read
 as strided views of contiguous page runs, plus a causal pass over the chunk itself, all merged by LSE.
 
-cuDNN takes the 8 kv heads as they are (GQA natively), so K/V are never expanded; for short chunks the
-q heads that share a kv head are folded into the query axis ([1, kv_heads, group × C, D]) instead,
-which runs faster there.
+cuDNN takes the kv heads as they are (GQA natively), so K/V are never expanded, nor q copied: on an
+H200, over a 64K prefix, it ran as fast as or faster than folding each kv head's q heads into the
+query axis ([1, kv_heads, group × C, D], the path before) at every chunk of 512 to 16K tokens
+(605-667 against 609-674 TFLOP/s, `benchmarks/prefill_anatomy.py`, call40).
 """
 
 from __future__ import annotations
@@ -51,13 +52,6 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]).float()
 
 
-FOLD_MAX_TOKENS = 2048
-"""Chunks of at most this many tokens (a power of two, so that a length class of cuDNN's ragged path
-takes one path) fold their q heads into the query axis for the prefix calls; longer ones
-hand cuDNN the 8 kv heads as they are (GQA natively). At an 8K chunk over a 256K prefix the two ran at
-599 and 602 TFLOP/s on an H200, at 1K 625 and 593 (DEVICE.md), and the fold costs a copy of q and
-one of the output, proportional to the chunk."""
-
 PIECE_MIN_KEYS = 1024
 """With exact cuDNN plans, prefix runs are cut into pieces of power-of-two lengths down to this, and a
 last piece of the rest (`run_pieces`)."""
@@ -91,33 +85,20 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     path (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) needs; K/V of the prefix are strided views of the cache.
     Returns out [C, Hq, D], lse [C, Hq] float32.
     """
-    num_new, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    group = num_heads // num_kv_heads
     q = q.contiguous()  # the rotary kernel's output already is
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, C, D]
     parts = []
     if k_new is not None and v_new is not None:
-        # the causal part over the chunk itself, its 8 kv heads shared by the q heads (GQA natively)
+        # the causal part over the chunk itself, each kv head shared by its group of q heads
         k_new, v_new = (t.contiguous().transpose(0, 1).unsqueeze(0) for t in (k_new, v_new))  # gathered: packed
         out, lse = _cudnn(qh, k_new, v_new, scale, True)
         parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
     runs = [piece for run in prefix_runs for piece in (run_pieces(*run) if split_runs else (run,))]
-    fold = group > 1 and num_new <= FOLD_MAX_TOKENS
-    if runs and fold:
-        # [1, Hkv, group·C, D] with rows (q head in group, token), stored sequence-major
-        folded = q.view(num_new, num_kv_heads, group, head_dim).permute(2, 0, 1, 3).contiguous()
-        qh = folded.view(1, group * num_new, num_kv_heads, head_dim).transpose(1, 2)
     for start, end in runs:
         k = k_cache[start:end].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, L, D], a view
         v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
         out, lse = _cudnn(qh, k, v, scale, False)
-        if fold:
-            parts.append((out[0].view(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
-                          .reshape(num_new, num_heads, head_dim),
-                          lse[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads)))
-        else:
-            parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
+        parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
     out, lse = parts[0]
     for part_out, part_lse in parts[1:]:
         out, lse = merge_pair(out, lse, part_out, part_lse)
@@ -127,8 +108,8 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
 def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,
                        max_keys: int) -> tuple[list[int], list[int]]:
     """The chunk and run lengths whose cuDNN calls build every plan of the ragged path that serving
-    can need: chunks of each power of two from the smallest that `GpuBackend` sends to cuDNN (its
-    causal part is keyed on the length, its prefix part on group x length) up to the one that holds
+    can need: chunks of each power of two from the smallest that `GpuBackend` sends to cuDNN (both
+    its parts are keyed on the chunk's length) up to the one that holds
     max_chunk; prefix runs (any length: a prefix may end mid-page) of each power of two up to
     max_keys, and max_keys itself for the class above the last power."""
     smallest = -(-min(CUDNN_MIN_ROWS, small_chunk_rows + 1) // group)

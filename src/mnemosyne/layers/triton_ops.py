@@ -124,3 +124,4 @@ def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         q_out.stride(1), attention_factor,
         HALF=head_dim // 2, NUM_HEADS=num_heads, Q_HEADS=q_heads,
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads))
+    return q_out
