@@ -100,3 +100,27 @@ def test_the_exact_plan_warm_up_calls_each_chunk_and_piece_length_once(monkeypat
     calls.clear()
     gpu.GpuBackend(num_sms=8)._warm_cudnn_pieces(k, k, 8, 16, 0.25, (64,), 1 << 20)
     assert calls == []  # chunks of 64 tokens (256 rows) go to the Triton kernel
+
+
+def test_many_pieces_round_to_bf16_once(monkeypatch):
+    """A chunk over a prefix cut into many pieces merges many parts: the running output stays in
+    float32 and is rounded to bf16 once, so its error stays that of one rounding (bf16 merged part by
+    part, the error grew with the number of merges)."""
+    from mnemosyne.attention import gpu
+
+    monkeypatch.setattr(gpu, "_cudnn", _cudnn)
+    monkeypatch.setattr(gpu, "PIECE_MIN_KEYS", 1)
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, d, num_new, prefix = 8, 2, 16, 6, 127  # 7 pieces and the causal part
+    k_cache, v_cache = (torch.randn(prefix + num_new, kv_heads, d, generator=gen, dtype=torch.float64)
+                        for _ in range(2))
+    q = torch.randn(num_new, heads, d, generator=gen, dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = [t.to(device, torch.bfloat16) for t in (q, k_cache[prefix:], v_cache[prefix:], k_cache, v_cache)]
+    out, _ = gpu.chunk_attention(*bf16, ((0, prefix),), d ** -0.5, split_runs=True)
+    assert out.dtype == torch.bfloat16
+    keys, values = bf16[3].cpu().double(), bf16[4].cpu().double()
+    ref, _ = attention_f64(bf16[0].cpu().double(), keys, values, d ** -0.5, torch.arange(num_new) + prefix,
+                           torch.arange(prefix + num_new))
+    # one rounding of the parts (bf16 out of cuDNN's stand-in) and one of the merged result
+    assert (out.cpu().double() - ref).abs().max() <= 2 * 2 ** -8 * ref.abs().max()

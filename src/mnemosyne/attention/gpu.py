@@ -100,9 +100,11 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
         out, lse = _cudnn(qh, k, v, scale, False)
         parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
     out, lse = parts[0]
+    if len(parts) > 2:  # rounded to the model's dtype once, not after each merge of many pieces
+        out = out.float()
     for part_out, part_lse in parts[1:]:
         out, lse = merge_pair(out, lse, part_out, part_lse)
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,

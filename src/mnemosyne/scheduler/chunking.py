@@ -2,12 +2,13 @@
 
 `fixed:N` caps a step at N tokens (the Sarathi baseline). `adaptive` gives each request, in the
 scheduler's order, the largest chunk whose predicted step time still fits the TBT budget: chunks
-start large and shrink as the prefix (and so the attention per token) grows. Without a budget, under
-sequence pipelining, it sizes chunks for the shortest trip of a long prompt through the pipeline as
-the step-time model sees it (`PipelineBudget`, in powers of two); otherwise the token cap. (`pipeline`
-names the same policy: the seventh session kept the two apart, when the taper lost to the cap.) On
-four H200s a 1M-token prompt at pp=4 took 136.4 s with the taper against 142.6 s in 16K chunks
-(call42, call41). On a device, the budget is corrected by how long the steps it sized really took
+start large and shrink as the prefix (and so the attention per token) grows; without one, the token
+cap. `pipeline` is adaptive, except that without a TBT budget, under sequence pipelining, it sizes
+chunks for the shortest trip of a long prompt through the pipeline as the step-time model sees it
+(`PipelineBudget`, in powers of two). On four H200s a 1M-token prompt at pp=4 took 132.4-136.4 s with
+it against 142.6 s in 16K chunks at the cap (call41-43). It is not the default yet: its 64K check
+matched tp=pp=kvp=1 on 5 of 16 greedy tokens (call43), where the cap's matched 16 (call41); see
+benchmarks/RESULTS.md. On a device, the budget is corrected by how long the steps it sized really took
 (`feedback.StepTimeFeedback`).
 """
 
@@ -233,8 +234,13 @@ def _fixed(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num
 
 
 @register_chunking("adaptive")
-@register_chunking("pipeline")
 def _adaptive(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
+              spp_stages: int, dispatch_s: float) -> Chunking:
+    return AdaptiveChunking(model, budget_s, max_num_tokens)
+
+
+@register_chunking("pipeline")
+def _pipeline(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
               spp_stages: int, dispatch_s: float) -> Chunking:
     return AdaptiveChunking(model, budget_s, max_num_tokens, spp_stages, dispatch_s)
 
