@@ -5,7 +5,7 @@ as strided views of contiguous page runs, plus a causal pass over the chunk itse
 cuDNN takes the kv heads as they are (GQA natively), so K/V are never expanded, nor q copied: on an
 H200, over a 64K prefix, it ran as fast as or faster than folding each kv head's q heads into the
 query axis ([1, kv_heads, group × C, D], the path before) at every chunk of 512 to 16K tokens
-(605-667 against 609-674 TFLOP/s, `benchmarks/prefill_anatomy.py`, call40).
+(609-674 against 605-667 TFLOP/s, `benchmarks/prefill_anatomy.py`, call40).
 """
 
 from __future__ import annotations
@@ -111,9 +111,9 @@ def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,
                        max_keys: int) -> tuple[list[int], list[int]]:
     """The chunk and run lengths whose cuDNN calls build every plan of the ragged path that serving
     can need: chunks of each power of two from the smallest that `GpuBackend` sends to cuDNN (both
-    its parts are keyed on the chunk's length) up to the one that holds
-    max_chunk; prefix runs (any length: a prefix may end mid-page) of each power of two up to
-    max_keys, and max_keys itself for the class above the last power."""
+    its parts are keyed on the chunk's length) up to the one that holds max_chunk; prefix runs (any
+    length: a prefix may end mid-page) of each power of two up to max_keys, and max_keys itself for
+    the class above the last power."""
     smallest = -(-min(CUDNN_MIN_ROWS, small_chunk_rows + 1) // group)
     chunks = [1 << i for i in range((smallest - 1).bit_length(), (max_chunk - 1).bit_length() + 1)]
     runs = [1 << i for i in range(max_keys.bit_length()) if 1 << i <= max_keys]
