@@ -9,7 +9,7 @@ each in its own process so that the first call at each shape pays cuDNN's plan a
 - `gqa+pieces`: the same, with prefix runs cut into power-of-two pieces (`run_pieces`), as the engine
   does with exact plans; the plans of those pieces built first, as the worker's warm-up does.
 
-Then the fold against native GQA for the prefix part by chunk length (FOLD_MAX_TOKENS), and the
+Then the q fold (the path before) against native GQA for the prefix part by chunk length, and the
 numerics of every path (exact plans and cuDNN's ragged path) against float32 attention.
 
     python benchmarks/prefill_anatomy.py [--context 131072] [--chunk 32768] [-o anatomy.json]
@@ -106,12 +106,11 @@ def attention_variant(variant: str, context: int, chunk: int) -> dict:
                                split_runs=variant == "gqa+pieces")
 
     if variant == "gqa+pieces":  # the worker's warm-up: the chunk over each piece length
-        from mnemosyne.attention.gpu import PIECE_MIN_KEYS
+        from mnemosyne.attention.gpu import piece_lengths
 
-        for piece in (1 << i for i in range((PIECE_MIN_KEYS - 1).bit_length(), context.bit_length())):
-            if piece < context:
-                chunk_attention(q_packed, k_cache[:chunk], v_cache[:chunk], k_cache, v_cache, ((0, piece),), SCALE,
-                                split_runs=True)
+        for piece in piece_lengths(context - 1):  # every prefix is shorter than the prompt
+            chunk_attention(q_packed, k_cache[:chunk], v_cache[:chunk], k_cache, v_cache, ((0, piece),), SCALE,
+                            split_runs=True)
     rows = []
     for prefix in range(0, context, chunk):
         cold = _wall_ms(lambda p=prefix: call(p))

@@ -74,6 +74,11 @@ def run_pieces(start: int, end: int) -> list[tuple[int, int]]:
     return pieces
 
 
+def piece_lengths(max_keys: int) -> list[int]:
+    """Every power-of-two piece length of `run_pieces` in a prefix of at most max_keys tokens."""
+    return [1 << i for i in range((PIECE_MIN_KEYS - 1).bit_length(), max_keys.bit_length())]
+
+
 def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_runs: tuple[tuple[int, int], ...],
                     scale: float, split_runs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +220,7 @@ class GpuBackend:
         group = num_heads // num_kv_heads
         max_keys = min(max_keys, k_cache.shape[0] - page_size)
         chunks = [n for n in chunk_lengths if not self._routes_to_triton(n, group, max_keys)]
-        pieces = [1 << i for i in range((PIECE_MIN_KEYS - 1).bit_length(), max_keys.bit_length())]
+        pieces = piece_lengths(max_keys)
         if not chunks or not pieces:
             return  # such chunks go to the Triton kernel, or no prefix reaches a piece
         q = torch.randn(max(chunks), num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
