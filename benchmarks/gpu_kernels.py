@@ -5,9 +5,11 @@ chunks through both the cuDNN path and the Triton chunk kernel, to set the thres
 (`attention/gpu.py`'s SMALL_CHUNK_ROWS), split policies for decode batches of scattered contexts, and
 decode split counts timed inside CUDA graphs, as the engine's decode steps run (`--only splits`: no
 host launch time in the figure, which eager timing of a small decode mostly is), and the Triton GEMV
-against cuBLAS for one-row linears at Llama-3-8B's projections (`--only gemv`, also in CUDA graphs).
+against cuBLAS for one-row linears at Llama-3-8B's projections (`--only gemv`, also in CUDA graphs),
+and the prefill's GEMMs and attention in a burst against back to back for seconds, with the SM clock
+and board power (`--only gemm`: are they short of the 8192³ ceiling by shape, or by power?).
 
-    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits|gemv] [--retune]
+    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits|gemv|gemm] [--retune]
 """
 
 from __future__ import annotations
@@ -331,9 +333,124 @@ def gemv_report(bw: float) -> None:
               + f"  {max(r[name][1] for r in table.values()):.1e}")
 
 
+class ClockSampler:
+    """The current GPU's SM clock (MHz) and board power (W) every 20 ms through NVML, while in a `with`."""
+
+    def __init__(self, period_s: float = 0.02):
+        import os
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible.split(",")[0]) if visible else 0)
+        self.power_limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._handle) / 1e3
+        self._period_s = period_s
+        self._threading = threading
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> ClockSampler:
+        self.samples = []
+        self._stop = self._threading.Event()
+        self._thread = self._threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        nvml = self._nvml
+        while not self._stop.wait(self._period_s):
+            self.samples.append((nvml.nvmlDeviceGetClockInfo(self._handle, nvml.NVML_CLOCK_SM),
+                                 nvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3))
+
+    def late(self) -> tuple[float, float]:
+        """Median SM clock and power over the second half of the samples (once the load has settled)."""
+        tail = self.samples[len(self.samples) // 2:] or [(float("nan"), float("nan"))]
+        return (float(torch.tensor([c for c, _ in tail]).median()), float(torch.tensor([w for _, w in tail]).median()))
+
+
+def sustained(fn, flops: float, seconds: float) -> dict[str, float]:
+    """fn run back to back for about `seconds`, timed in windows of CUDA events: the rate of the first
+    window (the device fresh from idle) and the median rate of the windows in the second half."""
+    per_window = max(1, round(0.025 / max(time_s(fn, 3), 1e-6)))  # windows of about 25 ms
+    windows = max(4, round(seconds / 0.025))
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(windows + 1)]
+    events[0].record()
+    for i in range(windows):
+        for _ in range(per_window):
+            fn()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    rates = [flops * per_window / (a.elapsed_time(b) / 1e3) for a, b in itertools.pairwise(events)]
+    late = sorted(rates[windows // 2:])
+    return {"first": rates[0], "late": late[len(late) // 2]}
+
+
+GEMM_ROWS = 32768
+"""Rows of the prefill GEMMs timed: the 128K prefill's chunk (bench latency's default cap)."""
+
+
+def gemm_report(matmul_tflops: float) -> None:
+    """Whether the prefill's GEMMs and attention fall short of the 8192³ ceiling because of their shapes
+    or because the device slows under sustained load: each timed fresh (a burst, as the ceiling and the
+    anatomy time them) and back to back for seconds (as a prefill runs them), with the SM clock and
+    board power meanwhile; the GEMMs three ways (F.linear on [N, K] weights as the engine runs them,
+    matmul on [K, N] weights, and F.linear with cuBLASLt preferred)."""
+    sampler = ClockSampler()
+    n = 8192
+    a, b = torch.randn(2, n, n, device="cuda", dtype=DT)
+    with sampler:
+        r = sustained(functools.partial(torch.matmul, a, b), 2 * n**3, 4.0)
+    clock, power = sampler.late()
+    print(f"bf16 GEMMs: burst against sustained (power limit {sampler.power_limit_w:.0f} W); the run's "
+          f"ceiling {matmul_tflops:.0f} TFLOP/s")
+    print(f"  {'shape':<36} {'first 25 ms':>12} {'after 2 s':>10} {'SM MHz':>7} {'W':>5}")
+    print(f"  {'8192³ matmul':<36} {r['first'] / 1e12:12.0f} {r['late'] / 1e12:10.0f} {clock:7.0f} {power:5.0f}")
+    del a, b
+    x = torch.randn(GEMM_ROWS, 4096, device="cuda", dtype=DT)
+    h = torch.randn(GEMM_ROWS, 14336, device="cuda", dtype=DT)
+    shapes = {"qkv": (x, 6144, 4096), "o": (x, 4096, 4096), "gate_up": (x, 28672, 4096), "down": (h, 4096, 14336)}
+    for name, (inp, out_features, in_features) in shapes.items():
+        w = torch.randn(out_features, in_features, device="cuda", dtype=DT)
+        wt = w.t().contiguous()
+        flops = 2 * GEMM_ROWS * out_features * in_features
+        variants = {"F.linear": lambda inp=inp, w=w: F.linear(inp, w),
+                    "matmul [K, N]": lambda inp=inp, wt=wt: torch.matmul(inp, wt),
+                    "F.linear, cuBLASLt": lambda inp=inp, w=w: F.linear(inp, w)}
+        for variant, fn in variants.items():
+            torch.backends.cuda.preferred_blas_library("cublaslt" if "Lt" in variant else "cublas")
+            with sampler:
+                r = sustained(fn, flops, 2.0)
+            clock, power = sampler.late()
+            label = f"{name} [{GEMM_ROWS}, {in_features}] x {out_features}, {variant}"
+            print(f"  {label:<36} {r['first'] / 1e12:12.0f} {r['late'] / 1e12:10.0f} {clock:7.0f} {power:5.0f}")
+        torch.backends.cuda.preferred_blas_library("cublas")
+        del w, wt
+    del x, h
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("  cuDNN attention, GQA 32/8 heads, d=128, non-causal (a chunk over its prefix), TFLOP/s")
+    for chunk, keys in ((2048, 65536), (16384, 65536), (16384, 262144)):
+        q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DT)
+        k, v = torch.randn(2, 1, HKV, keys, D, device="cuda", dtype=DT)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), sampler:
+            r = sustained(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                          4 * HQ * chunk * keys * D, 2.0)
+        clock, power = sampler.late()
+        label = f"chunk {chunk} over {keys} keys"
+        print(f"  {label:<36} {r['first'] / 1e12:12.0f} {r['late'] / 1e12:10.0f} {clock:7.0f} {power:5.0f}")
+        del q, k, v
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits", "gemv"),
+    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits", "gemv", "gemm"),
                    help="one section (default: all)")
     p.add_argument("--retune", action="store_true",
                    help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
@@ -358,6 +475,8 @@ def main() -> None:
         splits_report(sms, bw)
     if args.only in (None, "gemv"):
         gemv_report(bw)
+    if args.only in (None, "gemm"):
+        gemm_report(ceilings.matmul_flops_per_s / 1e12)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,8 @@
 # RUNS (lars,fcfs): lars alone skips the FCFS baseline;
 # PROFILE, the step-time profile the servers schedule with (default on an H200: the serving one, taken
 # with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers);
-# ENGINE_FLAGS, more engine flags for every server (for example "--rho-max 0.9").
+# ENGINE_FLAGS, more engine flags for every server (for example "--rho-max 0.9"; a --tbt-slo-ms there
+# gives the servers another budget than the one the bench judges by); TAG, a suffix of the result folder.
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
@@ -48,7 +49,7 @@ engine="$engine ${ENGINE_FLAGS:-}"
 "$python" -c "import httpx" || { echo "bench serve needs httpx: carry its wheels (httpx, httpcore, h11) in .whl" >&2; exit 1; }
 compare=("--scheduler lars --chunking adaptive --max-num-batched-tokens 16384")
 [ "${RUNS:-lars,fcfs}" = lars ] || compare+=("--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed")
-dest="$out/serve-$layout"
+dest="$out/serve-$layout${TAG:+-$TAG}"  # TAG: runs side by side in one $OUT
 mkdir -p "$dest"
 echo "== bench serve: $layout, $model"
 start=$(date +%s)

@@ -16,6 +16,9 @@ from typing import Any
 
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
+TBT_SLO_QUANTILE = 0.95
+"""--tbt-slo-quantile's default: why, at scheduler/feedback.py's QUANTILE."""
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -233,6 +236,9 @@ class EngineConfig:
     fixed:N (N tokens a step)."""
     tbt_slo_ms: float | None = None
     """Time-between-tokens SLO, the step-time budget of adaptive chunking; None: only the token budget."""
+    tbt_slo_quantile: float = TBT_SLO_QUANTILE
+    """Share of the steps that --tbt-slo-ms limits which are meant to fit it: adaptive chunking divides the
+    budget by this quantile of recent steps' measured / predicted time."""
     ttft_slo_ms: float | None = None
     """Time-to-first-token SLO; a request's deadline is the larger of it and --deadline-work-factor × its work."""
     deadline_work_factor: float = 3.0
@@ -327,6 +333,8 @@ def _check_scheduling(cfg: EngineConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.deadline_work_factor < 1:
         raise ValueError(f"--deadline-work-factor must be at least 1, got {cfg.deadline_work_factor}")
+    if not 0.5 <= cfg.tbt_slo_quantile < 1:
+        raise ValueError(f"--tbt-slo-quantile must be in [0.5, 1), got {cfg.tbt_slo_quantile}")
     if not 0 <= cfg.rho_max < 1:
         raise ValueError(f"--rho-max must be in [0, 1), got {cfg.rho_max}")
     if cfg.roofline_device != "auto" and cfg.roofline_device not in DEVICES:

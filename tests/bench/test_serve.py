@@ -107,6 +107,11 @@ def test_replay_against_a_running_server(tiny_server: Server, tmp_path):
     assert summary["long"]["num_requests"] == 1 and summary["short"]["num_requests"] == 10
     assert summary["solo"]["num_requests"] == 3 and summary["solo"]["ttft_s"]["p50"] > 0
     assert summary["energy"]["joules"] is None or summary["energy"]["joules"] > 0
+    # the server's own histograms over the replay alone: a gap per token after each request's first
+    server = summary["server"]
+    assert server["tbt"]["count"] == sum(s["num_output_tokens"] - 1 for s in trace)
+    assert server["step"]["count"] >= max(s["num_output_tokens"] for s in trace)
+    assert server["tbt"]["bound_s"] == 1.0 and 0 <= server["tbt"]["share"] <= 1  # 2 s SLO: the 1 s bucket
     assert "server" in (out / "serve.txt").read_text() and "energy n/a" in (out / "serve.txt").read_text()
     assert (out / "serve.png").read_bytes()[:4] == b"\x89PNG"
     # the same trace again: fresh prompts, so the prefix cache serves nothing from the first run

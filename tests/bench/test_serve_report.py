@@ -115,3 +115,33 @@ def test_max_gap_series_and_plot(tmp_path):
     assert worst[times.index(max(times))] == pytest.approx(100)
     plot({"a": (timings, solo), "b": (timings[:2], [])}, SLOS, tmp_path / "serve.png", "test")
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_server_histograms_beside_the_clients_gaps():
+    """The server's /metrics histograms, read around a replay: the share of steps and of API-process
+    gaps at or under the largest bucket bound within the TBT SLO, printed beside the client's share."""
+    from mnemosyne.bench.serve import parse_histograms
+
+    text = "\n".join([
+        "# TYPE mnemosyne_step_duration_seconds histogram",
+        'mnemosyne_step_duration_seconds_bucket{le="0.1"} 8.0',
+        'mnemosyne_step_duration_seconds_bucket{le="0.15"} 9.0',
+        'mnemosyne_step_duration_seconds_bucket{le="0.2"} 10.0',
+        'mnemosyne_step_duration_seconds_bucket{le="+Inf"} 10.0',
+        'mnemosyne_step_duration_seconds_count 10.0',
+        'mnemosyne_time_between_tokens_seconds_bucket{le="0.1"} 3.0',
+        'mnemosyne_time_between_tokens_seconds_bucket{le="+Inf"} 4.0',
+        'mnemosyne_time_to_first_token_seconds_bucket{le="0.1"} 5.0',
+    ])
+    histograms = parse_histograms(text)
+    assert histograms == {"step": {0.1: 8.0, 0.15: 9.0, 0.2: 10.0, float("inf"): 10.0},
+                          "tbt": {0.1: 3.0, float("inf"): 4.0}}
+    assert parse_histograms("# nothing of ours\nother_bucket{le=\"1\"} 3") is None
+    timings, solo = _run()
+    s = summarize(timings, solo, SLOS, 8.0, None, histograms)  # TBT SLO 0.15 s
+    assert s["server"]["step"] == {"count": 10.0, "bound_s": 0.15, "share": 0.9}
+    assert s["server"]["tbt"] == {"count": 4.0, "bound_s": 0.1, "share": 0.75}  # 0.1 s: the largest bound <= SLO
+    line = next(x for x in format_table({"x": s}).splitlines() if "server (/metrics" in x)
+    assert "steps within 150.0ms 90.0% of 10" in line and "API-process TBT within 100.0ms 75.0% of 4" in line
+    assert f"client TBT within SLO {s['all']['tbt_attainment']:.1%}" in line
+    assert "server (/metrics" not in format_table({"x": summarize(timings, solo, SLOS, 8.0, None)})

@@ -10,6 +10,7 @@ from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.models.loaders.dummy import PRESETS
 from mnemosyne.request import SamplingParams
 from mnemosyne.scheduler.chunking import AdaptiveChunking
+from mnemosyne.scheduler.factory import build_scheduler
 from mnemosyne.scheduler.feedback import BOUNDS, MIN_STEPS, StepTimeFeedback
 from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled
 from tests.scheduler.factories import add, land, make_scheduler, shapes, synthetic_model
@@ -46,6 +47,18 @@ def test_before_its_own_steps_the_factor_is_the_profile_checks():
     feedback.observe(0.05, 0.06)
     assert abs(feedback.factor - 1.2) < 1e-9
     assert StepTimeFeedback().factor == 1.0  # no profile check: the model as it is
+
+
+def test_the_slo_quantile_reaches_the_factor():
+    """--tbt-slo-quantile is the rank the factor is read at: at 0.99 of 20 ratios, the second largest."""
+    ratios = [1.0] * 18 + [1.1, 1.3]
+    assert abs(StepTimeFeedback(quantile=0.99, prior=ratios).factor - 1.1) < 1e-9  # rank 0.99 x 19 = 18
+    assert abs(StepTimeFeedback(quantile=0.5, prior=ratios).factor - 1.0) < 1e-9
+    config = EngineConfig(model="dummy:tiny", tbt_slo_ms=50, tbt_slo_quantile=0.99)
+    scheduler = build_scheduler(config, PRESETS["tiny"], 1024, 4096, synthetic_model())
+    assert scheduler.chunking.feedback.quantile == 0.99
+    with pytest.raises(ValueError, match="--tbt-slo-quantile"):
+        EngineConfig(model="dummy:tiny", tbt_slo_quantile=1.0)
 
 
 def test_one_stall_among_the_first_steps_moves_nothing():

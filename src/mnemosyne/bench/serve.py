@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -81,6 +82,9 @@ class RunResult:
     duration_s: float
     energy_j: float | None
     """GPU energy over the replay; None without NVML."""
+    server: dict[str, dict[float, float]] | None = None
+    """The server's own step-time and TBT histograms over the replay (`server_histograms`); None if it
+    exposes none."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"mnemosyne: error: {label}: {e}", file=sys.stderr)
             return 1
         results[label] = result
-        summaries[label] = summarize(result.timings, result.solo, slos, result.duration_s, result.energy_j)
+        summaries[label] = summarize(result.timings, result.solo, slos, result.duration_s, result.energy_j,
+                                     result.server)
         if out is not None:  # after every run, so a later failure loses nothing
             _write(out, args, runs, results, summaries, slos, format_table(summaries))
     print(format_table(summaries))
@@ -220,10 +225,48 @@ async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int,
         bodies = [_body(model, spec, (nonce, 0, i)) for i, spec in enumerate(trace)]
         meter = GpuEnergy.open()
         before_j = meter.joules() if meter is not None else None
+        histograms_before = await server_histograms(client)
         timings, duration_s = await _replay(client, trace, bodies, label, long_threshold, timeout_s)
         after_j = meter.joules() if meter is not None else None
+        histograms_after = await server_histograms(client)
     energy_j = after_j - before_j if before_j is not None and after_j is not None else None
-    return RunResult(model, max_model_len, timings, solo, duration_s, energy_j)
+    server = None
+    if histograms_before is not None and histograms_after is not None:
+        server = {name: {le: n - histograms_before.get(name, {}).get(le, 0.0) for le, n in buckets.items()}
+                  for name, buckets in histograms_after.items()}
+    return RunResult(model, max_model_len, timings, solo, duration_s, energy_j, server)
+
+
+SERVER_HISTOGRAMS = {"step": "mnemosyne_step_duration_seconds", "tbt": "mnemosyne_time_between_tokens_seconds"}
+"""The server's histograms read around a replay: how long its engine steps took, and the gaps between
+tokens as its API process handed them to the streams. Set beside the client's gaps, they tell where a
+TBT over the SLO was spent: in the step, or between the engine and the client."""
+
+_BUCKET_LINE = re.compile(r'^(\w+)_bucket\{(?:[^}]*,)?le="([^"]+)"[^}]*\}\s+(\S+)$')
+
+
+async def server_histograms(client: Any) -> dict[str, dict[float, float]] | None:
+    """Cumulative bucket counts {le: count} of SERVER_HISTOGRAMS from the server's /metrics; None if
+    it has no such endpoint (another server than mnemosyne)."""
+    import httpx
+
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    return parse_histograms(r.text)
+
+
+def parse_histograms(text: str) -> dict[str, dict[float, float]] | None:
+    wanted = {metric: name for name, metric in SERVER_HISTOGRAMS.items()}
+    found: dict[str, dict[float, float]] = {}
+    for line in text.splitlines():
+        m = _BUCKET_LINE.match(line)
+        if m and m.group(1) in wanted:
+            found.setdefault(wanted[m.group(1)], {})[float(m.group(2))] = float(m.group(3))
+    return found or None
 
 
 async def _served_model(client: Any) -> tuple[str, int]:

@@ -4,6 +4,7 @@ terminal table and a four-panel PNG."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,10 @@ def during_long_prefill(timings: Sequence[Timing], long_threshold: int) -> tuple
 
 
 def summarize(timings: Sequence[Timing], solo: Sequence[Timing], slos: Slos, duration_s: float,
-              energy_j: float | None) -> dict[str, Any]:
+              energy_j: float | None, server: dict[str, dict[float, float]] | None = None) -> dict[str, Any]:
     """Everything reported about one run. `solo`: short requests sent one at a time before the trace;
-    `duration_s`: from the trace's start to its last response; `energy_j`: GPU energy over that time."""
+    `duration_s`: from the trace's start to its last response; `energy_j`: GPU energy over that time;
+    `server`: the server's own histograms over the replay, cumulative {le: count} by name."""
     short = [t for t in timings if t.num_prompt_tokens < slos.long_threshold]
     long = [t for t in timings if t.num_prompt_tokens >= slos.long_threshold]
     waiting, gaps = during_long_prefill(timings, slos.long_threshold)
@@ -143,7 +145,18 @@ def summarize(timings: Sequence[Timing], solo: Sequence[Timing], slos: Slos, dur
         "energy": _energy(energy_j, duration_s, num_prompt, num_output),
         "max_send_lag_s": max((t.start_s - t.arrival_s for t in timings), default=0.0),
         "num_cached_prompt_tokens": sum(t.num_cached_tokens or 0 for t in timings),
+        "server": {name: within_bound(buckets, slos.tbt_s) for name, buckets in (server or {}).items()},
     }
+
+
+def within_bound(buckets: dict[float, float], limit_s: float) -> dict[str, Any]:
+    """Of a histogram's observations, how many, and the share at or under its largest bucket bound
+    that is not over `limit_s` (the TBT SLO where it is a bound)."""
+    count = buckets.get(math.inf, max(buckets.values(), default=0.0))
+    bounds = [le for le in buckets if le <= limit_s * (1 + 1e-9)]
+    bound = max(bounds, default=None)
+    return {"count": count, "bound_s": bound,
+            "share": buckets[bound] / count if bound is not None and count else None}
 
 
 def _target(waiting: Sequence[Timing], gaps: Sequence[float], solo: Sequence[Timing], slos: Slos) -> dict[str, Any]:
@@ -191,6 +204,13 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
             f"{e['j_per_token']:.3g} J/token, {e['j_per_output_token']:.3g} J/output token, {e['mean_power_w']:.0f} W"
         lines.append(f"    goodput {s['goodput_requests_per_s']:.2f} req/s; {g['output_tokens_per_s']:.0f} output tok/s, "
                      f"{g['prompt_tokens_per_s']:.0f} prompt tok/s over {s['duration_s']:.1f} s; energy {energy}")
+        server = s.get("server") or {}
+        if server:
+            client = s["all"]["tbt_attainment"]
+            parts = [f"{what} within {_ms(h['bound_s'])} {_pct(h['share'])} of {h['count']:.0f}"
+                     for key, what in (("step", "steps"), ("tbt", "API-process TBT")) if (h := server.get(key))]
+            lines.append(f"    server (/metrics, every request): {'; '.join(parts)}; client TBT within SLO "
+                         f"{_pct(client)}")
         if t["ttft_ratio"] is not None:
             verdict = {True: "met", False: "missed", None: "n/a"}[t["is_met"]]
             lines.append(f"    target ({verdict}): short p99 TTFT during long prefill {_s(t['short_ttft_p99_during_long_s'])}"

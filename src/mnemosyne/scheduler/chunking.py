@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from mnemosyne.config import PIPELINE_MIN_CHUNK
-from mnemosyne.scheduler.feedback import NEAR_BUDGET, StepTimeFeedback
+from mnemosyne.scheduler.feedback import NEAR_BUDGET, QUANTILE, StepTimeFeedback
 from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
 GRANULARITY = 32
@@ -184,7 +185,7 @@ class AdaptiveChunking:
     spp_stages > 1 stages, the chunks that take a long prompt through the pipeline soonest."""
 
     def __init__(self, model: LatencyModel, budget_s: float | None, max_num_tokens: int, spp_stages: int = 1,
-                 dispatch_s: float = 0.0):
+                 dispatch_s: float = 0.0, slo_quantile: float = QUANTILE):
         self.model = model
         self.budget_s = budget_s
         self.max_num_tokens = max_num_tokens
@@ -194,7 +195,8 @@ class AdaptiveChunking:
         self._stage_overhead_s = (model.step_time_s([(GRANULARITY, 0)]) / spp_stages + dispatch_s
                                   if budget_s is None and spp_stages > 1 else 0.0)
         profile = getattr(model.costs, "profile", None)
-        self.feedback = StepTimeFeedback(prior=profile.check_ratios if profile is not None else ())
+        self.feedback = StepTimeFeedback(quantile=slo_quantile,
+                                         prior=profile.check_ratios if profile is not None else ())
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
@@ -212,9 +214,26 @@ class AdaptiveChunking:
             self.feedback.observe(predicted_s, measured_s)
 
 
-ChunkingFactory = Callable[[int, LatencyModel, float | None, int, int, float], Chunking]
-"""(N of `name:N`, or 0; latency model; TBT budget in s or None; token cap; pipeline stages under
-sequence pipelining, else 1; stage 0's wait per plan) -> chunking."""
+@dataclass(frozen=True)
+class ChunkingArgs:
+    """What a chunking policy is built from."""
+
+    num_tokens: int
+    """N of `name:N`, or 0."""
+    model: LatencyModel
+    budget_s: float | None
+    """TBT budget (--tbt-slo-ms) in seconds, or None."""
+    max_num_tokens: int
+    """The token cap (--max-num-batched-tokens)."""
+    spp_stages: int = 1
+    """Pipeline stages under sequence pipelining, else 1."""
+    dispatch_s: float = 0.0
+    """Stage 0's wait for each plan beyond the model's step times."""
+    slo_quantile: float = QUANTILE
+    """Share of budget-limited steps meant to fit the budget (--tbt-slo-quantile)."""
+
+
+ChunkingFactory = Callable[[ChunkingArgs], Chunking]
 
 _CHUNKINGS: dict[str, ChunkingFactory] = {}
 
@@ -228,21 +247,18 @@ def register_chunking(name: str) -> Callable[[ChunkingFactory], ChunkingFactory]
 
 
 @register_chunking("fixed")
-def _fixed(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
-           spp_stages: int, dispatch_s: float) -> Chunking:
-    return FixedChunking(num_tokens, model)
+def _fixed(a: ChunkingArgs) -> Chunking:
+    return FixedChunking(a.num_tokens, a.model)
 
 
 @register_chunking("adaptive")
-def _adaptive(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
-              spp_stages: int, dispatch_s: float) -> Chunking:
-    return AdaptiveChunking(model, budget_s, max_num_tokens)
+def _adaptive(a: ChunkingArgs) -> Chunking:
+    return AdaptiveChunking(a.model, a.budget_s, a.max_num_tokens, slo_quantile=a.slo_quantile)
 
 
 @register_chunking("pipeline")
-def _pipeline(num_tokens: int, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
-              spp_stages: int, dispatch_s: float) -> Chunking:
-    return AdaptiveChunking(model, budget_s, max_num_tokens, spp_stages, dispatch_s)
+def _pipeline(a: ChunkingArgs) -> Chunking:
+    return AdaptiveChunking(a.model, a.budget_s, a.max_num_tokens, a.spp_stages, a.dispatch_s, a.slo_quantile)
 
 
 def parse_chunking(spec: str) -> tuple[str, int]:
@@ -256,8 +272,8 @@ def parse_chunking(spec: str) -> tuple[str, int]:
 
 
 def make_chunking(spec: str, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
-                  spp_stages: int = 1, dispatch_s: float = 0.0) -> Chunking:
-    """spp_stages: pipeline stages when sequence pipelining is on (1 otherwise); dispatch_s: stage 0's
-    wait for each plan beyond the model's step times."""
+                  spp_stages: int = 1, dispatch_s: float = 0.0, slo_quantile: float = QUANTILE) -> Chunking:
+    """The policy `spec` names (`ChunkingArgs` says what the rest mean)."""
     name, num_tokens = parse_chunking(spec)
-    return _CHUNKINGS[name](num_tokens, model, budget_s, max_num_tokens, spp_stages, dispatch_s)
+    return _CHUNKINGS[name](ChunkingArgs(num_tokens, model, budget_s, max_num_tokens, spp_stages, dispatch_s,
+                                         slo_quantile))

@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from mnemosyne.config import TBT_SLO_QUANTILE
+
 WINDOW = 256
 """Recent steps whose ratios the factor is taken over."""
-QUANTILE = 0.95
-"""The ratio this fraction of recent steps stay under: most steps then fit the budget, and a rare
-stall (a kernel compiled mid-serving) moves nothing. The 99th percentile after 100 steps measured
-worse on an H200 (call33: p99 TBT 59.7 ms against 51.2 ms with these settings in call32): the steps
-before the factor departs from 1 run over the budget, and they set p99."""
+QUANTILE = TBT_SLO_QUANTILE
+"""The ratio this fraction of recent steps stay under (the default of --tbt-slo-quantile): most steps
+then fit the budget, and a rare stall (a kernel compiled mid-serving) moves nothing. The 99th
+percentile after 100 steps, with no prior, measured worse on an H200 (call33: p99 TBT 59.7 ms against
+51.2 ms with these settings in call32): the steps before the factor departed from 1 ran over the
+budget, and they set p99."""
 MIN_STEPS = 16
 """Steps observed before the factor is taken from them alone (before: the prior). The quantile's rank
 over n ratios is QUANTILE × (n - 1), so the largest of 16 is passed over: one stall moves nothing. With
