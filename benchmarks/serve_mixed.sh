@@ -45,7 +45,6 @@ case "$layout" in
     ;;
   *) echo "usage: $0 [1gpu|kvp4|pp4|cpu]" >&2; exit 2 ;;
 esac
-engine="$engine ${ENGINE_FLAGS:-}"
 "$python" -c "import httpx" || { echo "bench serve needs httpx: carry its wheels (httpx, httpcore, h11) in .whl" >&2; exit 1; }
 compare=("--scheduler lars --chunking adaptive --max-num-batched-tokens 16384")
 [ "${RUNS:-lars,fcfs}" = lars ] || compare+=("--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed")
@@ -55,7 +54,7 @@ echo "== bench serve: $layout, $model"
 start=$(date +%s)
 # shellcheck disable=SC2086  # $trace is a list of flags
 "$python" -m mnemosyne bench serve \
-  --launch "$model $engine --tbt-slo-ms $tbt_ms --ttft-slo-ms $ttft_ms" \
+  --launch "$model $engine --tbt-slo-ms $tbt_ms --ttft-slo-ms $ttft_ms ${ENGINE_FLAGS:-}" \
   --compare "${compare[@]}" \
   $trace --tbt-slo-ms "$tbt_ms" --ttft-slo-ms "$ttft_ms" --trace-timeout-s "$run_s" \
   --save-trace "$dest/trace.jsonl" -o "$dest" \

@@ -16,7 +16,7 @@ from typing import Any
 
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
-TBT_SLO_QUANTILE = 0.95
+TBT_SLO_QUANTILE = 0.99
 """--tbt-slo-quantile's default: why, at scheduler/feedback.py's QUANTILE."""
 
 
@@ -243,7 +243,7 @@ class EngineConfig:
     """Time-to-first-token SLO; a request's deadline is the larger of it and --deadline-work-factor × its work."""
     deadline_work_factor: float = 3.0
     """A request's TTFT deadline is at least this many times its predicted prefill time."""
-    rho_max: float = 0.5
+    rho_max: float = 0.9
     """Largest share of a step's budget a prefill with slack yields to shorter work (budget yielding)."""
     latency_profile: str | None = None
     """Step-time profile written by `mnemosyne profile`; None: a roofline of --roofline-device."""

@@ -78,8 +78,8 @@ class PolicyContext:
     """What a policy may use: deadlines and work from the step-time model, and yielding's cap."""
 
     deadlines: Deadlines
-    rho_max: float = 0.5
-    """Largest share of a step's budget a request yields."""
+    rho_max: float
+    """Largest share of a step's budget a request yields (--rho-max)."""
 
 
 PolicyFactory = Callable[[PolicyContext], Policy]
