@@ -111,6 +111,53 @@ def first_difference(reference: list[int], tokens: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b), None)
 
 
+TIE_TOLERANCE = 0.05
+"""Logprob margin under which two tokens are a near-tie that bf16 rounding may order either way: half
+the 0.1 logit tolerance that tests/runner/test_gpu_numerics.py holds bf16 logits to against float32.
+A layout that cuts a prompt into other chunks than the reference rounds differently; greedy decoding
+then flips such a tie, and every token after it differs."""
+
+
+def match_with_ties(reference: dict[str, Any], generate, tolerance: float = TIE_TOLERANCE) -> dict[str, Any]:
+    """A layout's greedy tokens against a reference run's (`greedy_tokens` results: tokens and top2),
+    allowing near-ties. `generate(forced, n)` is the layout's `greedy_tokens` of the prompt followed by
+    the tokens `forced`, for n tokens. Where the two first differ, it is a near-tie if both runs rank
+    the same two tokens first, each with a margin within `tolerance`; the comparison then goes on from
+    the reference's token, as if the layout had picked it. Returns the layout's own tokens, the strict
+    equal prefix, how many of the reference's tokens matched up to the first difference that is not a
+    near-tie (`matched`), and the near-ties on the way."""
+    want, want_top2, n = reference["tokens"], reference["top2"], len(reference["tokens"])
+    first = generate([], n)
+    tokens, top2 = list(first["tokens"]), list(first["top2"])
+    strict = first_difference(want, tokens)
+    ties, start = [], 0
+    while (diff := first_difference(want[start:], tokens[start:])) is not None:
+        j = start + diff
+        (ref_ids, ref_lps), (ids, lps) = want_top2[j], top2[j]
+        ref_margin, margin = ref_lps[0] - ref_lps[1], lps[0] - lps[1]
+        if set(ref_ids) != set(ids) or ref_margin > tolerance or margin > tolerance:
+            return {"tokens": first["tokens"], "equal_prefix": n if strict is None else strict, "matched": j,
+                    "ties": ties, "compared": n}
+        ties.append({"index": j, "reference": want[j], "layout": tokens[j], "reference_margin": ref_margin,
+                     "margin": margin})
+        rest = generate(want[:j + 1], n - j - 1) if j + 1 < n else {"tokens": [], "top2": []}
+        tokens, top2 = [*tokens[:j], want[j], *rest["tokens"]], [*top2[:j + 1], *rest["top2"]]
+        start = j + 1
+    return {"tokens": first["tokens"], "equal_prefix": n if strict is None else strict,
+            "matched": min(n, len(tokens)), "ties": ties, "compared": n}
+
+
+def describe_match(match: dict[str, Any]) -> str:
+    """'5/16 greedy tokens equal; 16/16 with 1 near-tie (token 5: margins 0.0077 and 0.0101)'."""
+    text = f"{match['equal_prefix']}/{match['compared']} greedy tokens equal"
+    if match["ties"]:
+        where = ", ".join(f"token {t['index']}: margins {t['reference_margin']:.4f} and {t['margin']:.4f}"
+                          for t in match["ties"])
+        text += (f"; {match['matched']}/{match['compared']} with {len(match['ties'])} near-tie"
+                 f"{'s' if len(match['ties']) > 1 else ''} within {TIE_TOLERANCE} ({where})")
+    return text
+
+
 def compare(paths: list[Path]) -> str:
     """A table of each layout against the first: tokens equal, first divergence and its margin, TBT."""
     runs = [json.loads(p.read_text()) for p in paths]
