@@ -151,7 +151,8 @@ SERVING_TRITON_CHUNK_ROWS = 8192
 """The same under a --tbt-slo-ms, where steps are bound by launches: 2048 tokens at group 4."""
 
 PIPELINE_MIN_CHUNK = 1024
-"""`--chunking pipeline` cuts a long prompt into chunks of powers of two from this up to the token cap:
+"""Adaptive chunking under sequence pipelining, without a TBT SLO, cuts a long prompt into chunks of
+powers of two from this up to the token cap:
 cuDNN needs a plan per chunk length, 40-100 ms each to build on an H200, which the worker builds for
 these few lengths at start-up (`EngineConfig.long_prompt_chunks`), not once per chunk mid-prefill."""
 
@@ -231,9 +232,9 @@ class EngineConfig:
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
-    """adaptive (largest chunks whose predicted step time fits --tbt-slo-ms; without it, the token cap),
-    pipeline (adaptive, but without --tbt-slo-ms chunks cut for the pipeline's drain under SPP) or
-    fixed:N (N tokens a step)."""
+    """adaptive (largest chunks whose predicted step time fits --tbt-slo-ms; without it, under SPP,
+    chunks cut for the pipeline's drain, else the token cap; `pipeline` is the same) or fixed:N (N
+    tokens a step)."""
     tbt_slo_ms: float | None = None
     """Time-between-tokens SLO, the step-time budget of adaptive chunking; None: only the token budget."""
     tbt_slo_quantile: float = TBT_SLO_QUANTILE
@@ -289,11 +290,11 @@ class EngineConfig:
     @property
     def long_prompt_chunks(self) -> tuple[int, ...]:
         """The chunk lengths a lone long prompt's prefill is cut into, for which the worker builds
-        cuDNN's plans at start-up: the token cap, or under `--chunking pipeline` with sequence
-        pipelining and no TBT SLO, its powers of two from PIPELINE_MIN_CHUNK (see chunking.py)."""
+        cuDNN's plans at start-up: the token cap, or under adaptive chunking with sequence pipelining
+        and no TBT SLO, its powers of two from PIPELINE_MIN_CHUNK (see chunking.py)."""
         cap = self.max_num_batched_tokens
-        if (self.chunking == "pipeline" and self.sequence_pipelining and self.pipeline_parallel_size > 1
-                and self.tbt_slo_ms is None):
+        if (self.chunking in ("adaptive", "pipeline") and self.sequence_pipelining
+                and self.pipeline_parallel_size > 1 and self.tbt_slo_ms is None):
             return tuple(1 << i for i in range(PIPELINE_MIN_CHUNK.bit_length() - 1, cap.bit_length()))
         return (cap,)
 

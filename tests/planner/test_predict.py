@@ -79,11 +79,12 @@ def simulate_pipeline(stage_s: list[float], hop_s: list[float], pp: int, dispatc
 
 
 @pytest.mark.parametrize(("layout", "budget_s", "rel"), [
-    # No budget: the pipeline budget's chunks, of even stage times, where the closed form's waits for
-    # the oldest micro-batch in flight come out slightly short
-    (Layout(pp=4), None, 5e-3),
+    # No budget: the pipeline budget's chunks, in powers of two, so each run's stage time halves at the
+    # next: the closed form's waits for the oldest micro-batch in flight come out short there (0.7% and
+    # 0.4% in these two cases; 0.5% and 0.1% with chunks of any length)
+    (Layout(pp=4), None, 1e-2),
     (Layout(pp=4, kvp=2), 0.3, 1e-3),      # adaptive chunks, a short chunk before the group boundary
-    (Layout(pp=2, kvp=2), None, 1e-3),
+    (Layout(pp=2, kvp=2), None, 5e-3),
     (Layout(tp=8, pp=16), None, 2e-2),     # stages of 1-5 ms, hops of 0.8 ms over InfiniBand
     (Layout(tp=8, pp=16), 0.05, 3e-2),     # the same, chunk times a saw-tooth: the worst case found
 ])
@@ -162,9 +163,9 @@ def test_energy_follows_the_power_profile():
 
 def test_pipeline_budget_shortens_a_long_prefill_through_the_modelled_pipeline():
     """1M tokens at pp=4 with no TBT budget: the token cap's 16K chunks end with a drain of three
-    stage-times of the costliest chunk; `--chunking pipeline`'s chunks, cut to the stage time that
-    minimises the flow shop's makespan, finish sooner in the explicit pipeline simulation of the model.
-    (On four H200s they did not: 152.6 s against 140.3 s, so `adaptive`, the default, keeps the cap.)"""
+    stage-times of the costliest chunk; adaptive chunking's, cut to the stage time that minimises the
+    flow shop's makespan (in powers of two), finish sooner in the explicit pipeline simulation of the
+    model. (On four H200s: 132.4-136.4 s against 142.6 s, call41-43.)"""
     layout, context = Layout(pp=4), 1 << 20
     lm = latency_model(LLAMA_8B, H200, NET, layout)
 
@@ -177,8 +178,9 @@ def test_pipeline_budget_shortens_a_long_prefill_through_the_modelled_pipeline()
         return simulate_pipeline(stage, [h / (layout.pp - 1) for h in hops], layout.pp, H200.stage_dispatch_s), chunks
 
     capped, capped_chunks = simulated("fixed:16384")
-    budgeted, chunks = simulated("pipeline")
-    assert {n for _, n in simulated("adaptive")[1]} == {16384}
+    budgeted, chunks = simulated("adaptive")
+    assert simulated("pipeline")[1] == chunks  # another name for it
+    assert all(n & (n - 1) == 0 for _, n in chunks)
     assert {n for _, n in capped_chunks} == {16384}
     assert chunks[0][1] == 16384 and chunks[-1][1] < 4096  # large while the prefix is short, tapered at the end
     assert budgeted < 0.97 * capped
