@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--reference", type=Path, help="layout_check.py JSON of tp=pp=kvp=1 on the shortened prompt")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (no floors, no memory)")
+    p.add_argument("--trace-file", help="the engine's --trace-file: each stage's micro-batches, timed (each stage "
+                                        "then waits for its kernels after every micro-batch, which costs some TTFT)")
     p.add_argument("-o", "--output", type=Path)
     args = p.parse_args()
 
@@ -124,7 +126,8 @@ def main() -> None:
         model=args.model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, kv_parallel_size=args.kvp,
         kvp_group_max_tokens=group, max_model_len=max(args.context, args.check_len) + args.decode_steps + 64,
         dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
-        kv_cache_memory=None if on_gpu else 0.05, max_num_batched_tokens=args.chunk, chunking=args.chunking))
+        kv_cache_memory=None if on_gpu else 0.05, max_num_batched_tokens=args.chunk, chunking=args.chunking,
+        trace_file=args.trace_file))
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "model": args.model, "tp": args.tp, "pp": args.pp, "kvp": args.kvp,
         "gpus": world, "context": args.context, "chunk": args.chunk, "chunking": args.chunking,
