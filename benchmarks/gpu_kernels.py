@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import statistics
 
 import torch
 import torch.nn.functional as F
+from benchmarks.nvml import Poller, visible_handles
 
 from mnemosyne.attention.backend import build_metadata
 from mnemosyne.bench.floors import measure_ceilings, time_s
@@ -333,45 +335,33 @@ def gemv_report(bw: float) -> None:
               + f"  {max(r[name][1] for r in table.values()):.1e}")
 
 
-class ClockSampler:
+class ClockSampler(Poller):
     """The current GPU's SM clock (MHz) and board power (W) every 20 ms through NVML, while in a `with`."""
 
     def __init__(self, period_s: float = 0.02):
-        import os
-        import threading
-
-        import pynvml
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible.split(",")[0]) if visible else 0)
-        self.power_limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._handle) / 1e3
-        self._period_s = period_s
-        self._threading = threading
+        super().__init__(period_s)
+        self._nvml, handles = visible_handles()
+        self._handle = handles[torch.cuda.current_device()]
+        self.power_limit_w = self._nvml.nvmlDeviceGetEnforcedPowerLimit(self._handle) / 1e3
         self.samples: list[tuple[float, float]] = []
 
     def __enter__(self) -> ClockSampler:
         self.samples = []
-        self._stop = self._threading.Event()
-        self._thread = self._threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.stop()
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         nvml = self._nvml
-        while not self._stop.wait(self._period_s):
-            self.samples.append((nvml.nvmlDeviceGetClockInfo(self._handle, nvml.NVML_CLOCK_SM),
-                                 nvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3))
+        self.samples.append((nvml.nvmlDeviceGetClockInfo(self._handle, nvml.NVML_CLOCK_SM),
+                             nvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3))
 
     def late(self) -> tuple[float, float]:
         """Median SM clock and power over the second half of the samples (once the load has settled)."""
         tail = self.samples[len(self.samples) // 2:] or [(float("nan"), float("nan"))]
-        return (float(torch.tensor([c for c, _ in tail]).median()), float(torch.tensor([w for _, w in tail]).median()))
+        return statistics.median(c for c, _ in tail), statistics.median(w for _, w in tail)
 
 
 def sustained(fn, flops: float, seconds: float) -> dict[str, float]:

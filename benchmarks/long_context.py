@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from benchmarks.layout_check import (
     release_gpu,
     seeded_prompt,
 )
+from benchmarks.nvml import Poller, visible_handles
 from tqdm import tqdm
 
 from mnemosyne.bench.floors import decode_bytes, measure_ceilings, prefill_flops
@@ -43,23 +43,15 @@ from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.request import SamplingParams
 
 
-class MemorySampler:
-    """Peak used memory of each visible GPU (NVML, physical ids from CUDA_VISIBLE_DEVICES)."""
+class MemorySampler(Poller):
+    """Peak used memory of each visible GPU, sampled from construction until `stop()`."""
 
     def __init__(self, period_s: float = 0.05):
-        import pynvml
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [int(i) for i in visible.split(",")] if visible else range(pynvml.nvmlDeviceGetCount())
-        self._nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in ids]
-        self.total = [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in self.handles]
+        super().__init__(period_s)
+        self._nvml, self.handles = visible_handles()
+        self.total = [self._nvml.nvmlDeviceGetMemoryInfo(h).total for h in self.handles]
         self.peak = self.used()
-        self._period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
     def used(self) -> list[int]:
         return [self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles]
@@ -67,13 +59,8 @@ class MemorySampler:
     def reset(self) -> None:
         self.peak = self.used()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            self.peak = [max(p, u) for p, u in zip(self.peak, self.used(), strict=True)]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.peak = [max(p, u) for p, u in zip(self.peak, self.used(), strict=True)]
 
 
 def memory_report(infos: dict, baseline: list[int], peak: list[int], total: list[int]) -> list[dict[str, Any]]:
