@@ -80,7 +80,11 @@ class _SamplingRequest(_Body):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Annotated[str | list[StrictInt] | list[list[StrictInt]] | list[str], Field(union_mode="left_to_right")]
+    """Text, token ids, or a batch of either. Tried in that order, and the first that fits is taken:
+    pydantic's default ("smart") union validates every member in full, and a long token-id prompt
+    then paid for one error per id under `list[str]` (77 ms for 196K ids on a CPU core, 14 ms now),
+    all of it on the event loop that streams every other request."""
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     best_of: StrictInt | None = None
