@@ -157,6 +157,19 @@ cuDNN needs a plan per chunk length, 40-100 ms each to build on an H200, which t
 these few lengths at start-up (`EngineConfig.long_prompt_chunks`), not once per chunk mid-prefill."""
 
 
+def tapers_long_prompts(spp_stages: int, has_tbt_slo: bool) -> bool:
+    """Whether adaptive chunking cuts a long prompt into the pipeline's power-of-two taper: under
+    sequence pipelining over more than one stage, with no TBT budget to size chunks by. The chunking
+    policy and the worker's start-up plans both ask this, so they cannot disagree."""
+    return spp_stages > 1 and not has_tbt_slo
+
+
+def taper_chunk(num_tokens: int) -> int:
+    """The taper's chunk for a chunk of num_tokens fitting the stage target: the largest power of two
+    within it, but at least PIPELINE_MIN_CHUNK."""
+    return max(PIPELINE_MIN_CHUNK, 1 << (num_tokens.bit_length() - 1))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything a user chooses about one engine instance. Validated here, never mutated."""
@@ -293,10 +306,16 @@ class EngineConfig:
         cuDNN's plans at start-up: the token cap, or under adaptive chunking with sequence pipelining
         and no TBT SLO, its powers of two from PIPELINE_MIN_CHUNK (see chunking.py)."""
         cap = self.max_num_batched_tokens
-        if (self.chunking in ("adaptive", "pipeline") and self.sequence_pipelining
-                and self.pipeline_parallel_size > 1 and self.tbt_slo_ms is None):
+        if self.chunking in ("adaptive", "pipeline") and tapers_long_prompts(self.spp_stages,
+                                                                             self.tbt_slo_ms is not None):
+            # every taper_chunk of a chunk within the cap
             return tuple(1 << i for i in range(PIPELINE_MIN_CHUNK.bit_length() - 1, cap.bit_length()))
         return (cap,)
+
+    @property
+    def spp_stages(self) -> int:
+        """Stages a prompt's chunks pipeline through: pp under sequence pipelining, else 1."""
+        return self.pipeline_parallel_size if self.sequence_pipelining else 1
 
     @property
     def world_size(self) -> int:

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from mnemosyne.config import PIPELINE_MIN_CHUNK
+from mnemosyne.config import PIPELINE_MIN_CHUNK, EngineConfig
 from mnemosyne.scheduler.chunking import GRANULARITY, AdaptiveChunking, FixedChunking, make_chunking
 from mnemosyne.scheduler.factory import kvp_group_boundary
 from mnemosyne.scheduler.latency_model import Layout
@@ -164,6 +164,28 @@ def test_without_a_budget_spp_chunks_are_cut_to_the_pipelines_best_stage_time():
     assert rest & (rest - 1) == 0 and PIPELINE_MIN_CHUNK <= rest < 5000  # a longer one is cut to a power of two too
     # the same prefix in a longer prompt: more work, a longer target, a larger chunk
     assert budget.fit(20_000, 100_000, 0.0) < budget.fit(20_000, 1_000_000, 0.0)
+
+
+@pytest.mark.parametrize(("pp", "tbt_slo_ms", "cap"), [(4, None, 16384), (4, None, 20000), (2, None, 1024),
+                                                     (4, 50.0, 16384), (1, None, 16384)])
+def test_the_workers_start_up_plans_cover_every_chunk_the_policy_cuts(pp, tbt_slo_ms, cap):
+    """`EngineConfig.long_prompt_chunks` (the chunk lengths whose cuDNN plans the worker builds at
+    start-up) holds every chunk, at least PIPELINE_MIN_CHUNK long, that the engine's adaptive chunking
+    gives a lone long prompt without a TBT budget, taper or token cap."""
+    config = EngineConfig(model="dummy:tiny", pipeline_parallel_size=pp, max_num_batched_tokens=cap,
+                          tbt_slo_ms=tbt_slo_ms)
+    model = synthetic_model(Layout(pp=pp))
+    chunking = make_chunking(config.chunking, model, tbt_slo_ms and tbt_slo_ms / 1e3, cap, config.spp_stages)
+    for prompt in (3000, 70_000, 400_000):
+        done, sizes = 0, []
+        while done < prompt:
+            size = chunking.new_step().fit(done, prompt - done, 0.0)
+            sizes.append(size)
+            done += size
+        if tbt_slo_ms is None:  # (at the cap, the last chunk is the prompt's remainder: any length)
+            checked = sizes if config.spp_stages > 1 else sizes[:-1]
+            assert {s for s in checked if s >= PIPELINE_MIN_CHUNK} <= set(config.long_prompt_chunks), sizes
+    assert (len(config.long_prompt_chunks) > 1) == (pp > 1 and tbt_slo_ms is None and cap > PIPELINE_MIN_CHUNK)
 
 
 def test_long_prompts_among_short_ones_stay_one_run_of_blocks_each():

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from mnemosyne.config import PIPELINE_MIN_CHUNK
+from mnemosyne.config import PIPELINE_MIN_CHUNK, taper_chunk, tapers_long_prompts
 from mnemosyne.scheduler.feedback import NEAR_BUDGET, QUANTILE, StepTimeFeedback
 from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
@@ -162,7 +162,7 @@ class PipelineBudget(TokenBudget):
         est = self._est
         size = cap if est.time_with_s(cap, num_prefix) <= limit_s else _largest_fit(est, num_prefix, cap, limit_s,
                                                                                      least=1)
-        return max(PIPELINE_MIN_CHUNK, 1 << (size.bit_length() - 1))
+        return taper_chunk(size)
 
 
 class FixedChunking:
@@ -193,8 +193,9 @@ class AdaptiveChunking:
         self.spp_stages = spp_stages
         # h of PipelineBudget: a minimal chunk on one stage, plus the host time stage 0 waits for each
         # plan beyond what the model's step times hold (dispatch_s, the planner's); fixed by the model.
+        self._tapers = tapers_long_prompts(spp_stages, budget_s is not None)
         self._stage_overhead_s = (model.step_time_s([(GRANULARITY, 0)]) / spp_stages + dispatch_s
-                                  if budget_s is None and spp_stages > 1 else 0.0)
+                                  if self._tapers else 0.0)
         profile = getattr(model.costs, "profile", None)
         self.feedback = StepTimeFeedback(quantile=slo_quantile,
                                          prior=profile.check_ratios if profile is not None else ())
@@ -202,7 +203,7 @@ class AdaptiveChunking:
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
             return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s / self.feedback.factor)
-        if self.spp_stages > 1:
+        if self._tapers:
             return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages,
                                   self._stage_overhead_s)
         return TokenBudget(self.max_num_tokens, self.model.estimate())

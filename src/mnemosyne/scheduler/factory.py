@@ -40,8 +40,7 @@ def build_scheduler(config: EngineConfig, model: ModelConfig, num_kv_blocks: int
     tbt_slo_s = None if config.tbt_slo_ms is None else config.tbt_slo_ms / 1e3
     deadlines = Deadlines(latency.prefill_work_s, ttft_slo_s, config.deadline_work_factor)
     policy = make_policy(config.scheduler, PolicyContext(deadlines, config.rho_max))
-    spp_stages = config.pipeline_parallel_size if config.sequence_pipelining else 1
-    chunking = make_chunking(config.chunking, latency, tbt_slo_s, config.max_num_batched_tokens, spp_stages,
+    chunking = make_chunking(config.chunking, latency, tbt_slo_s, config.max_num_batched_tokens, config.spp_stages,
                              slo_quantile=config.tbt_slo_quantile)
     placement = KvpPlacement(config.kv_parallel_size, num_kv_blocks, config.block_size, config.kvp_group_max_tokens,
                              config.enable_prefix_caching)
