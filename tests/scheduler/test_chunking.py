@@ -104,6 +104,38 @@ def test_several_prefills_share_a_step_and_long_work_yields_to_short():
     assert model.step_time_s(shapes(plan)) <= BUDGET_S
 
 
+def _late_long_prefill():
+    """LARS, a 200K-token prompt 30 steps into its prefill and past its deadline."""
+    model = synthetic_model()
+    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
+    chunking, _ = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking)
+    long = add(sched, "long", 200_000, 0.0, max_tokens=1, deadline_s=0.5)
+    run_steps(sched, clock, model, 30)
+    assert deadlines.slack_s(long, clock.now_s) < 0
+    return sched, clock, model
+
+
+def test_a_late_long_prefill_still_lets_a_short_prompt_ride_along():
+    """Past its deadline the long prompt has no slack to yield from, but a short prompt's work is under
+    1% of its own, so the short one still rides along at once, not at its own deadline."""
+    sched, clock, model = _late_long_prefill()
+    add(sched, "short", 300, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    assert {c.request_id: c.num_new_tokens for c in plan.chunks}.get("short") == 300
+    assert model.step_time_s(shapes(plan)) <= BUDGET_S
+
+
+def test_work_all_in_flight_is_not_waited_for():
+    """A request with every token in flight has nothing for this step: the long prefill yields it
+    nothing, and takes the chunk it takes alone."""
+    alone = _late_long_prefill()[0].schedule()
+    sched, clock, _ = _late_long_prefill()
+    busy = add(sched, "busy", 300, clock.now_s, max_tokens=1)
+    busy.num_inflight_tokens = 300
+    assert shapes(sched.schedule()) == shapes(alone)
+
+
 def test_without_yielding_the_short_prefill_waits():
     chunking, model = adaptive()
     sched, clock = make_scheduler(chunking=chunking)  # FCFS: yields nothing

@@ -53,8 +53,8 @@ def test_paper_example_at_t5():
     assert ids(FCFS().order(reqs, 5.0)) == ["long", "s1", "s2"]
     # The long request does not take the whole step: with 6 s of slack over 5 s of work left it may
     # slow down by 6 / 11 and still make it, capped at rho_max: half the budget goes to the shorts.
-    assert lars.yield_share(reqs[2], 5.0) == pytest.approx(0.5)
-    assert LARS(context(rho_max=0.4)).yield_share(reqs[2], 5.0) == pytest.approx(0.4)
+    assert lars.yield_share(reqs[2], 5.0, reqs[0]) == pytest.approx(0.5)
+    assert LARS(context(rho_max=0.4)).yield_share(reqs[2], 5.0, reqs[0]) == pytest.approx(0.4)
 
 
 def test_paper_example_shorts_overtake_as_their_slack_burns():
@@ -64,7 +64,23 @@ def test_paper_example_shorts_overtake_as_their_slack_burns():
     # A short request already late (t=6.2) yields nothing and sorts first by far: (-0.7) / 0.5.
     late = LARS(context())
     assert late.key(reqs[0], 6.2) == pytest.approx(-1.4)
-    assert late.yield_share(reqs[0], 6.2) == 0.0
+    assert late.yield_share(reqs[0], 6.2, reqs[1]) == 0.0
+
+
+@pytest.mark.parametrize("policy", [LARS, LRS, EDF])
+def test_work_of_at_most_one_percent_rides_along_whatever_the_slack(policy):
+    """A long request past its deadline yields nothing to work that would cost it more than 1% of its
+    own (here 5%: the paper's shorts), but --rho-max to work of 1% or less, which it cannot miss."""
+    long = request("long", 1000, 0.0, deadline_s=8.0, done=500)  # at t=5: 8 - 5 - 5 = -2 s of slack
+    late = policy(context(rho_max=0.8))
+    assert late.deadlines.slack_s(long, 5.0) < 0
+    assert late.yield_share(long, 5.0, request("s", 50, 5.0, deadline_s=1.0)) == 0.0
+    assert late.yield_share(long, 5.0, request("tiny", 10, 5.0, deadline_s=1.0)) == pytest.approx(0.8)
+    # its remaining work is what counts: 90 tokens of a 100-token prompt cached are 10 tokens of work
+    cached = request("cached", 100, 5.0, deadline_s=1.0)
+    cached.num_cached_tokens = 90
+    assert late.yield_share(long, 5.0, cached) == pytest.approx(0.8)
+    assert FCFS().yield_share(long, 5.0, request("tiny", 10, 5.0)) == 0.0
 
 
 def test_lars_does_not_starve_a_long_request_the_way_edf_does():

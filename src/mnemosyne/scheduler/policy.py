@@ -23,10 +23,18 @@ class Policy(Protocol):
         """Requests from most to least urgent. Pure: mutates nothing."""
         ...
 
-    def yield_share(self, request: Request, now_s: float) -> float:
+    def yield_share(self, request: Request, now_s: float, behind: Request) -> float:
         """Share, in [0, rho_max], of the step budget still left that this request leaves to
-        shorter work scheduled after it. Pure; called for each request given a chunk."""
+        shorter work scheduled after it (`behind`: the request with the least of it). Pure; called for
+        each request given a chunk while shorter work waits."""
         ...
+
+
+RIDE_ALONG_WORK = 0.01
+"""A request yields --rho-max, whatever its slack, to waiting work of at most this share of its own
+total work: yielding to it costs the request at most that much. Without it, a long prompt past its
+deadline (slack <= 0) yielded nothing, and short requests waited for their own deadlines (the TTFT
+SLO, 2 s) behind it; in the simulator with 1.5x deadlines, short p99 TTFT 2.1 s against 0.11 s."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class FCFS:
     def order(self, requests: Iterable[Request], now_s: float) -> list[Request]:
         return sorted(requests, key=lambda r: r.metrics.arrival_s)
 
-    def yield_share(self, request: Request, now_s: float) -> float:
+    def yield_share(self, request: Request, now_s: float, behind: Request) -> float:
         return 0.0
 
 
@@ -121,7 +129,11 @@ class _SlackPolicy:
     def order(self, requests: Iterable[Request], now_s: float) -> list[Request]:
         return sorted(requests, key=lambda r: (self.key(r, now_s), r.metrics.arrival_s))
 
-    def yield_share(self, request: Request, now_s: float) -> float:
+    def yield_share(self, request: Request, now_s: float, behind: Request) -> float:
+        # Work that costs this request next to nothing rides along whatever its slack: a late long
+        # prompt would otherwise hold every short one back until that one's own deadline.
+        if self.deadlines.remaining_work_s(behind) <= RIDE_ALONG_WORK * self.deadlines.total_work_s(request):
+            return self.rho_max
         # Slowing down by a share s stretches the remaining work w to w / (1 - s); that stays within
         # the slack while s <= slack / (slack + w).
         slack = self.deadlines.slack_s(request, now_s)

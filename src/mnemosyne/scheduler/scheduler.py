@@ -203,16 +203,18 @@ class Scheduler:
         ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: one-token chunks (decodes) first
         return ordered
 
-    def _fit(self, step: StepBudget, request: Request, start: int, shortest_after: int, now_s: float) -> int:
+    def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None, now_s: float) -> int:
         """The request's chunk from token `start` on: the chunking policy's choice, clipped at its next
-        KVP group boundary. It yields part of the budget only when shorter work waits behind it."""
+        KVP group boundary. It yields part of the budget only when shorter work waits behind it
+        (`behind`, the request with the fewest tokens to compute after it in the order)."""
         max_new = request.num_tokens - start
         boundary = self.group_boundary(start) if self.group_boundary else None
         if boundary is not None:
             max_new = min(max_new, boundary - start)
         if max_new <= 0:
             return 0
-        share = self.policy.yield_share(request, now_s) if shortest_after < max_new else 0.0
+        is_shorter = behind is not None and _tokens_to_compute(behind) < max_new
+        share = self.policy.yield_share(request, now_s, behind) if is_shorter else 0.0
         return step.fit(start, max_new, share)
 
     def stage_cleared(self, plan: StepPlan) -> None:
@@ -261,7 +263,7 @@ class Scheduler:
             return None
         return request
 
-    def _admit(self, step: StepBudget, request: Request, shortest_after: int, now_s: float) -> int | None:
+    def _admit(self, step: StepBudget, request: Request, behind: Request | None, now_s: float) -> int | None:
         """Move a waiting request to running with blocks for its first chunk, if they are free, and
         return the chunk's size: 0 if the budget has no room for it (it stays waiting), None if the
         blocks are short. The longest cached prefix is reused and counts as computed; if its KVP
@@ -273,7 +275,7 @@ class Scheduler:
             # tokens computed before admission: 0, unless the caller wrote the prompt's KV by other means
             # (the benchmarks' random-KV mode, which times a 1M-token decode without its prefill)
             num_computed = max(attempt.num_tokens, request.num_computed_tokens)
-            num_new = self._fit(step, request, num_computed, shortest_after, now_s)
+            num_new = self._fit(step, request, num_computed, behind, now_s)
             if num_new == 0:
                 return 0
             if self.pool.admit(request, num_computed + num_new, final_len, attempt):
@@ -352,11 +354,20 @@ class Scheduler:
         return request
 
 
-def _shortest_after(requests: Sequence[Request]) -> list[int]:
-    """[i] = fewest tokens left to compute among requests[i:] (a waiting request's cached prefix is not
-    work); one more entry, for the end."""
-    shortest = [1 << 62] * (len(requests) + 1)
+def _tokens_to_compute(request: Request) -> int:
+    """Tokens a request may still be given (a waiting request's cached prefix is not work)."""
+    return min(request.num_uncomputed_tokens, request.num_tokens - request.num_cached_tokens)
+
+
+def _shortest_after(requests: Sequence[Request]) -> list[Request | None]:
+    """[i] = the request among requests[i:] with the fewest tokens left to compute, of those with any
+    that may be scheduled now (not one whose tokens are all in flight, or whose previous chunk is still
+    in pipeline stage 0: yielding to it would leave the budget unused); one more entry, None, for the
+    end."""
+    shortest: list[Request | None] = [None] * (len(requests) + 1)
     for i in range(len(requests) - 1, -1, -1):
-        r = requests[i]
-        shortest[i] = min(shortest[i + 1], r.num_uncomputed_tokens, r.num_tokens - r.num_cached_tokens)
+        r, best = requests[i], shortest[i + 1]
+        schedulable = _tokens_to_compute(r) > 0 and not r.num_stage0_tokens
+        shortest[i] = r if schedulable and (best is None or _tokens_to_compute(r) < _tokens_to_compute(best)) \
+            else best
     return shortest
