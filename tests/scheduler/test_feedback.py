@@ -180,3 +180,18 @@ def test_the_factor_comes_down_once_the_steps_it_shrank_run_as_predicted():
         if chunking.feedback.factor == 1.0:
             break
     assert chunking.feedback.factor == 1.0
+
+
+def test_steps_far_over_their_prediction_are_warned_about_at_most_every_ten_seconds(caplog):
+    now = [0.0]
+    feedback = StepTimeFeedback(clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="mnemosyne.scheduler.feedback"):
+        feedback.observe(0.04, 0.05)  # within bounds: silent
+        assert not caplog.records
+        feedback.observe(0.04, 0.40)
+        feedback.observe(0.04, 0.50)  # within 10 s of the first warning: counted, not logged
+        now[0] = 11.0
+        feedback.observe(0.04, 0.30)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "40.0 ms took 400.0 ms (1 such" in messages[0] and "300.0 ms (2 such" in messages[1]

@@ -10,8 +10,10 @@ the factor still at 1). In the simulator, measured is predicted and the factor g
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mnemosyne.config import TBT_SLO_QUANTILE
 
@@ -40,6 +42,10 @@ run's first seconds, when the window was short, and the chunks of short prompts 
 shrank with it."""
 BOUNDS = (0.5, 4.0)
 """The factor's range: a model off by more than this is a wrong profile, not something to chase."""
+STALL_WARNING_S = 10.0
+"""At most one warning this often about steps that ran over BOUNDS[1] times their prediction."""
+
+logger = logging.getLogger(__name__)
 
 
 def ratio_quantile(ratios: Sequence[float], quantile: float = QUANTILE) -> float:
@@ -52,8 +58,12 @@ def ratio_quantile(ratios: Sequence[float], quantile: float = QUANTILE) -> float
 
 class StepTimeFeedback:
     def __init__(self, window: int = WINDOW, quantile: float = QUANTILE, min_steps: int = MIN_STEPS,
-                 prior: Sequence[float] = ()):
+                 prior: Sequence[float] = (), clock: Callable[[], float] = time.monotonic):
         self._ratios: deque[float] = deque(maxlen=window)
+        self._clock = clock
+        self._stalls = 0
+        """Steps over BOUNDS[1] times their prediction since the last warning."""
+        self._warned_s: float | None = None
         self.quantile = quantile
         self.min_steps = min_steps
         self.factor = ratio_quantile(prior, quantile)
@@ -69,6 +79,22 @@ class StepTimeFeedback:
         """A finished step that held a prefill chunk: its predicted and measured seconds."""
         if predicted_s <= 0 or measured_s <= 0:
             return
-        self._ratios.append(measured_s / predicted_s)
+        ratio = measured_s / predicted_s
+        if ratio > BOUNDS[1]:
+            self._warn_stall(predicted_s, measured_s)
+        self._ratios.append(ratio)
         if len(self._ratios) >= self.min_steps:
             self.factor = ratio_quantile(self._ratios, self.quantile)
+
+    def _warn_stall(self, predicted_s: float, measured_s: float) -> None:
+        # Such a step is no model error but a stall (a kernel compiled mid-serving, a pause on the
+        # host): the budget cannot size it away, and a few of them in a window raise the factor for
+        # the steps after. Worth seeing in the server's log; rate-limited.
+        self._stalls += 1
+        now_s = self._clock()
+        if self._warned_s is not None and now_s - self._warned_s < STALL_WARNING_S:
+            return
+        logger.warning("a step predicted at %.1f ms took %.1f ms (%d such steps since the last warning); the "
+                       "step budget's correction is now %.2f", 1e3 * predicted_s, 1e3 * measured_s, self._stalls,
+                       self.factor)
+        self._warned_s, self._stalls = now_s, 0
