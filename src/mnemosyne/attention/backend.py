@@ -160,11 +160,10 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.f
 
         return ReferenceBackend()
     if name == "gpu":
-        from mnemosyne.attention.gpu import GpuBackend
+        from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
 
-        if triton_chunk_rows is None:
-            return GpuBackend(cudnn_ragged=cudnn_ragged)
-        return GpuBackend(small_chunk_rows=triton_chunk_rows, cudnn_ragged=cudnn_ragged)
+        rows = SMALL_CHUNK_ROWS if triton_chunk_rows is None else triton_chunk_rows
+        return GpuBackend(small_chunk_rows=rows, cudnn_ragged=cudnn_ragged)
     from mnemosyne.attention.sdpa import SdpaBackend
 
     return SdpaBackend()
