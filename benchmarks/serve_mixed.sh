@@ -10,7 +10,9 @@
 # PROFILE, the step-time profile the servers schedule with (default on an H200: the serving one, taken
 # with `mnemosyne profile --tbt-slo-ms 50`, so with the same kernel routing as these servers);
 # ENGINE_FLAGS, more engine flags for every server (for example "--rho-max 0.9"; a --tbt-slo-ms there
-# gives the servers another budget than the one the bench judges by); TAG, a suffix of the result folder.
+# gives the servers another budget than the one the bench judges by); TAG, a suffix of the result folder;
+# COLD=1, an empty Triton cache for the servers, as on a fresh machine (kernels compile at start-up, and
+# any the warm-up missed compile mid-run: the workers log each as a warning).
 set -uo pipefail
 . benchmarks/device_env.sh
 python="${PYTHON:-python3}"
@@ -50,6 +52,9 @@ compare=("--scheduler lars --chunking adaptive --max-num-batched-tokens 16384")
 [ "${RUNS:-lars,fcfs}" = lars ] || compare+=("--scheduler fcfs --chunking fixed:$fixed --max-num-batched-tokens $fixed")
 dest="$out/serve-$layout${TAG:+-$TAG}"  # TAG: runs side by side in one $OUT
 mkdir -p "$dest"
+if [ "${COLD:-0}" = 1 ]; then
+  TRITON_CACHE_DIR=$(mktemp -d) && export TRITON_CACHE_DIR
+fi
 echo "== bench serve: $layout, $model"
 start=$(date +%s)
 # shellcheck disable=SC2086  # $trace is a list of flags

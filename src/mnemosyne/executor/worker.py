@@ -16,6 +16,7 @@ from mnemosyne.attention.backend import select_backend
 from mnemosyne.attention.kvp import KvpAttention
 from mnemosyne.config import EngineConfig, ModelConfig
 from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.executor.compile_watch import CompileWatch
 from mnemosyne.executor.step_profiler import StepProfiler
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
@@ -82,6 +83,8 @@ class Worker:
         self.config = config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.compile_watch = CompileWatch().install() if self.device.type == "cuda" else None
+        """Triton compiles after start-up, logged as the stalls they are."""
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32,
                                           config.triton_gemv)
@@ -138,6 +141,8 @@ class Worker:
                                 kv_cache_bytes=kv.nbytes)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_slots * self.kv_bytes_per_token / 2**30)
+        if self.compile_watch is not None:
+            self.compile_watch.arm()  # warm-up and graph capture are done
 
     def _num_kv_blocks(self, num_host_sharers: int = 1) -> int:
         block_bytes = self.kv_bytes_per_token * self.config.block_size
