@@ -115,10 +115,10 @@ def test_shard_partials_merged_over_groups_equal_full_attention(make_backend, de
     partials = [backend.forward(q, k, v, meta, SCALE) for q, k, v, meta in batches]
     for g in range(NUM_GROUPS):  # pass 1: record every group's part
         group.rank = g
-        merge_over_group(partials[g][0].clone(), partials[g][1].clone(), batches[g][3].kvp, group)
+        merge_over_group(partials[g][0].clone(), partials[g][1].clone(), batches[g][3].kvp, group.all_gather_stacked)
     for g in range(NUM_GROUPS):  # pass 2: every group merges the same parts
         group.rank = g
-        out, lse = merge_over_group(*partials[g], batches[g][3].kvp, group)
+        out, lse = merge_over_group(*partials[g], batches[g][3].kvp, group.all_gather_stacked)
         meta, row = batches[g][3], 0
         for seq in sorted(seqs, key=lambda s: s.end - s.start != 1):
             if g > (seq.end - 1) // SHARD:
@@ -151,8 +151,8 @@ def test_graph_form_merges_like_the_eager_form() -> None:
             is_multi = torch.zeros(len(q), dtype=torch.bool)
             is_multi[rows.local_rows] = True
             eager.rank = dense.rank = g
-            want = merge_over_group(out.clone(), lse.clone(), rows, eager)
-            got = merge_over_group(out.clone(), lse.clone(), KvpRows(size, None, every_row, is_multi), dense)
+            want = merge_over_group(out.clone(), lse.clone(), rows, eager.all_gather_stacked)
+            got = merge_over_group(out.clone(), lse.clone(), KvpRows(size, None, every_row, is_multi), dense.all_gather_stacked)
             if pass_ == 1:
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 assert not torch.equal(want[0][rows.local_rows], out[rows.local_rows])  # a merge happened
@@ -229,3 +229,25 @@ def test_pack_rows_fills_the_gather_like_index_put(triton_device, form) -> None:
     pack_rows(out.to(triton_device), lse.to(triton_device), part, None if src is None else src.to(triton_device),
               dst.to(triton_device))
     assert torch.equal(part.cpu(), want)
+
+
+@pytest.mark.gpu
+def test_the_eager_merge_compiles_nothing_after_warm_up() -> None:
+    """`KvpAttention.warm_up_merge` meets the eager merge's kernel variants, so a step with a
+    multi-group prefill, whatever its row counts, does not stop to compile (call54 found it did)."""
+    from mnemosyne.attention.kvp import KvpAttention
+    from mnemosyne.executor.compile_watch import CompileWatch
+
+    group = RecordingGroup()
+    group.size = NUM_GROUPS
+    watch = CompileWatch().install()
+    KvpAttention(SdpaBackend(), group).warm_up_merge(NUM_HEADS, HEAD_DIM, torch.bfloat16, torch.device("cuda"))
+    watch.arm()
+    for num_rows, num_multi in ((5, 2), (37, 17), (1024, 1000)):
+        out = torch.randn(num_rows, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        lse = torch.randn(num_rows, NUM_HEADS, device="cuda")
+        rows = KvpRows(gather_size(num_multi), torch.arange(num_multi, device="cuda"),
+                       torch.arange(num_multi, device="cuda"))
+        merge_over_group(out, lse, rows, group.all_gather_stacked)
+    torch.cuda.synchronize()
+    assert watch.compiles == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from array import array
 
 import pytest
 
@@ -29,6 +30,10 @@ GOOD = [5, 6, 7, 8]
     ([], "empty"),
     (list(range(3, 3 + 129)), "max_model_len"),
     ([5, 6, 100000], "token ids"),
+    ([5, -1, 6], "token ids"),
+    ([5, 6.0, 7], "integers"),  # not rounded into some other token
+    ([5, 2**40], "integers"),
+    (array("i", [5, 6, 100000]), "token ids"),  # the engine core's form, checked without a copy
 ])
 def test_bad_prompts_are_rejected_and_nothing_is_queued(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -37,6 +42,12 @@ def test_bad_prompts_are_rejected_and_nothing_is_queued(llm, prompt, message):
     assert llm.engine.scheduler.pool.num_free_blocks == llm.engine.scheduler.pool.num_blocks
     out = llm.generate(GOOD, SamplingParams(max_tokens=4))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_an_int_array_prompt_is_kept_as_it_is(llm):
+    ids = array("i", GOOD)
+    assert llm.engine.tokenize(ids) is ids
+    assert llm.engine.tokenize(GOOD) == ids  # a list becomes the same array
 
 
 def test_text_prompt_without_tokenizer_is_a_clear_error(llm):

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 import zlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
@@ -32,7 +36,8 @@ class _Tracked:
     request: Request
     prompt: str | None
     detokenizer: IncrementalDetokenizer
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
+    """array('i'): a long prompt is never a Python list here."""
     logprobs: list[TokenLogprobs] | None
     output_token_ids: list[int] = field(default_factory=list)
 
@@ -59,14 +64,22 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # -- requests --------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[int]) -> array:
+        """A prompt's token ids as array('i'), checked against the vocabulary. Ids already in an
+        array('i') (as the server's engine core receives them) are checked in numpy and not copied:
+        a Python loop over a million ids held the core loop, and every running request's next token,
+        for 0.19 s (26 ms at 162K)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.model_name} has no tokenizer: give prompts as token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        ids = [int(t) for t in prompt]
+            return array("i", self.tokenizer.encode(prompt, add_special_tokens=False))
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
+        try:
+            ids = prompt if isinstance(prompt, array) and prompt.typecode == "i" else array("i", map(operator.index, prompt))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})") from None
+        values = np.frombuffer(ids, dtype=np.int32)
+        if values.size and (values.min() < 0 or values.max() >= vocab):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         return ids
 

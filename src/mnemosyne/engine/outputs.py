@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mnemosyne.plan import TokenLogprobs
@@ -26,7 +27,8 @@ class CompletionOutput:
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
+    """array('i')."""
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics

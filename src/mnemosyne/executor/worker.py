@@ -121,6 +121,7 @@ class Worker:
                             cudnn_plans=(config.long_prompt_chunks, max_len))
         if kvp_group.size > 1:
             backend = KvpAttention(backend, kvp_group)
+            backend.warm_up_merge(attn.num_heads, attn.head_dim, self.dtype, self.device)
         link = StageLink(pp_group, tp_group, model_config.hidden_size, self.dtype, self.device,
                          config.pp_scatter_gather, is_timed=config.trace_file is not None)
         self.runner = ModelRunner(self.model, list(kv.unbind(0)), tables, backend, self.device, link,
