@@ -221,6 +221,10 @@ class EngineConfig:
     """With one pipeline stage, plan each decode-only step while the previous one runs; the workers take
     its tokens from that step's samples on the device, so the GPU never waits for the host between
     decode steps. Steps with prefill work are still planned after the previous step lands."""
+    warm_up: bool = True
+    """GPU: before the first request, run one prompt of --max-num-batched-tokens random tokens through the
+    engine, its step times kept from the TBT feedback: a process's first prefill steps pay one-time costs
+    (kernels loaded, memory claimed), which otherwise land in a served request's steps."""
     enforce_eager: bool = False
     """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
     attention_backend: str = "auto"

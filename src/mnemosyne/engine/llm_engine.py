@@ -62,6 +62,32 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self._observes_steps = True
+        """Whether step times reach the scheduler's TBT feedback (not during `_warm_up`)."""
+        if config.warm_up and info.device.startswith("cuda"):
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One prompt of the token cap (random ids, one output token) run to completion before serving,
+        chunked as the scheduler chooses. The first steps of a fresh process ran slow: call55's
+        replay of a long prompt's arrival had a step at 1.56x its prediction, and the TBT feedback,
+        whose quantile over a short window is near its largest ratio, then cut the step budget by a
+        third for the steps after; serving runs saw such steps at the first long prompt (155 ms against
+        29 ms predicted). Here they cost start-up time, and their step times are not observed."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        if num_tokens < 1:
+            return
+        started = time.perf_counter()
+        ids = np.random.default_rng(self.config.seed).integers(self.model_config.vocab_size, size=num_tokens,
+                                                               dtype=np.int32)
+        self._observes_steps = False
+        try:
+            self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=1, ignore_eos=True), "warm-up")
+            while self.has_unfinished_requests():
+                self.step()
+        finally:
+            self._observes_steps = True
+        logger.info("warm-up prompt of %d tokens: %.2f s", num_tokens, time.perf_counter() - started)
 
     # -- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> array:
@@ -128,7 +154,7 @@ class LLMEngine:
         # pipeline stages, steps overlap and no call's time is one step's.
         step_s = time.perf_counter() - start_s if self.config.pipeline_parallel_size == 1 else None
         for done_plan, _ in finished:
-            self.scheduler.observe_step(done_plan, step_s if done_plan is plan else None)
+            self.scheduler.observe_step(done_plan, step_s if done_plan is plan and self._observes_steps else None)
         return outputs
 
     @property

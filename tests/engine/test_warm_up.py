@@ -1,0 +1,19 @@
+"""The start-up prompt (`EngineConfig.warm_up`, GPU only): run here on the CPU by hand."""
+
+from __future__ import annotations
+
+from mnemosyne import LLM, SamplingParams
+
+
+def test_the_warm_up_prompt_runs_to_the_end_and_its_steps_are_not_observed():
+    # a budget so small that every step with a chunk is near it, so every such step is observed
+    llm = LLM("dummy:tiny", device="cpu", max_model_len=4096, kv_cache_memory=0.05, tbt_slo_ms=1,
+              max_num_batched_tokens=256, warm_up=True)  # on, but the engine runs it on GPUs only
+    engine = llm.engine
+    feedback = engine.scheduler.chunking.feedback
+    engine._warm_up()
+    assert not engine.has_unfinished_requests() and not engine._tracked
+    assert feedback.num_observed == 0  # the first steps' one-time costs set no budget
+    out = llm.generate(list(range(5, 261)), SamplingParams(max_tokens=3))  # the same length, served
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert feedback.num_observed > 0  # observed as before
