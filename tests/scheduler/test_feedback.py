@@ -11,7 +11,7 @@ from mnemosyne.models.loaders.dummy import PRESETS
 from mnemosyne.request import SamplingParams
 from mnemosyne.scheduler.chunking import AdaptiveChunking
 from mnemosyne.scheduler.factory import build_scheduler
-from mnemosyne.scheduler.feedback import BOUNDS, MIN_STEPS, StepTimeFeedback
+from mnemosyne.scheduler.feedback import BOUNDS, MIN_STEPS, NEAR_BUDGET, StepTimeFeedback, judged_ratio
 from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Profile, Profiled
 from tests.scheduler.factories import add, land, make_scheduler, shapes, synthetic_model
 
@@ -195,3 +195,23 @@ def test_steps_far_over_their_prediction_are_warned_about_at_most_every_ten_seco
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "40.0 ms took 400.0 ms (1 such" in messages[0] and "300.0 ms (2 such" in messages[1]
+
+
+def test_fixed_time_on_small_steps_does_not_run_the_factor_to_its_bound():
+    """Each step sized to the smallest that is still observed, and running a fixed 30% of the budget
+    over its prediction (as a KVP gather or host time does): as plain ratios, 1 + 0.3 × budget / its
+    prediction, which grows as the factor shrinks the chunks, up to BOUNDS[1] (call56's kvp=4 run).
+    Judged against half the budget, the ratios approach f = 1 / f + 0.6 (1.34), from above and below
+    in turn, and the factor, their high quantile, settles just over it."""
+    chunking = AdaptiveChunking(synthetic_model(), BUDGET_S, 1 << 20)
+    for _ in range(600):
+        predicted_s = NEAR_BUDGET * BUDGET_S / chunking.feedback.factor
+        chunking.observe(predicted_s, predicted_s + 0.3 * BUDGET_S)
+    assert 1.3 < chunking.feedback.factor < 1.4
+
+
+def test_a_small_step_that_runs_as_predicted_or_faster_is_judged_as_it_ran():
+    assert judged_ratio(0.01, 0.01, 0.025) == 1.0
+    assert judged_ratio(0.01, 0.008, 0.025) == pytest.approx(0.8)  # the model over-predicts: evidence kept
+    assert judged_ratio(0.01, 0.03, 0.025) == pytest.approx(1.2)  # slow: by its excess over 25 ms
+    assert judged_ratio(0.03, 0.06, 0.025) == 2.0  # near the budget: the plain ratio

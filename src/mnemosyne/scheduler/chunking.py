@@ -213,7 +213,7 @@ class AdaptiveChunking:
         # would leave no step to observe, and the factor could never come down again (call29 and
         # call30 froze at 4, and a long prompt got no chunk for minutes)
         if self.budget_s is not None and predicted_s >= NEAR_BUDGET * self.budget_s / self.feedback.factor:
-            self.feedback.observe(predicted_s, measured_s)
+            self.feedback.observe(predicted_s, measured_s, NEAR_BUDGET * self.budget_s)
 
 
 @dataclass(frozen=True)

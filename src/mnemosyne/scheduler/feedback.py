@@ -48,6 +48,19 @@ STALL_WARNING_S = 10.0
 logger = logging.getLogger(__name__)
 
 
+def judged_ratio(predicted_s: float, measured_s: float, near_s: float) -> float:
+    """measured / predicted, but a step predicted under near_s (NEAR_BUDGET of the raw budget) counts as
+    slow only by how far it ran past near_s. Such a step fits the budget whatever its ratio, and its
+    excess is mostly fixed time (host, launches, a KVP gather), which smaller chunks do not remove: as
+    a plain ratio it grew as the chunks shrank, and the factor ran to its bound. A kvp=4 serving run
+    (call56) sat there from its 51st second: steps of 8-15 ms, nearly all decodes, and short prompts
+    waiting up to a minute. Judged so, a step whose excess is c stays under 1 + c / near_s."""
+    ratio = measured_s / predicted_s
+    if predicted_s >= near_s:
+        return ratio
+    return min(ratio, max(1.0, measured_s / near_s))
+
+
 def ratio_quantile(ratios: Sequence[float], quantile: float = QUANTILE) -> float:
     """The ratio at rank quantile × (n - 1) of the sorted ratios, within BOUNDS (1 for none)."""
     if not ratios:
@@ -75,14 +88,14 @@ class StepTimeFeedback:
         """Steps in the window."""
         return len(self._ratios)
 
-    def observe(self, predicted_s: float, measured_s: float) -> None:
-        """A finished step that held a prefill chunk: its predicted and measured seconds."""
+    def observe(self, predicted_s: float, measured_s: float, near_s: float = 0.0) -> None:
+        """A finished step that held a prefill chunk: its predicted and measured seconds; near_s, the
+        prediction under which a step's ratio is judged by `judged_ratio`."""
         if predicted_s <= 0 or measured_s <= 0:
             return
-        ratio = measured_s / predicted_s
-        if ratio > BOUNDS[1]:
+        if measured_s > BOUNDS[1] * predicted_s:
             self._warn_stall(predicted_s, measured_s)
-        self._ratios.append(ratio)
+        self._ratios.append(judged_ratio(predicted_s, measured_s, near_s))
         if len(self._ratios) >= self.min_steps:
             self.factor = ratio_quantile(self._ratios, self.quantile)
 
