@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from mnemosyne.request import SamplingParams
 
+WARM_UP_REQUEST_ID = "warm-up"
+"""The engine's start-up prompt (`LLMEngine._warm_up`): workers count its steps as start-up."""
+
 
 @dataclass(frozen=True)
 class NewRequest:

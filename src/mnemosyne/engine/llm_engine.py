@@ -22,7 +22,7 @@ from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
 from mnemosyne.engine.pipeline import Pipeline
 from mnemosyne.engine.trace import PipelineTrace
 from mnemosyne.models.loaders import resolve_model
-from mnemosyne.plan import StepPlan, StepResult, TokenLogprobs
+from mnemosyne.plan import WARM_UP_REQUEST_ID, StepPlan, StepResult, TokenLogprobs
 from mnemosyne.request import FinishReason, Request, SamplingParams
 from mnemosyne.scheduler.factory import build_scheduler, latency_model_for
 
@@ -82,7 +82,8 @@ class LLMEngine:
                                                                dtype=np.int32)
         self._observes_steps = False
         try:
-            self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=1, ignore_eos=True), "warm-up")
+            self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=1, ignore_eos=True),
+                             WARM_UP_REQUEST_ID)
             while self.has_unfinished_requests():
                 self.step()
         finally:

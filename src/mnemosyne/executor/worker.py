@@ -20,7 +20,7 @@ from mnemosyne.executor.compile_watch import CompileWatch
 from mnemosyne.executor.step_profiler import StepProfiler
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.models.loaders import ModelLoader, expected_weight_shapes
-from mnemosyne.plan import StepPlan, StepResult
+from mnemosyne.plan import WARM_UP_REQUEST_ID, StepPlan, StepResult
 from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.model_runner import ModelRunner, PendingStep
 from mnemosyne.runner.stage_link import StageLink
@@ -84,7 +84,8 @@ class Worker:
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.compile_watch = CompileWatch().install() if self.device.type == "cuda" else None
-        """Triton compiles after start-up, logged as the stalls they are."""
+        """Triton compiles after start-up (armed by the first step of a served request), logged as the
+        stalls they are."""
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32,
                                           config.triton_gemv)
@@ -142,8 +143,6 @@ class Worker:
                                 kv_cache_bytes=kv.nbytes)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_slots * self.kv_bytes_per_token / 2**30)
-        if self.compile_watch is not None:
-            self.compile_watch.arm()  # warm-up and graph capture are done
 
     def _num_kv_blocks(self, num_host_sharers: int = 1) -> int:
         block_bytes = self.kv_bytes_per_token * self.config.block_size
@@ -165,6 +164,9 @@ class Worker:
 
     def launch(self, plan: StepPlan) -> PendingStep:
         """Queue the plan's work on the device; the result comes from the returned step."""
+        watch = self.compile_watch
+        if watch is not None and not watch.armed and any(c.request_id != WARM_UP_REQUEST_ID for c in plan.chunks):
+            watch.arm()  # start-up is over: the worker's warm-up, its graphs and the engine's start-up prompt
         self._profiler.before_step()
         step = self.runner.launch(plan)
         self._profiler.after_step()
