@@ -46,6 +46,17 @@ def test_every_request_finishes_with_its_output_length(trace):
     assert all(r.metrics.first_token_s >= r.metrics.arrival_s for r in result.requests)
 
 
+def test_short_star_is_the_short_requests_that_waited_during_a_long_prefill(trace):
+    result, summary = run(trace)
+    longs = [(r.metrics.arrival_s, r.metrics.first_token_s) for r in result.requests if r.num_prompt_tokens >= 32768]
+    waited = [r for r in result.requests if r.num_prompt_tokens < 32768
+              and any(r.metrics.arrival_s < end and start < r.metrics.first_token_s for start, end in longs)]
+    star = summary["short_during_long_prefill"]
+    assert 0 < star["num_requests"] == len(waited) < summary["short"]["num_requests"]
+    assert star["ttft_s"]["max"] == max(r.metrics.ttft_s for r in waited)
+    assert star["tbt_s"]["max"] <= summary["short"]["tbt_s"]["max"]  # gaps inside the prefills only
+
+
 def test_lars_and_adaptive_chunks_against_fcfs_and_fixed_chunks(trace):
     _, lars = run(trace, scheduler="lars", chunking="adaptive")
     _, fcfs = run(trace, scheduler="fcfs", chunking="adaptive")
@@ -82,4 +93,5 @@ def test_simulate_command_writes_json_and_png(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["setup"]["num_gpus"] == 8 and report["all"]["num_requests"] == 40
     assert png.stat().st_size > 10_000
-    assert "TTFT p99" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TTFT p99" in printed and "short*" in printed

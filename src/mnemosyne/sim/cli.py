@@ -107,20 +107,30 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(summary: dict) -> str:
     lines = [f"{'class':<6} {'n':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'TBT p50':>8} {'TBT p99':>8} "
              f"{'E2E p99':>9} {'TTFT SLO':>8} {'TBT SLO':>8}"]
-    for name in ("all", "short", "long"):
-        c = summary[name]
-        if not c["num_requests"]:
+    for name, label in (("all", "all"), ("short", "short"), ("long", "long"), ("short_during_long_prefill", "short*")):
+        c = summary.get(name)
+        if not c or not c["num_requests"]:
             continue
         tbt = c["tbt_s"]
         lines.append(
-            f"{name:<6} {c['num_requests']:>6} {c['ttft_s']['p50']:>8.2f}s {c['ttft_s']['p99']:>8.2f}s "
+            f"{label:<6} {c['num_requests']:>6} {_s(c['ttft_s']['p50']):>9} {_s(c['ttft_s']['p99']):>9} "
             f"{_ms(tbt['p50']):>8} {_ms(tbt['p99']):>8} {c['e2e_s']['p99']:>8.1f}s "
             f"{_pct(c['ttft_attainment']):>8} {_pct(c.get('tbt_attainment')):>8}")
     t = summary["throughput"]
     lines.append(f"{summary['num_steps']} steps, makespan {summary['makespan_s']:.1f}s (virtual), "
                  f"{t['output_tokens_per_s']:.0f} output tok/s, {t['prompt_tokens_per_s']:.0f} prompt tok/s, "
                  f"{summary['num_preemptions']} preemptions; simulated in {summary['sim_wall_s']:.1f}s")
+    if summary.get("short_during_long_prefill", {}).get("num_requests"):
+        lines.append("short* = short requests that waited for their first token while a long prompt was prefilled "
+                     "(as `bench serve` reports them)")
     return "\n".join(lines)
+
+
+def _s(value: float | None) -> str:
+    """Seconds, to the millisecond under 10 s (a short prompt's TTFT), else to the tenth."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
 
 
 def _ms(value: float | None) -> str:

@@ -46,6 +46,28 @@ def _class_summary(requests: Sequence[Request], deadline_s: Callable[[Request], 
     return summary
 
 
+def _during_long_prefill(short: Sequence[Request], long: Sequence[Request], deadline_s: Callable[[Request], float],
+                         tbt_slo_s: float | None) -> dict[str, Any]:
+    """`bench serve`'s short* class: short requests that waited for their first token while a long
+    prompt was prefilled; their TBT is over the gaps that ended inside such a prefill."""
+    spans = [(r.metrics.arrival_s, r.metrics.first_token_s) for r in long]
+
+    def overlaps(a: float, b: float) -> bool:
+        return any(a < end and start < b for start, end in spans)  # type: ignore[operator]
+
+    waiting = [r for r in short if overlaps(r.metrics.arrival_s, r.metrics.first_token_s)]  # type: ignore[arg-type]
+    summary = _class_summary(waiting, deadline_s, tbt_slo_s)
+    gaps = []
+    for r in short:
+        times = itertools.accumulate(r.metrics.inter_token_s, initial=r.metrics.first_token_s)
+        gaps += [g for g, end in zip(r.metrics.inter_token_s, list(times)[1:], strict=True)
+                 if any(start <= end <= stop for start, stop in spans)]  # type: ignore[operator]
+    summary["tbt_s"] = _percentiles(gaps)
+    if tbt_slo_s is not None:
+        summary["tbt_attainment"] = _share(g <= tbt_slo_s for g in gaps)
+    return summary
+
+
 def _share(flags) -> float | None:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else None
@@ -65,6 +87,7 @@ def summarize(result: SimResult, deadline_s: Callable[[Request], float], tbt_slo
         "all": _class_summary(requests, deadline_s, tbt_slo_s),
         "short": _class_summary(short, deadline_s, tbt_slo_s),
         "long": _class_summary(long, deadline_s, tbt_slo_s),
+        "short_during_long_prefill": _during_long_prefill(short, long, deadline_s, tbt_slo_s),
         "long_threshold_tokens": long_threshold,
         "makespan_s": makespan_s,
         "throughput": {
