@@ -17,3 +17,13 @@ def test_the_warm_up_prompt_runs_to_the_end_and_its_steps_are_not_observed():
     out = llm.generate(list(range(5, 261)), SamplingParams(max_tokens=3))  # the same length, served
     assert len(out[0].outputs[0].token_ids) == 3
     assert feedback.num_observed > 0  # observed as before
+
+
+def test_a_kv_cache_too_small_for_the_warm_up_prompt_skips_it():
+    llm = LLM("dummy:tiny", device="cpu", max_model_len=4096, kv_cache_memory=0.0002, max_num_batched_tokens=4000)
+    capacity = llm.engine.scheduler.pool.num_blocks * llm.engine.config.block_size
+    assert capacity < 4000  # the prompt could never run
+    llm.engine._warm_up()
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=2))
+    assert len(out[0].outputs[0].token_ids) == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import time
 import zlib
 from array import array
@@ -80,10 +79,14 @@ class LLMEngine:
         started = time.perf_counter()
         ids = np.random.default_rng(self.config.seed).integers(self.model_config.vocab_size, size=num_tokens,
                                                                dtype=np.int32)
-        self._observes_steps = False
         try:
             self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=1, ignore_eos=True),
                              WARM_UP_REQUEST_ID)
+        except ValueError as e:  # a KV cache too small to ever hold it
+            logger.info("no warm-up prompt: %s", e)
+            return
+        self._observes_steps = False
+        try:
             while self.has_unfinished_requests():
                 self.step()
         finally:
@@ -102,7 +105,7 @@ class LLMEngine:
             return array("i", self.tokenizer.encode(prompt, add_special_tokens=False))
         vocab = self.model_config.vocab_size
         try:
-            ids = prompt if isinstance(prompt, array) and prompt.typecode == "i" else array("i", map(operator.index, prompt))
+            ids = prompt if isinstance(prompt, array) and prompt.typecode == "i" else array("i", prompt)
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})") from None
         values = np.frombuffer(ids, dtype=np.int32)
