@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mnemosyne.bench.serve_report import Timing, during_long_prefill
 from mnemosyne.request import Request
 from mnemosyne.sim.simulator import SimResult
 
@@ -46,22 +47,18 @@ def _class_summary(requests: Sequence[Request], deadline_s: Callable[[Request], 
     return summary
 
 
-def _during_long_prefill(short: Sequence[Request], long: Sequence[Request], deadline_s: Callable[[Request], float],
+def _during_long_prefill(requests: Sequence[Request], long_threshold: int, deadline_s: Callable[[Request], float],
                          tbt_slo_s: float | None) -> dict[str, Any]:
-    """`bench serve`'s short* class: short requests that waited for their first token while a long
-    prompt was prefilled; their TBT is over the gaps that ended inside such a prefill."""
-    spans = [(r.metrics.arrival_s, r.metrics.first_token_s) for r in long]
-
-    def overlaps(a: float, b: float) -> bool:
-        return any(a < end and start < b for start, end in spans)  # type: ignore[operator]
-
-    waiting = [r for r in short if overlaps(r.metrics.arrival_s, r.metrics.first_token_s)]  # type: ignore[arg-type]
-    summary = _class_summary(waiting, deadline_s, tbt_slo_s)
-    gaps = []
-    for r in short:
-        times = itertools.accumulate(r.metrics.inter_token_s, initial=r.metrics.first_token_s)
-        gaps += [g for g, end in zip(r.metrics.inter_token_s, list(times)[1:], strict=True)
-                 if any(start <= end <= stop for start, stop in spans)]  # type: ignore[operator]
+    """`bench serve`'s short* class, chosen by its own `during_long_prefill` from the simulated token times:
+    short requests that waited for their first token while a long prompt was prefilled; their TBT is
+    over the gaps that ended inside such a prefill."""
+    timings = [Timing(r.num_prompt_tokens, r.num_output_tokens, r.metrics.arrival_s, r.metrics.arrival_s,
+                      list(itertools.accumulate(r.metrics.inter_token_s, initial=r.metrics.first_token_s)))
+               for r in requests]
+    waiting, gaps = during_long_prefill(timings, long_threshold)
+    chosen = {id(t) for t in waiting}
+    summary = _class_summary([r for r, t in zip(requests, timings, strict=True) if id(t) in chosen], deadline_s,
+                             tbt_slo_s)
     summary["tbt_s"] = _percentiles(gaps)
     if tbt_slo_s is not None:
         summary["tbt_attainment"] = _share(g <= tbt_slo_s for g in gaps)
@@ -87,7 +84,7 @@ def summarize(result: SimResult, deadline_s: Callable[[Request], float], tbt_slo
         "all": _class_summary(requests, deadline_s, tbt_slo_s),
         "short": _class_summary(short, deadline_s, tbt_slo_s),
         "long": _class_summary(long, deadline_s, tbt_slo_s),
-        "short_during_long_prefill": _during_long_prefill(short, long, deadline_s, tbt_slo_s),
+        "short_during_long_prefill": _during_long_prefill(requests, long_threshold, deadline_s, tbt_slo_s),
         "long_threshold_tokens": long_threshold,
         "makespan_s": makespan_s,
         "throughput": {
