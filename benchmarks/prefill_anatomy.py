@@ -60,7 +60,7 @@ def _wall_ms(fn) -> float:
 def before_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_runs, scale):
     """The chunk path of the seventh session (attention/gpu.py at 60bfd46), kept here to compare."""
     from mnemosyne.attention.gpu import _cudnn
-    from mnemosyne.attention.triton_merge import merge_pair
+    from mnemosyne.attention.triton_merge import merge_parts
 
     num_new, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -81,7 +81,7 @@ def before_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_runs, scale
         lses.append(lse_run[0].view(num_kv_heads, group, num_new).permute(2, 0, 1).reshape(num_new, num_heads))
     out, lse = outs[0], lses[0]
     for part_out, part_lse in zip(outs[1:], lses[1:], strict=True):
-        out, lse = merge_pair(out, lse, part_out, part_lse)
+        out, lse = merge_parts([out, part_out], [lse, part_lse], out.dtype)
     return out, lse
 
 

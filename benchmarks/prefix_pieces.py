@@ -2,9 +2,10 @@
 `attention.gpu.run_pieces`), at the chunks and prefixes of a 1M-token prefill: one layer's chunk
 attention, timed with CUDA events after its plans are built, four ways:
 
-- `engine`: `chunk_attention` as the engine calls it (causal part, pieces, LSE merges in float32);
-- `kernels`: the same cuDNN calls without the merges;
-- `merges`: the merges alone, on the parts `kernels` produced;
+- `engine`: `chunk_attention` as the engine calls it (causal part, pieces, one merge of all parts);
+- `kernels`: the same cuDNN calls without the merge;
+- `merge`: the engine's merge alone (`merge_parts`, every part read once), on the parts `kernels`
+  produced; `pairwise`: the merge before it, two parts at a time through a float32 running result;
 - `whole`: one cuDNN call over the whole prefix (its own exact plan, built first), the causal part
   and one merge: what the pieces would cost if plans were free.
 
@@ -41,7 +42,7 @@ def _events_ms(fn, repeats: int) -> float:
 
 def measure(chunk: int, prefix: int, k_cache: torch.Tensor, v_cache: torch.Tensor, repeats: int) -> dict:
     from mnemosyne.attention.gpu import _cudnn, chunk_attention, run_pieces
-    from mnemosyne.attention.triton_merge import merge_pair
+    from mnemosyne.attention.triton_merge import merge_parts
 
     gen = torch.Generator("cuda").manual_seed(chunk + prefix)
     q = torch.randn(chunk, HQ, D, device="cuda", dtype=DT, generator=gen)
@@ -62,11 +63,14 @@ def measure(chunk: int, prefix: int, k_cache: torch.Tensor, v_cache: torch.Tenso
         return found
 
     def merge(found):
+        return merge_parts([o for o, _ in found], [lse for _, lse in found], DT)
+
+    def pairwise(found):
         out, lse = found[0]
         if len(found) > 2:
             out = out.float()
         for part_out, part_lse in found[1:]:
-            out, lse = merge_pair(out, lse, part_out, part_lse)
+            out, lse = merge_parts([out, part_out], [lse, part_lse], out.dtype)
         return out.to(DT), lse
 
     engine = lambda: chunk_attention(q, k_new, v_new, k_cache, v_cache, runs, SCALE, split_runs=True)  # noqa: E731
@@ -74,7 +78,8 @@ def measure(chunk: int, prefix: int, k_cache: torch.Tensor, v_cache: torch.Tenso
         fn()
     found = parts(False)
     times = {"engine": _events_ms(engine, repeats), "kernels": _events_ms(lambda: parts(False), repeats),
-             "merges": _events_ms(lambda: merge(found), repeats),
+             "merge": _events_ms(lambda: merge(found), repeats),
+             "pairwise": _events_ms(lambda: pairwise(found), repeats),
              "whole": _events_ms(lambda: merge(parts(True)), repeats)}
     flops = 4 * chunk * (prefix + chunk / 2) * HQ * D
     return {"chunk": chunk, "prefix": prefix, "num_pieces": len(pieces), "ms": times,
@@ -96,14 +101,14 @@ def main() -> None:
     v_cache = torch.randn(slots, HKV, D, device="cuda", dtype=DT, generator=gen)
     rows = []
     print(f"{torch.cuda.get_device_name()}: one layer's chunk attention, ms (TFLOP/s)")
-    print(f"{'chunk':>6} {'prefix':>8} {'pieces':>6} {'engine':>16} {'kernels':>16} {'merges':>8} {'whole':>16}")
+    print(f"{'chunk':>6} {'prefix':>8} {'pieces':>6} {'engine':>16} {'kernels':>16} {'merge':>8} {'pairwise':>8} {'whole':>16}")
     for prefix in prefixes:
         for chunk in chunks:
             r = measure(chunk, prefix, k_cache, v_cache, args.repeats)
             rows.append(r)
             ms, tf = r["ms"], r["tflops"]
             print(f"{chunk:>6} {prefix:>8} {r['num_pieces']:>6} {ms['engine']:>8.3f} ({tf['engine']:>4.0f}) "
-                  f"{ms['kernels']:>8.3f} ({tf['kernels']:>4.0f}) {ms['merges']:>8.3f} "
+                  f"{ms['kernels']:>8.3f} ({tf['kernels']:>4.0f}) {ms['merge']:>8.3f} {ms['pairwise']:>8.3f} "
                   f"{ms['whole']:>8.3f} ({tf['whole']:>4.0f})")
     if args.output:
         with open(args.output, "w") as f:

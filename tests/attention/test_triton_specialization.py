@@ -89,12 +89,14 @@ def test_chunk_kernel_compiles_once_whatever_the_split_count(monkeypatch):
     assert len(recorder.calls) == 42 and len(patterns(recorder)) == 1
 
 
-def test_pair_merge_compiles_once_whatever_the_row_count(monkeypatch):
+def test_parts_merge_compiles_once_whatever_the_chunk_and_part_count(monkeypatch):
+    """A 1M-token prefill's chunks merge 2 to 12 parts, each chunk length with its own lse strides."""
     from mnemosyne.attention import triton_merge
 
-    rec = recorded(monkeypatch, triton_merge, "_merge_pair_kernel")
-    for tokens in (1, 3, 16, 100):
-        o = torch.empty(tokens, HEADS // 4, HEAD_DIM, dtype=torch.float16)  # 8 heads a GPU at tp=4
-        lse = torch.empty(tokens, HEADS // 4)
-        triton_merge.merge_pair(o, lse, o, lse)
-    assert len(rec["_merge_pair_kernel"].calls) == 4 and len(patterns(rec["_merge_pair_kernel"])) == 1
+    rec = recorded(monkeypatch, triton_merge, "_merge_parts_kernel")
+    for tokens in (1, 3, 16, 100, 1024):
+        for num_parts in (2, 5, 12, 16):
+            outs = [torch.empty(HEADS, tokens, HEAD_DIM, dtype=torch.float16).transpose(0, 1)] * num_parts
+            lses = [torch.empty(1, HEADS, tokens)[0].transpose(0, 1)] * num_parts  # as cuDNN's [1, H, C]
+            triton_merge.merge_parts(outs, lses, torch.float16)
+    assert len(rec["_merge_parts_kernel"].calls) == 20 and len(patterns(rec["_merge_parts_kernel"])) == 1

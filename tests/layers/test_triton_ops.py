@@ -64,9 +64,9 @@ def test_rotary_store(dtype, heads, kv_heads):
     torch.testing.assert_close(vc, want_vc, atol=0, rtol=0)
 
 
-def test_merge_pair_and_splits():
+def test_merge_parts_and_splits():
     from mnemosyne.attention.triton_decode import merge_splits
-    from mnemosyne.attention.triton_merge import merge_pair
+    from mnemosyne.attention.triton_merge import merge_parts
 
     o = torch.randn(3, 32, 6, 128, device="cuda")
     lse = torch.randn(3, 32, 6, device="cuda")
@@ -77,7 +77,7 @@ def test_merge_pair_and_splits():
     got_o, got_lse = merge_splits(o, lse, torch.float32)
     torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
-    pair_o, pair_lse = merge_pair(o[:, :, 0], lse[:, :, 0], o[:, :, 1], lse[:, :, 1])
+    pair_o, pair_lse = merge_parts([o[:, :, 0], o[:, :, 1]], [lse[:, :, 0], lse[:, :, 1]], torch.float32)
     want_o, want_lse = merge_attention([o[:, :, 0], o[:, :, 1]], [lse[:, :, 0], lse[:, :, 1]])
     torch.testing.assert_close(pair_o, want_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pair_lse, want_lse, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ import torch
 from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
 from mnemosyne.attention.triton_decode import MAX_SPLITS, decode_min_span, decode_splits, paged_decode
-from mnemosyne.attention.triton_merge import merge_pair
+from mnemosyne.attention.triton_merge import merge_parts
 from mnemosyne.config import LONE_TRITON_CHUNK_ROWS
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,11 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
         v = v_cache[start:end].permute(1, 0, 2).unsqueeze(0)
         out, lse = _cudnn(qh, k, v, scale, False)
         parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
-    out, lse = parts[0]
-    if len(parts) > 2:  # rounded to the model's dtype once, not after each merge of many pieces
-        out = out.float()
-    for part_out, part_lse in parts[1:]:
-        out, lse = merge_pair(out, lse, part_out, part_lse)
-    return out.to(q.dtype), lse
+    if len(parts) == 1:
+        out, lse = parts[0]
+        return out.to(q.dtype), lse
+    # one pass over every part, summed in float32 and rounded to the model's dtype once
+    return merge_parts([o for o, _ in parts], [lse for _, lse in parts], q.dtype)
 
 
 def cudnn_plan_classes(group: int, small_chunk_rows: int, max_chunk: int,

@@ -1,46 +1,84 @@
-"""Exact LSE merge of two partial attention results in one pass (the torch version takes about a
-dozen passes over fp32 copies, which showed up as 10% of a long prefill)."""
+"""Exact LSE merge of any number of partial attention results in one pass (a long chunk's causal part and
+its prefix pieces). The torch version took about a dozen passes over fp32 copies per pair, which showed
+up as 10% of a long prefill; merged a pair at a time, each pass still read and wrote a float32 running
+result."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+MAX_PARTS = 16
+"""Parts one `merge_parts` launch takes: a chunk's causal part and the pieces of a prefix of up to
+8M tokens (`gpu.run_pieces`: powers of two from 1024 keys, and the rest). More are merged in rounds."""
 
-@triton.jit(do_not_specialize=["n_rows"])  # no compile per new row count pattern
-def _merge_pair_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, out_l_ptr, n_rows,
-                       HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+
+# one compile for every chunk length and part count (the lse strides follow the chunk length)
+@triton.jit(do_not_specialize=["n_rows", "num_parts", "stride_lc", "stride_lh"])
+def _merge_parts_kernel(o_ptrs, l_ptrs, out_ptr, out_l_ptr, n_rows, num_parts, num_heads,
+                        stride_oc, stride_oh, stride_lc, stride_lh,
+                        MAX: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     live = rows < n_rows
-    l1 = tl.load(l1_ptr + rows, mask=live, other=float("-inf"))
-    l2 = tl.load(l2_ptr + rows, mask=live, other=float("-inf"))
-    top = tl.maximum(l1, l2)
+    c = (rows // num_heads).to(tl.int64)
+    h = (rows % num_heads).to(tl.int64)
+    l_offs = c * stride_lc + h * stride_lh
+    o_offs = (c * stride_oc + h * stride_oh)[:, None] + d[None, :]
+    top = tl.full((ROWS,), float("-inf"), tl.float32)
+    for i in tl.static_range(MAX):
+        if i < num_parts:
+            top = tl.maximum(top, tl.load(l_ptrs[i] + l_offs, mask=live, other=float("-inf")))
     top_safe = tl.where(top == float("-inf"), 0.0, top)
-    w1 = tl.exp(l1 - top_safe)
-    w2 = tl.exp(l2 - top_safe)
-    total = w1 + w2
+    total = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+    for i in tl.static_range(MAX):
+        if i < num_parts:
+            w = tl.exp(tl.load(l_ptrs[i] + l_offs, mask=live, other=float("-inf")) - top_safe)  # 0: empty part
+            o = tl.load(o_ptrs[i] + o_offs, mask=live[:, None] & (w > 0)[:, None], other=0.0).to(tl.float32)
+            acc += o * w[:, None]
+            total += w
     inv = 1.0 / tl.where(total > 0, total, 1.0)
-    offs = rows[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
-    o1 = tl.load(o1_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    o2 = tl.load(o2_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    out = o1 * (w1 * inv)[:, None] + o2 * (w2 * inv)[:, None]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+    out_offs = rows[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + out_offs, (acc * inv[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
     tl.store(out_l_ptr + rows, tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)),
                                         float("-inf")), mask=live)
 
 
-def merge_pair(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-               lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """o [..., D] (same shape, any float dtype), lse [...] float32 -> merged (o in o1's dtype, lse)."""
-    head_dim = o1.shape[-1]
-    o1, o2 = o1.contiguous(), o2.contiguous()
-    lse1, lse2 = lse1.contiguous().float(), lse2.contiguous().float()
-    out = torch.empty_like(o1)
-    out_lse = torch.empty_like(lse1)
-    n_rows = lse1.numel()
+def merge_parts(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LSE merge of any number of partial attention results over disjoint keys, in one pass:
+    each part is read once, the sum is kept in float32 and rounded to dtype once. Merged two at a
+    time, a chunk over a 1M-token prefix (its causal part and 8 power-of-two pieces) took 0.33 ms a
+    layer in float32 passes (an H200, `benchmarks/prefix_pieces.py`): about 1.5 s of each stage's
+    busy time in a 1M prefill at pp=4, nearly all of its time beyond its GEMMs and attention (call58).
+
+    outs: [C, H, D] each, with a contiguous last axis; lses: [C, H] float32 each (any strides; a
+    part that differs in strides from the first is copied). Returns out [C, H, D] in dtype and lse
+    [C, H] float32, both contiguous."""
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"merge_parts needs as many lses as outs, at least one: got {len(outs)} and {len(lses)}")
+    if len(outs) > MAX_PARTS:  # in rounds, the running result in float32
+        out, lse = merge_parts(outs[:MAX_PARTS], lses[:MAX_PARTS], torch.float32)
+        return merge_parts([out, *outs[MAX_PARTS:]], [lse, *lses[MAX_PARTS:]], dtype)
+    if outs[0].stride(-1) != 1 or any(o.stride() != outs[0].stride() for o in outs):
+        outs = [o.contiguous() for o in outs]
+    lses = [lse.float() for lse in lses]  # no copy when they are float32 already
+    if any(lse.stride() != lses[0].stride() for lse in lses):
+        lses = [lse.contiguous() for lse in lses]
+    num_rows, num_heads, head_dim = outs[0].shape
+    out = torch.empty(num_rows, num_heads, head_dim, dtype=dtype, device=outs[0].device)
+    out_lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=outs[0].device)
+    n_rows = num_rows * num_heads
+    if n_rows == 0:
+        return out, out_lse
+    pad = MAX_PARTS - len(outs)  # unread: the kernel stops at num_parts
     rows = 16
-    _merge_pair_kernel[(triton.cdiv(n_rows, rows),)](o1, lse1, o2, lse2, out, out_lse, n_rows,
-                                                     HEAD_DIM=head_dim, ROWS=rows)
+    _merge_parts_kernel[(triton.cdiv(n_rows, rows),)](
+        (*outs, *[outs[0]] * pad), (*lses, *[lses[0]] * pad), out, out_lse, n_rows, len(outs), num_heads,
+        outs[0].stride(0), outs[0].stride(1), lses[0].stride(0), lses[0].stride(1),
+        MAX=MAX_PARTS, HEAD_DIM=head_dim, ROWS=rows)
     return out, out_lse
