@@ -249,3 +249,52 @@ def test_a_decode_that_opens_the_next_kvp_group_waits_for_its_token():
     decode = sched.schedule()
     assert [(c.start, c.num_new_tokens) for c in decode.chunks] == [(16, 1)]
     assert sched.can_schedule_ahead()  # position 17 is in the second group too, beside 16
+
+
+def _kvp_time_budgeted(num_groups: int, group_max_tokens: int, budget_s: float):
+    from mnemosyne.kv.kvp_placement import KvpPlacement
+    from mnemosyne.scheduler.chunking import AdaptiveChunking
+    from mnemosyne.scheduler.factory import kvp_group_boundary
+    from mnemosyne.scheduler.latency_model import Layout
+
+    from .factories import FakeClock, synthetic_model
+
+    model = synthetic_model(Layout(kvp=num_groups, kvp_group_max_tokens=group_max_tokens))
+    placement = KvpPlacement(num_groups, 4096, 16, group_max_tokens)
+    sched = Scheduler(SchedulerLimits(1 << 16, 64, 1 << 20), placement, FCFS(), FakeClock(),
+                      AdaptiveChunking(model, budget_s, 1 << 16), kvp_group_boundary(group_max_tokens))
+    return sched, model
+
+
+def test_under_kvp_a_short_prompt_runs_beside_a_long_chunk_on_another_group():
+    """Each KVP group runs only its own requests, so a step's time is its busiest group's. A short
+    prompt that arrives while a long one takes the whole budget on its group goes to an idle group and
+    is prefilled in the same step; costed as one sum (before), it waited for the long prompt's chunks
+    to shrink."""
+    from .factories import add, land
+
+    sched, model = _kvp_time_budgeted(2, 16384, 0.02)
+    add(sched, "long", 20000, 0.0)
+    first = sched.schedule()
+    ((long_chunk,),) = [first.chunks]
+    assert model.step_time_s([(long_chunk.num_new_tokens, 0)]) <= 0.02 < model.step_time_s(
+        [(long_chunk.num_new_tokens + 64, 0)])  # the budget, on its group
+    land(sched, first)
+    add(sched, "short", 500, 0.01)
+    plan = sched.schedule()
+    assert {c.request_id: c.num_new_tokens for c in plan.chunks}["short"] == 500
+    assert sched.pool.group_ids("short") != sched.pool.active_group_ids("long", long_chunk.num_new_tokens + 1)
+    assert sched._predicted_s[plan.step_id] <= 0.02
+
+
+def test_under_kvp_two_short_prompts_that_arrive_together_run_on_two_groups():
+    from .factories import add
+
+    sched, model = _kvp_time_budgeted(2, 16384, 0.02)
+    assert model.step_time_s([(1000, 0)]) <= 0.02 < model.step_time_s([(1000, 0), (1000, 0)])
+    add(sched, "a", 1000, 0.0)
+    add(sched, "b", 1000, 0.0)
+    plan = sched.schedule()
+    assert [(c.request_id, c.num_new_tokens) for c in plan.chunks] == [("a", 1000), ("b", 1000)]
+    assert {sched.pool.group_ids("a"), sched.pool.group_ids("b")} == {(0,), (1,)}
+
