@@ -155,13 +155,3 @@ def test_mixed_load_completes_chunks_stay_in_one_group_and_reserved_requests_are
     assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
     assert all(r.metrics.num_preemptions == 0 for r in requests if r.request_id in reserved)
     assert sched.pool.num_free_blocks == sched.pool.num_blocks
-
-
-def test_a_short_request_goes_to_the_group_with_the_least_work_in_the_step_that_has_room():
-    placement = KvpPlacement(3, 4, BLOCK, L)  # 64 tokens a group
-    load = {0: 0.04, 1: 0.0, 2: 0.01}.__getitem__
-    assert placement.placement_for(32, num_tokens=20, load=load) == (1,)
-    assert placement.placement_for(32, num_tokens=20) == (0,)  # without a load: the most free blocks, then the first
-    filler = Request("filler", [5] * 60, SamplingParams(max_tokens=4, ignore_eos=True), arrival_s=0.0)
-    assert placement.admit(filler, 60, 64, groups=(1,))
-    assert placement.placement_for(32, num_tokens=20, load=load) == (2,)  # group 1 has no room for the prompt

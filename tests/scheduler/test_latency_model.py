@@ -151,34 +151,3 @@ def test_bad_profiles_and_devices_name_the_flag(tmp_path):
 def test_synthetic_model_used_by_the_other_tests_is_what_it_says():
     model = synthetic_model()
     assert model.step_time_s([(100, 1000)]) == pytest.approx(1e-3 + 1e-3 + 1e-8 * 100 * 1050)
-
-
-def test_a_grouped_estimate_is_its_busiest_kvp_group_plus_the_merge():
-    """Under KVP each group runs only the requests it holds: two one-group chunks on two groups run side
-    by side, and a chunk over both groups runs on each and adds the merge's gathers."""
-    model = synthetic_model(Layout(kvp=2, kvp_group_max_tokens=1000))
-    est = model.grouped_estimate()
-    est.add(500, 0, (0,))
-    assert est.time_s == pytest.approx(model.step_time_s([(500, 0)]))
-    assert est.group_time_s(1) == 0.0
-    assert est.time_with_s(300, 0, (1,)) == pytest.approx(model.step_time_s([(300, 0)]))  # its group alone
-    est.add(300, 0, (1,))
-    assert est.time_s == pytest.approx(model.step_time_s([(500, 0)]))  # the busier group
-    est.add(64, 1500, (0, 1))  # a long prompt's chunk in its second shard
-    assert est.num_merge_tokens == 64
-    on_both = model.estimate()
-    for n, p in ((500, 0), (64, 1000)):
-        on_both.add(n, p)
-    assert est.time_s == pytest.approx(on_both.time_s - model.merge_s(0) + model.merge_s(64))
-    assert model.merge_s(64) > 0
-
-
-def test_a_grouped_estimate_of_requests_on_every_group_is_the_plain_estimate():
-    model = roofline(Layout(kvp=4, kvp_group_max_tokens=100_000))
-    grouped, plain = model.grouped_estimate(), model.estimate()
-    for n, p in [(1, 1000), (1, 350_000), (512, 20_000), (256, 250_000), (64, 0)]:
-        assert grouped.time_with_s(n, p) == pytest.approx(plain.time_with_s(n, p))
-        grouped.add(n, p)
-        plain.add(n, p)
-    assert grouped.time_s == pytest.approx(plain.time_s)
-    assert roofline().grouped_estimate().__class__ is roofline().estimate().__class__  # one group: the plain one

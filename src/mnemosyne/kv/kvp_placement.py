@@ -8,9 +8,8 @@ a worker tells each block's group from its id alone (see `group_of_block`).
 
 A request that may grow past L tokens (prompt + max_tokens) reserves, when admitted, every block it
 can ever need in all of its groups, so two long requests never deadlock each holding half of what
-they need; it is never preempted. A shorter request goes to the group with the least work in the
-step being built (each group runs only its own requests), takes blocks as it grows, and may be
-preempted as on one device. With one group this is exactly a single block pool.
+they need; it is never preempted. A shorter request goes to the least-loaded group, takes blocks as
+it grows, and may be preempted as on one device. With one group this is exactly a single block pool.
 
 With prefix caching on, a request's full blocks are indexed by their chained hash once their tokens
 have KV (`cache_computed`), and a new request reuses the longest cached prefix of its tokens
@@ -21,7 +20,7 @@ order, and the request's own blocks continue after them. See docs/prefix_cache.m
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mnemosyne.kv.block_hash import extend_block_hashes
@@ -210,39 +209,23 @@ class KvpPlacement:
             run.append(block)
         return run
 
-    def placement_for(self, max_tokens: int, hit: PrefixHit = NO_HIT, num_tokens: int = 0,
-                      load: Callable[[int], float] | None = None) -> tuple[int, ...]:
-        """The groups, in shard order, that `admit` places a request on (pure): a request that may
-        reach max_tokens > L tokens keeps the hit's groups and adds those with the most available
-        blocks; a shorter one takes the hit's group, else the group with the least `load` (the
-        scheduler's prediction of each group's part of the step being built) among those with
-        blocks for num_tokens, then the most available blocks. Under KVP each group runs only its own
-        requests: two short prompts on two groups run side by side, on one they take turns."""
-        free = [g for g in range(self.num_groups) if g not in hit.group_ids]
-        if self.num_groups_for(max_tokens) > 1:
-            order = sorted(free, key=lambda g: (-self.available_blocks(g), g))
-            return (*hit.group_ids, *order[: self.num_groups_for(max_tokens) - len(hit.group_ids)])
-        if hit.group_ids:
-            return hit.group_ids[:1]
-        need = self.blocks_for(num_tokens)
-        return (min(free, key=lambda g: (self.available_blocks(g) < need, load(g) if load else 0.0,
-                                         -self.available_blocks(g), g)),)
-
-    def admit(self, request: Request, num_tokens: int, max_tokens: int, hit: PrefixHit = NO_HIT,
-              groups: tuple[int, ...] | None = None) -> bool:
+    def admit(self, request: Request, num_tokens: int, max_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
         """Place a request that holds no blocks and give it blocks for its first num_tokens tokens: the
-        hit's cached blocks (from `lookup`; its shards stay on the hit's groups, in order), then new ones,
-        on `groups` (default: `placement_for`). A request that may reach max_tokens > L tokens reserves
-        all it can ever need in each of its groups. Returns False, changing nothing, if the groups
-        cannot give that now.
+        hit's cached blocks (from `lookup`; its shards stay on the hit's groups, in order), then new ones.
+
+        A request that may reach max_tokens > L tokens takes the num_groups_for(max_tokens) groups with
+        the most available blocks (after the hit's) and reserves all it can ever need in each; a shorter
+        one takes the hit's group, else the least-loaded one. Returns False, changing nothing, if the
+        groups cannot give that now.
         """
         shared = self._by_group(hit.block_ids)
         # a reused block that nobody uses leaves the free count when taken, like a new one
         num_taken = {g: sum(self.pools[g].is_evictable(b) for b in ids) for g, ids in shared.items()}
-        chosen = groups if groups is not None else self.placement_for(max_tokens, hit, num_tokens)
+        order = sorted((g for g in range(self.num_groups) if g not in hit.group_ids),
+                       key=lambda g: (-self.available_blocks(g), g))
         num_shards = self.num_groups_for(max_tokens)
         if num_shards == 1:
-            group = chosen[0]
+            group = hit.group_ids[0] if hit.group_ids else order[0]
             needed = self.blocks_for(num_tokens) - len(hit.block_ids) + num_taken.get(group, 0)
             if needed > self.available_blocks(group):
                 return False
@@ -252,6 +235,7 @@ class KvpPlacement:
             per_shard = [self._blocks_per_shard] * (num_shards - 1) + [last]
             num_hit = len(hit.block_ids)
             needs = [n - min(n, max(0, num_hit - j * self._blocks_per_shard)) for j, n in enumerate(per_shard)]
+            chosen = (*hit.group_ids, *order[: num_shards - len(hit.group_ids)])
             if len(chosen) < num_shards or any(n + num_taken.get(g, 0) > self.available_blocks(g)
                                                for g, n in zip(chosen, needs, strict=True)):
                 return False

@@ -22,9 +22,7 @@ from typing import Protocol
 
 from mnemosyne.config import PIPELINE_MIN_CHUNK, taper_chunk, tapers_long_prompts
 from mnemosyne.scheduler.feedback import NEAR_BUDGET, QUANTILE, StepTimeFeedback
-from mnemosyne.scheduler.latency_model import GroupedEstimate, LatencyModel, StepEstimate
-
-Estimate = StepEstimate | GroupedEstimate
+from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
 GRANULARITY = 32
 """Adaptive chunk sizes are multiples of this (or a request's whole remainder)."""
@@ -38,19 +36,14 @@ class StepBudget(Protocol):
         """No request can get a token any more."""
         ...
 
-    def fit(self, num_prefix: int, max_new: int, yield_share: float, groups: tuple[int, ...] = ()) -> int:
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
         """Most new tokens, at most max_new, that a request with num_prefix tokens of KV may add
         now; 0 for none. `yield_share` of the budget still left is kept for requests behind it.
-        `groups`: the KVP groups the request runs on (() for all, or one group). Pure: `add`
-        records the choice."""
+        Pure: `add` records the choice."""
         ...
 
-    def add(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> None:
+    def add(self, num_new: int, num_prefix: int) -> None:
         """Record a request's chunk in the step."""
-        ...
-
-    def group_time_s(self, group: int) -> float:
-        """Predicted time of one KVP group's part of the step so far (0 when time is not budgeted)."""
         ...
 
 
@@ -67,7 +60,7 @@ class Chunking(Protocol):
 class TokenBudget:
     """At most num_tokens new tokens per step, first come first served in the scheduler's order."""
 
-    def __init__(self, num_tokens: int, estimate: Estimate | None = None):
+    def __init__(self, num_tokens: int, estimate: StepEstimate | None = None):
         self.num_tokens_left = num_tokens
         self.estimate = estimate
         """Predicted time of the step so far, when a latency model is known (for the simulator)."""
@@ -76,27 +69,23 @@ class TokenBudget:
     def is_full(self) -> bool:
         return self.num_tokens_left == 0
 
-    def fit(self, num_prefix: int, max_new: int, yield_share: float, groups: tuple[int, ...] = ()) -> int:
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
         return min(max_new, self.num_tokens_left)
 
-    def add(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> None:
+    def add(self, num_new: int, num_prefix: int) -> None:
         self.num_tokens_left -= num_new
         if self.estimate is not None:
-            self.estimate.add(num_new, num_prefix, groups)
-
-    def group_time_s(self, group: int) -> float:
-        return 0.0
+            self.estimate.add(num_new, num_prefix)
 
 
-def _largest_fit(est: Estimate, num_prefix: int, cap: int, limit_s: float, least: int,
-                 groups: tuple[int, ...] = ()) -> int:
+def _largest_fit(est: StepEstimate, num_prefix: int, cap: int, limit_s: float, least: int) -> int:
     """The largest chunk of k × GRANULARITY tokens, least <= k and k × GRANULARITY < cap, that the step
     (est, plus the chunk over num_prefix tokens) is predicted to fit within limit_s; least ×
     GRANULARITY tokens when none does. Binary search: a chunk's time only grows with its size."""
     lo, hi = least, (cap - 1) // GRANULARITY
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if est.time_with_s(mid * GRANULARITY, num_prefix, groups) <= limit_s:
+        if est.time_with_s(mid * GRANULARITY, num_prefix) <= limit_s:
             lo = mid
         else:
             hi = mid - 1
@@ -110,23 +99,21 @@ class TimeBudget(TokenBudget):
     could not fit even alone, the step's first multi-token chunk still gets GRANULARITY tokens so that
     an infeasible SLO slows prefills down instead of starving them."""
 
-    def __init__(self, num_tokens: int, estimate: Estimate, budget_s: float):
+    def __init__(self, num_tokens: int, estimate: StepEstimate, budget_s: float):
         super().__init__(num_tokens, estimate)
         self._est = estimate
         self.budget_s = budget_s
         self._has_multi_token_chunk = False
 
-    def fit(self, num_prefix: int, max_new: int, yield_share: float, groups: tuple[int, ...] = ()) -> int:
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
         cap = min(max_new, self.num_tokens_left)
         est = self._est
         if cap <= 1:
             return cap
-        # what this request's groups have used so far; under KVP the others run beside them
-        used_s = max((est.group_time_s(g) for g in groups), default=0.0) if groups else est.time_s
-        limit_s = self.budget_s - yield_share * max(0.0, self.budget_s - used_s)
-        if est.time_with_s(cap, num_prefix, groups) <= limit_s:
+        limit_s = self.budget_s - yield_share * max(0.0, self.budget_s - est.time_s)
+        if est.time_with_s(cap, num_prefix) <= limit_s:
             return cap
-        size = _largest_fit(est, num_prefix, cap, limit_s, 0, groups)
+        size = _largest_fit(est, num_prefix, cap, limit_s, least=0)
         if size == 0 and not self._has_multi_token_chunk and self._is_infeasible(num_prefix, cap):
             return min(GRANULARITY, cap)
         return size
@@ -136,12 +123,9 @@ class TimeBudget(TokenBudget):
         return (self._est.time_s > self.budget_s
                 or alone.time_with_s(min(GRANULARITY, cap), num_prefix) > self.budget_s)
 
-    def add(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> None:
-        super().add(num_new, num_prefix, groups)
+    def add(self, num_new: int, num_prefix: int) -> None:
+        super().add(num_new, num_prefix)
         self._has_multi_token_chunk |= num_new > 1
-
-    def group_time_s(self, group: int) -> float:
-        return self._est.group_time_s(group)
 
 
 class PipelineBudget(TokenBudget):
@@ -167,7 +151,7 @@ class PipelineBudget(TokenBudget):
         work_s = self._est.model.prefill_work_s(0, num_prompt_tokens) / pp
         return h + math.sqrt(work_s * h / (pp - 1))
 
-    def fit(self, num_prefix: int, max_new: int, yield_share: float, groups: tuple[int, ...] = ()) -> int:
+    def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
         """A power of two from PIPELINE_MIN_CHUNK up (or a remainder under it): few chunk lengths, whose
         cuDNN plans the worker builds at start-up. Built per chunk, mid-prefill, they were the most
         of what this policy lost (call35: 309 chunks of 128 lengths, 152.6 s against 140.3 s)."""
@@ -218,7 +202,7 @@ class AdaptiveChunking:
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
-            return TimeBudget(self.max_num_tokens, self.model.grouped_estimate(), self.budget_s / self.feedback.factor)
+            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s / self.feedback.factor)
         if self._tapers:
             return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages,
                                   self._stage_overhead_s)

@@ -400,15 +400,6 @@ class LatencyModel:
     def estimate(self) -> StepEstimate:
         return StepEstimate(self)
 
-    def grouped_estimate(self) -> GroupedEstimate | StepEstimate:
-        """An estimate that knows which KVP groups run each request (`GroupedEstimate`); with one group,
-        the plain one."""
-        return GroupedEstimate(self, self.layout.kvp) if self.layout.kvp > 1 else StepEstimate(self)
-
-    def merge_s(self, num_merge_tokens: int) -> float:
-        """KVP's gathers in a step with num_merge_tokens new tokens of multi-group requests (0: none)."""
-        return self._merge_fixed_s + self._merge_per_token_s * num_merge_tokens if num_merge_tokens else 0.0
-
     def step_time_s(self, chunks: Iterable[tuple[int, int]]) -> float:
         """Predicted time of a step of (num_new_tokens, num_prefix_tokens) per request."""
         est = self.estimate()
@@ -462,9 +453,8 @@ class StepEstimate:
         return self._time_s(self.chunk_attention_s, self.num_tokens, self.num_seqs, self.num_decodes,
                             self.decode_prefix_tokens, self.decode_max_prefix, self.num_merge_tokens)
 
-    def time_with_s(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> float:
-        """The step's time if one more request with these counts joined it (`groups`: see
-        `GroupedEstimate`; one group runs everything here)."""
+    def time_with_s(self, num_new: int, num_prefix: int) -> float:
+        """The step's time if one more request with these counts joined it."""
         shard = self.model.shard_prefix(num_prefix)
         merge = self.num_merge_tokens + (num_new if shard < num_prefix else 0)
         if num_new == 1:
@@ -474,10 +464,7 @@ class StepEstimate:
                             self.num_tokens + num_new, self.num_seqs + 1, self.num_decodes,
                             self.decode_prefix_tokens, self.decode_max_prefix, merge)
 
-    def group_time_s(self, group: int) -> float:
-        return self.time_s
-
-    def add(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> None:
+    def add(self, num_new: int, num_prefix: int) -> None:
         shard = self.model.shard_prefix(num_prefix)
         if shard < num_prefix:
             self.num_merge_tokens += num_new
@@ -501,53 +488,10 @@ class StepEstimate:
             t = costs.base_s(num_tokens, num_seqs, num_decodes) + chunk_attention_s
             if num_decodes:
                 t += costs.decode_attention_s(num_decodes, decode_prefix_tokens, decode_max_prefix)
-        return t + m._comm_fixed_s + m._comm_per_token_s * num_tokens + m.merge_s(num_merge_tokens)
-
-
-class GroupedEstimate:
-    """Predicted time of a step under KVP, where each group runs only the requests it holds KV of: a
-    request on one group is that group's work alone, and a request over several runs its layers on
-    each of them (attention over each one's shard, then the merge). Groups run side by side, so the
-    step takes as long as its busiest group, plus the merge's gathers when a multi-group request is in
-    it. (`StepEstimate` alone costs a step as if every group ran every request: in a kvp=4 server,
-    short prompts on a free group and a long prompt's chunk on another were budgeted as one sum, and
-    a step held a single short prompt; call58's trace.)
-
-    `groups` names the groups a request runs on; () means every group (a caller that does not know), and
-    with every request so, this is `StepEstimate` exactly."""
-
-    __slots__ = ("groups", "model", "num_merge_tokens")
-
-    def __init__(self, model: LatencyModel, num_groups: int):
-        self.model = model
-        self.groups = [StepEstimate(model) for _ in range(num_groups)]
-        self.num_merge_tokens = 0
-
-    @property
-    def time_s(self) -> float:
-        return max(g.time_s for g in self.groups) + self.model.merge_s(self.num_merge_tokens)
-
-    def group_time_s(self, group: int) -> float:
-        """The predicted time of one group's part of the step so far."""
-        return self.groups[group].time_s
-
-    def time_with_s(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> float:
-        """The time of the request's groups with it (the others' does not change, and a group already
-        over the budget is no reason to leave an idle one idle), plus the merge."""
-        shard, merge = self._shard(num_new, num_prefix, groups)
-        busiest = max(self.groups[g].time_with_s(num_new, shard) for g in groups or range(len(self.groups)))
-        return busiest + self.model.merge_s(merge)
-
-    def add(self, num_new: int, num_prefix: int, groups: tuple[int, ...] = ()) -> None:
-        shard, self.num_merge_tokens = self._shard(num_new, num_prefix, groups)
-        for g in groups or range(len(self.groups)):
-            self.groups[g].add(num_new, shard)
-
-    def _shard(self, num_new: int, num_prefix: int, groups: tuple[int, ...]) -> tuple[int, int]:
-        """The prefix its busiest group attends over, and the step's multi-group tokens with it."""
-        shard = self.model.shard_prefix(num_prefix)
-        is_multi = len(groups) > 1 if groups else shard < num_prefix
-        return shard, self.num_merge_tokens + (num_new if is_multi else 0)
+        t += m._comm_fixed_s + m._comm_per_token_s * num_tokens
+        if num_merge_tokens:
+            t += m._merge_fixed_s + m._merge_per_token_s * num_merge_tokens
+        return t
 
 
 def build_latency_model(model: ModelConfig, layout: Layout, device: str | DeviceSpec = "h100",

@@ -140,8 +140,7 @@ class Scheduler:
                 continue
             if is_running:
                 start = request.num_computed_tokens + request.num_inflight_tokens
-                groups = self._groups(request, start)
-                num_new = self._fit(step, request, start, shortest_after[i + 1], now, groups)
+                num_new = self._fit(step, request, start, shortest_after[i + 1], now)
                 if num_new == 0 or not self._reserve(request, num_new, scheduled):
                     continue
             else:
@@ -150,8 +149,8 @@ class Scheduler:
                     is_admitting = False  # a less urgent request must not overtake one blocked on memory
                 if not admitted:
                     continue
-                num_new, groups = admitted
-            step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens, groups)
+                num_new = admitted
+            step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
         plan = self._next_plan(new_requests, chunks)
@@ -170,10 +169,9 @@ class Scheduler:
             if request.request_id in self._preempted_ids or not self._can_decode_ahead(request):
                 continue
             start = request.num_tokens
-            groups = self._groups(request, start)
-            if step.fit(start, 1, 0.0, groups) == 0 or not self._reserve(request, 1, scheduled):
+            if step.fit(start, 1, 0.0) == 0 or not self._reserve(request, 1, scheduled):
                 continue
-            step.add(1, start, groups)
+            step.add(1, start)
             chunks.append(self._chunk(request, 1, []))
             scheduled.add(request.request_id)
         return self._next_plan([], chunks)
@@ -205,16 +203,10 @@ class Scheduler:
         ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: one-token chunks (decodes) first
         return ordered
 
-    def _groups(self, request: Request, start: int) -> tuple[int, ...]:
-        """The KVP groups that run a placed request's chunk from token `start` on: every group that
-        holds its tokens up to there (the chunk never crosses a group boundary)."""
-        return self.pool.active_group_ids(request.request_id, start + 1)
-
-    def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None, now_s: float,
-             groups: tuple[int, ...]) -> int:
-        """The request's chunk from token `start` on, run by KVP `groups`: the chunking policy's choice,
-        clipped at its next KVP group boundary. It yields part of the budget only when shorter work waits
-        behind it (`behind`, the request with the fewest tokens to compute after it in the order)."""
+    def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None, now_s: float) -> int:
+        """The request's chunk from token `start` on: the chunking policy's choice, clipped at its next
+        KVP group boundary. It yields part of the budget only when shorter work waits behind it
+        (`behind`, the request with the fewest tokens to compute after it in the order)."""
         max_new = request.num_tokens - start
         boundary = self.group_boundary(start) if self.group_boundary else None
         if boundary is not None:
@@ -222,10 +214,8 @@ class Scheduler:
         if max_new <= 0:
             return 0
         is_shorter = behind is not None and _tokens_to_compute(behind) < max_new
-        # Under KVP it yields on its own groups too: the step's length, not a group's room, is what a
-        # short prompt on another group waits for.
         share = self.policy.yield_share(request, now_s, behind) if is_shorter else 0.0
-        return step.fit(start, max_new, share, groups)
+        return step.fit(start, max_new, share)
 
     def stage_cleared(self, plan: StepPlan) -> None:
         """Pipeline stage 0 finished the plan's micro-batch: its requests' next chunks may be scheduled
@@ -273,32 +263,28 @@ class Scheduler:
             return None
         return request
 
-    def _admit(self, step: StepBudget, request: Request, behind: Request | None,
-               now_s: float) -> tuple[int, tuple[int, ...]] | int | None:
+    def _admit(self, step: StepBudget, request: Request, behind: Request | None, now_s: float) -> int | None:
         """Move a waiting request to running with blocks for its first chunk, if they are free, and
-        return the chunk's size and the KVP groups that run it: 0 if the budget has no room for it (it
-        stays waiting), None if the blocks are short. The longest cached prefix is reused and counts as
-        computed; if its KVP groups cannot take the request now, it is tried without it. A request
-        spanning several KVP groups reserves all it can ever need in each of them; a shorter one goes
-        to the group with the least work in this step so far."""
+        return the chunk's size: 0 if the budget has no room for it (it stays waiting), None if the
+        blocks are short. The longest cached prefix is reused and counts as computed; if its KVP
+        groups cannot take the request now, it is tried without it. A request spanning several KVP
+        groups reserves all it can ever need in each of them."""
         final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
         hit = self.pool.lookup(request)
         for attempt in (hit, NO_HIT) if hit.num_tokens else (hit,):
             # tokens computed before admission: 0, unless the caller wrote the prompt's KV by other means
             # (the benchmarks' random-KV mode, which times a 1M-token decode without its prefill)
             num_computed = max(attempt.num_tokens, request.num_computed_tokens)
-            placement = self.pool.placement_for(final_len, attempt, request.num_prompt_tokens, step.group_time_s)
-            groups = placement[:self.pool.num_groups_for(num_computed + 1)]
-            num_new = self._fit(step, request, num_computed, behind, now_s, groups)
+            num_new = self._fit(step, request, num_computed, behind, now_s)
             if num_new == 0:
                 return 0
-            if self.pool.admit(request, num_computed + num_new, final_len, attempt, placement):
+            if self.pool.admit(request, num_computed + num_new, final_len, attempt):
                 request.num_computed_tokens = num_computed
                 request.num_cached_tokens = min(attempt.num_tokens, request.num_prompt_tokens)
                 self.waiting.remove(request)
                 self.running.append(request)
                 self._running_ids.add(request.request_id)
-                return num_new, groups
+                return num_new
         return None
 
     def _reserve(self, request: Request, num_new: int, scheduled: set[str]) -> bool:

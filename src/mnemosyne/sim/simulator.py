@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from mnemosyne.config import EngineConfig, ModelConfig
@@ -29,18 +29,12 @@ class VirtualClock:
         return self.now_s
 
 
-GroupsOf = Callable[[str, int], tuple[int, ...]]
-"""(request id, a chunk's first token) -> the KVP groups that run the chunk."""
-
-
 class SimExecutor:
     """Stands in for the workers: lands a plan at once and says how long it would have taken.
-    Keeps, per request, only the number of tokens the workers would hold. With `groups_of` (under KVP),
-    a step takes as long as its busiest group (`GroupedEstimate`), as the scheduler predicts it."""
+    Keeps, per request, only the number of tokens the workers would hold."""
 
-    def __init__(self, latency: LatencyModel, groups_of: GroupsOf | None = None):
+    def __init__(self, latency: LatencyModel):
         self.latency = latency
-        self.groups_of = groups_of
         self._num_tokens: dict[str, int] = {}
 
     def execute(self, plan: StepPlan) -> tuple[StepResult, float]:
@@ -50,13 +44,12 @@ class SimExecutor:
             self._num_tokens.pop(request_id, None)
         for new in plan.new_requests:
             self._num_tokens[new.request_id] = len(new.token_ids)
-        estimate = self.latency.grouped_estimate() if self.groups_of else self.latency.estimate()
+        estimate = self.latency.estimate()
         sampled = []
         for chunk in plan.chunks:
             num_tokens = self._num_tokens[chunk.request_id] + len(chunk.new_token_ids)
             self._num_tokens[chunk.request_id] = num_tokens
-            groups = self.groups_of(chunk.request_id, chunk.start) if self.groups_of else ()
-            estimate.add(chunk.num_new_tokens, chunk.start, groups)
+            estimate.add(chunk.num_new_tokens, chunk.start)
             if chunk.start + chunk.num_new_tokens == num_tokens:
                 sampled.append(chunk.request_id)
         n = len(sampled)
@@ -117,9 +110,7 @@ def simulate(trace: Sequence[TraceRequest], config: EngineConfig, model: ModelCo
     # trace requests have no token ids (the sim gives them zeros): a prefix cache would match them all
     scheduler = build_scheduler(replace(config, enable_prefix_caching=False), model, capacity // config.block_size,
                                 max_model_len or config.max_model_len or longest, latency, clock)
-    placement = scheduler.pool
-    executor = SimExecutor(latency, (lambda request_id, start: placement.active_group_ids(request_id, start + 1))
-                           if placement.num_groups > 1 else None)
+    executor = SimExecutor(latency)
     pending = sorted(trace, key=lambda r: r.arrival_s)
     requests: list[Request] = []
     steps = StepSeries()
