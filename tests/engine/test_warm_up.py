@@ -11,7 +11,14 @@ def test_the_warm_up_prompt_runs_to_the_end_and_its_steps_are_not_observed():
               max_num_batched_tokens=256, warm_up=True)  # on, but the engine runs it on GPUs only
     engine = llm.engine
     feedback = engine.scheduler.chunking.feedback
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda *a, **k: plans.append(schedule(*a, **k)) or plans[-1]
     engine._warm_up()
+    engine.scheduler.schedule = schedule
+    chunks = [c for plan in plans for c in plan.chunks]
+    assert sum(c.num_new_tokens for c in chunks if c.num_new_tokens > 1) == 256  # the token cap's prefill
+    assert [c.num_new_tokens for c in chunks][-1] == 1  # and one decode, eager under pipeline stages
     assert not engine.has_unfinished_requests() and not engine._tracked
     assert feedback.num_observed == 0  # the first steps' one-time costs set no budget
     out = llm.generate(list(range(5, 261)), SamplingParams(max_tokens=3))  # the same length, served

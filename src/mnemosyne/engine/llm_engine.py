@@ -67,20 +67,22 @@ class LLMEngine:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        """One prompt of the token cap (random ids, one output token) run to completion before serving,
-        chunked as the scheduler chooses. The first steps of a fresh process ran slow: call55's
-        replay of a long prompt's arrival had a step at 1.56x its prediction, and the TBT feedback,
-        whose quantile over a short window is near its largest ratio, then cut the step budget by a
-        third for the steps after; serving runs saw such steps at the first long prompt (155 ms against
-        29 ms predicted). Here they cost start-up time, and their step times are not observed."""
-        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        """One prompt of the token cap (random ids, two output tokens: its prefill and one decode) run
+        to completion before serving, chunked as the scheduler chooses. The first steps of a fresh
+        process ran slow: call55's replay of a long prompt's arrival had a step at 1.56x its prediction,
+        and the TBT feedback, whose quantile over a short window is near its largest ratio, then cut the
+        step budget by a third for the steps after; serving runs saw such steps at the first long prompt
+        (155 ms against 29 ms predicted). Here they cost start-up time, and their step times are not
+        observed. The decode compiles what an eager decode needs: under pipeline stages (no CUDA graphs)
+        the Triton GEMV compiled at a 1M prompt's first decode, 0.1-0.2 s on each stage (call58)."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 2)
         if num_tokens < 1:
             return
         started = time.perf_counter()
         ids = np.random.default_rng(self.config.seed).integers(self.model_config.vocab_size, size=num_tokens,
                                                                dtype=np.int32)
         try:
-            self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=1, ignore_eos=True),
+            self.add_request(array("i", ids.tobytes()), SamplingParams(max_tokens=2, ignore_eos=True),
                              WARM_UP_REQUEST_ID)
         except ValueError as e:  # a KV cache too small to ever hold it
             logger.info("no warm-up prompt: %s", e)
