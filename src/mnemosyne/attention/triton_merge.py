@@ -52,9 +52,10 @@ def merge_parts(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor],
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact LSE merge of any number of partial attention results over disjoint keys, in one pass:
     each part is read once, the sum is kept in float32 and rounded to dtype once. Merged two at a
-    time, a chunk over a 1M-token prefix (its causal part and 8 power-of-two pieces) took 0.33 ms a
-    layer in float32 passes (an H200, `benchmarks/prefix_pieces.py`): about 1.5 s of each stage's
-    busy time in a 1M prefill at pp=4, nearly all of its time beyond its GEMMs and attention (call58).
+    time through a float32 running result, a chunk over a 700K-1M prefix (its causal part and 5-8
+    power-of-two pieces) spent 0.23-0.47 ms a layer merging (an H200, `benchmarks/prefix_pieces.py`,
+    call58): about 1.5 s of each stage's busy time in a 1M prefill at pp=4, nearly all that the
+    fastest stage spent beyond its GEMMs and attention. In one pass, 0.11-0.21 ms (call59).
 
     outs: [C, H, D] each, with a contiguous last axis; lses: [C, H] float32 each (any strides; a
     part that differs in strides from the first is copied). Returns out [C, H, D] in dtype and lse
