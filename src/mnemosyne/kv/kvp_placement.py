@@ -210,7 +210,7 @@ class KvpPlacement:
         miss; the request's block hashes are computed HASH_BATCH at a time as the run needs them."""
         pool, run, hashes = self.pools[group], [], request.block_hashes
         for i in range(start, end):
-            if i == len(hashes):
+            if i >= len(hashes):
                 extend_block_hashes(hashes, request.token_ids, self.block_size, min(end, i + HASH_BATCH))
             block = pool.cached_block(hashes[i])
             if block is None:
