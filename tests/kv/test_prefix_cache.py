@@ -262,11 +262,11 @@ def test_a_lookup_hashes_the_prompt_only_as_far_as_its_hit_goes():
 
     sched = make(blocks_per_group=1024)
     doc = list(range(1, 1 + BLOCK * (2 * HASH_BATCH + 10)))  # a prefix of 2 batches and more
-    first = add(sched, "first", doc + [7])
+    first = add(sched, "first", [*doc, 7])
     assert len(first.block_hashes) == HASH_BATCH  # nothing cached: one batch
     while "first" in sched.requests:
         land(sched, sched.schedule())
-    second = add(sched, "second", doc + [8, 9])
+    second = add(sched, "second", [*doc, 8, 9])
     assert second.num_cached_tokens == len(doc)  # the whole cached prefix, across batches
     want: list[bytes] = []
     extend_block_hashes(want, second.token_ids, BLOCK, len(second.block_hashes))
