@@ -33,7 +33,7 @@ DT = torch.bfloat16
 SCALE = D ** -0.5
 
 
-def _events_ms(fn, repeats: int) -> list[float]:
+def events_ms(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -114,7 +114,7 @@ def attention_variant(variant: str, context: int, chunk: int) -> dict:
     rows = []
     for prefix in range(0, context, chunk):
         cold = _wall_ms(lambda p=prefix: call(p))
-        warm = statistics.median(_events_ms(lambda p=prefix: call(p), 5))
+        warm = statistics.median(events_ms(lambda p=prefix: call(p), 5))
         flops = 4 * chunk * (prefix + chunk / 2) * HQ * D
         rows.append({"prefix": prefix, "cold_ms": cold, "warm_ms": warm, "tflops": flops / warm / 1e9})
     return {"variant": variant, "rows": rows}
@@ -171,7 +171,7 @@ def fold_sweep(prefix: int = 65536) -> list[dict]:
         row = {"chunk": chunk}
         for name, fn in (("fold", folded), ("gqa", gqa)):
             fn()
-            ms = statistics.median(_events_ms(fn, 10))
+            ms = statistics.median(events_ms(fn, 10))
             row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
         rows.append(row)
     return rows
@@ -187,7 +187,7 @@ def gemms(chunk: int) -> dict:
     for name, (inp, n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda", dtype=DT)
         F.linear(inp, w)
-        ms = statistics.median(_events_ms(lambda inp=inp, w=w: F.linear(inp, w), 10))
+        ms = statistics.median(events_ms(lambda inp=inp, w=w: F.linear(inp, w), 10))
         out[name] = {"ms": ms, "tflops": 2 * chunk * n * k / ms / 1e9}
     return out
 

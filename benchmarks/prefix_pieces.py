@@ -21,23 +21,7 @@ import json
 import statistics
 
 import torch
-
-HQ, HKV, D = 32, 8, 128
-DT = torch.bfloat16
-SCALE = D ** -0.5
-
-
-def _events_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from benchmarks.prefill_anatomy import DT, HKV, HQ, SCALE, D, events_ms
 
 
 def measure(chunk: int, prefix: int, k_cache: torch.Tensor, v_cache: torch.Tensor, repeats: int) -> dict:
@@ -77,10 +61,9 @@ def measure(chunk: int, prefix: int, k_cache: torch.Tensor, v_cache: torch.Tenso
     for fn in (engine, lambda: parts(True)):  # plans first
         fn()
     found = parts(False)
-    times = {"engine": _events_ms(engine, repeats), "kernels": _events_ms(lambda: parts(False), repeats),
-             "merge": _events_ms(lambda: merge(found), repeats),
-             "pairwise": _events_ms(lambda: pairwise(found), repeats),
-             "whole": _events_ms(lambda: merge(parts(True)), repeats)}
+    variants = {"engine": engine, "kernels": lambda: parts(False), "merge": lambda: merge(found),
+                "pairwise": lambda: pairwise(found), "whole": lambda: merge(parts(True))}
+    times = {name: statistics.median(events_ms(fn, repeats)) for name, fn in variants.items()}
     flops = 4 * chunk * (prefix + chunk / 2) * HQ * D
     return {"chunk": chunk, "prefix": prefix, "num_pieces": len(pieces), "ms": times,
             "tflops": {k: flops / (v * 1e-3) / 1e12 for k, v in times.items()}}
