@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mnemosyne.executor.step_profiler import StepProfiler
+from mnemosyne.plan import ScheduledChunk, StepPlan
 
 
 def test_the_window_covers_the_chosen_steps_only(tmp_path):
@@ -53,3 +55,26 @@ def test_a_window_past_the_last_step_is_written_when_the_worker_stops(tmp_path):
     assert "aten::matmul" in text
     profiler.close()  # nothing left open: nothing more written
     assert [f.name for f in tmp_path.iterdir()] == ["rank0.txt"]
+
+
+def _plan(step_id: int, start: int) -> StepPlan:
+    return StepPlan(step_id, (), (ScheduledChunk("r", start, 16, (), ()),), ())
+
+
+def test_at_n_opens_the_window_at_the_first_chunk_that_starts_that_far_in(tmp_path):
+    profiler = StepProfiler(0, torch.device("cpu"), f"{tmp_path}:@1000:2")
+    marks = []
+    for i, start in enumerate([0, 500, 999, 1000, 10, 2000, 3000]):
+        profiler.before_step(_plan(i, start))
+        torch.ones(16, 16).sum()
+        marks.append(profiler._profiler is not None)
+        profiler.after_step()
+    assert marks == [False, False, False, True, True, False, False]  # steps 3 and 4, then closed for good
+    assert (tmp_path / "rank0.txt").read_text().startswith("2 steps: wall ")
+
+
+def test_unknown_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown option"):
+        StepProfiler(0, torch.device("cpu"), f"{tmp_path}:0:1:trace:cpu")
+    # `cuda` on a CPU worker profiles the host, as without it
+    assert StepProfiler(0, torch.device("cpu"), f"{tmp_path}:0:1:cuda").device_only is False

@@ -1,9 +1,12 @@
 """A window of a worker's steps under torch.profiler, for finding where a step's time goes on the
-device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT[:trace]]] profiles steps FIRST..FIRST+COUNT-1
+device: MNEMOSYNE_TORCH_PROFILE=DIR[:FIRST[:COUNT[:OPTION…]]] profiles steps FIRST..FIRST+COUNT-1
 (default 50, 10) and writes DIR/rank<R>.txt: kernels by total device time, with the window's wall
-time and device-busy time per step; with `trace`, also DIR/rank<R>.json, a Chrome trace (tens of MB
-and minutes to write for a window of large steps, so it is opt-in). A later engine of the same
-process writes rank<R>-1, rank<R>-2, … Off when the variable is unset."""
+time and device-busy time per step. FIRST as `@N` opens the window at the first step that holds a
+chunk starting at token N or later (a long prompt's later chunks, wherever in a run they fall).
+Options: `trace`, also DIR/rank<R>.json, a Chrome trace (tens of MB and minutes to write for a
+window of large steps, so it is opt-in); `cuda`, device activity only, so that the profiler's own
+host cost per operator does not lengthen a launch-bound step. A later engine of the same process
+writes rank<R>-1, rank<R>-2, … Off when the variable is unset."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mnemosyne.plan import StepPlan
 
 ENV = "MNEMOSYNE_TORCH_PROFILE"
 
@@ -25,16 +30,29 @@ class StepProfiler:
         if not spec:
             self.out_dir = None
             return
-        directory, *numbers = spec.split(":")
+        directory, *fields = spec.split(":")
         self.out_dir = Path(directory)
-        self.first = int(numbers[0]) if numbers else 50
-        self.count = int(numbers[1]) if len(numbers) > 1 else 10
-        self.trace = len(numbers) > 2 and numbers[2] == "trace"
+        first = fields[0] if fields else "50"
+        self.min_start = int(first[1:]) if first.startswith("@") else None
+        """Open at the first step with a chunk starting at this token or later (FIRST as `@N`)."""
+        self.first = 0 if self.min_start is not None else int(first)
+        self.count = int(fields[1]) if len(fields) > 1 else 10
+        options = set(fields[2:])
+        if options - {"trace", "cuda"}:
+            raise ValueError(f"{ENV}: unknown option(s) {sorted(options - {'trace', 'cuda'})}; known: trace, cuda")
+        self.trace = "trace" in options
+        self.device_only = "cuda" in options and device.type == "cuda"
 
-    def before_step(self) -> None:
-        if self.out_dir is None or self._step != self.first:
+    def before_step(self, plan: StepPlan | None = None) -> None:
+        if self.out_dir is None:
             return
-        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.min_start is not None:
+            if plan is None or all(c.start < self.min_start for c in plan.chunks):
+                return
+            self.first, self.min_start = self._step, None  # the trigger: the window opens here
+        if self._step != self.first:
+            return
+        activities = [] if self.device_only else [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize(self.device)

@@ -167,7 +167,7 @@ class Worker:
         watch = self.compile_watch
         if watch is not None and not watch.armed and any(c.request_id != WARM_UP_REQUEST_ID for c in plan.chunks):
             watch.arm()  # start-up is over: the worker's warm-up, its graphs and the engine's start-up prompt
-        self._profiler.before_step()
+        self._profiler.before_step(plan)
         step = self.runner.launch(plan)
         self._profiler.after_step()
         return step
