@@ -9,7 +9,7 @@ from mnemosyne.request import Request, SamplingParams
 from mnemosyne.scheduler.chunking import Chunking
 from mnemosyne.scheduler.latency_model import DEVICES, LatencyModel, Layout
 from mnemosyne.scheduler.policy import FCFS, Policy
-from mnemosyne.scheduler.scheduler import GroupBoundary, Scheduler, SchedulerLimits, WorkFn
+from mnemosyne.scheduler.scheduler import GroupBoundary, Scheduler, SchedulerLimits
 
 
 class FakeClock:
@@ -45,11 +45,10 @@ def synthetic_model(layout: Layout | None = None) -> LatencyModel:
 
 def make_scheduler(policy: Policy | None = None, chunking: Chunking | None = None, num_blocks: int = 1 << 16,
                    block_size: int = 16, budget: int = 1 << 20, max_seqs: int = 64, max_len: int = 1 << 22,
-                   group_boundary: GroupBoundary | None = None,
-                   work_s: WorkFn | None = None) -> tuple[Scheduler, FakeClock]:
+                   group_boundary: GroupBoundary | None = None) -> tuple[Scheduler, FakeClock]:
     clock = FakeClock()
     sched = Scheduler(SchedulerLimits(budget, max_seqs, max_len), BlockPool(num_blocks, block_size),
-                      policy or FCFS(), clock, chunking, group_boundary, work_s)
+                      policy or FCFS(), clock, chunking, group_boundary)
     return sched, clock
 
 

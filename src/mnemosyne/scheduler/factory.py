@@ -46,4 +46,4 @@ def build_scheduler(config: EngineConfig, model: ModelConfig, num_kv_blocks: int
                              config.enable_prefix_caching)
     boundary = kvp_group_boundary(placement.group_max_tokens) if placement.num_groups > 1 else None
     limits = SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
-    return Scheduler(limits, placement, policy, clock, chunking, boundary, work_s=latency.prefill_work_s)
+    return Scheduler(limits, placement, policy, clock, chunking, boundary)

@@ -29,6 +29,11 @@ class Policy(Protocol):
         each request given a chunk while shorter work waits."""
         ...
 
+    def rides_along(self, request: Request, behind: Request) -> bool:
+        """Whether `behind`'s work is so small beside this request's that it is yielded to even when
+        it has more tokens left than this request's remainder (RIDE_ALONG_WORK). Pure."""
+        ...
+
 
 RIDE_ALONG_WORK = 0.01
 """A request yields --rho-max, whatever its slack, to waiting work of at most this share of its own
@@ -115,6 +120,9 @@ class FCFS:
     def yield_share(self, request: Request, now_s: float, behind: Request) -> float:
         return 0.0
 
+    def rides_along(self, request: Request, behind: Request) -> bool:
+        return False
+
 
 class _SlackPolicy:
     """Shared by the deadline-aware policies: a sort key, and yielding in proportion to slack."""
@@ -132,7 +140,7 @@ class _SlackPolicy:
     def yield_share(self, request: Request, now_s: float, behind: Request) -> float:
         # Work that costs this request next to nothing rides along whatever its slack: a late long
         # prompt would otherwise hold every short one back until that one's own deadline.
-        if self.deadlines.remaining_work_s(behind) <= RIDE_ALONG_WORK * self.deadlines.total_work_s(request):
+        if self.rides_along(request, behind):
             return self.rho_max
         # Slowing down by a share s stretches the remaining work w to w / (1 - s); that stays within
         # the slack while s <= slack / (slack + w).
@@ -140,6 +148,10 @@ class _SlackPolicy:
         if slack <= 0:
             return 0.0
         return min(self.rho_max, slack / (slack + self.deadlines.remaining_work_s(request)))
+
+
+    def rides_along(self, request: Request, behind: Request) -> bool:
+        return self.deadlines.remaining_work_s(behind) <= RIDE_ALONG_WORK * self.deadlines.total_work_s(request)
 
 
 @register_policy("edf")

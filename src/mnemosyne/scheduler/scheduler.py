@@ -23,9 +23,6 @@ from mnemosyne.request import FinishReason, Request
 from mnemosyne.scheduler.chunking import Chunking, FixedChunking, StepBudget
 from mnemosyne.scheduler.policy import Policy
 
-WorkFn = Callable[[int, int], float]
-"""Predicted time to compute tokens [start, end) of one request alone (the step-time model's)."""
-
 GroupBoundary = Callable[[int], "int | None"]
 """Given a chunk's first token index, the index at which the next KVP group starts (the chunk must
 not cross it), or None."""
@@ -41,19 +38,13 @@ class SchedulerLimits:
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, pool: BlockPool | KvpPlacement, policy: Policy,
                  clock: Callable[[], float] = time.monotonic, chunking: Chunking | None = None,
-                 group_boundary: GroupBoundary | None = None, work_s: WorkFn | None = None):
+                 group_boundary: GroupBoundary | None = None):
         self.limits = limits
         self.pool = pool if isinstance(pool, KvpPlacement) else KvpPlacement(1, pool.num_blocks, pool.block_size)
         """The KV blocks of every KVP group (one group: a single pool) and where each request sits."""
         self.policy = policy
         self.chunking = chunking or FixedChunking(limits.max_num_batched_tokens)
         self.group_boundary = group_boundary
-        self.work_s = work_s
-        """Judges which of two requests has less prefill left, for yielding (None: fewer tokens). By
-        tokens, a long prompt's last few hundred tokens, each attending over its whole prefix, looked
-        shorter than a short prompt of a thousand, so it yielded nothing to it: on one H200 a short
-        prompt arriving in a 162K-token prompt's last 0.3 s waited 0.25 s for its first token, against
-        0.11 s at the p99 of the rest (call62)."""
         self.clock = clock
         self.max_model_len = min(limits.max_model_len, self.pool.max_request_tokens)
         """The longest request the cache can ever hold, whatever else runs."""
@@ -135,7 +126,7 @@ class Scheduler:
         new_requests: list[NewRequest] = []
         scheduled: set[str] = set()
         candidates = self._candidates(now)
-        shortest_after = _shortest_after(candidates, self._left)
+        shortest_after = _shortest_after(candidates)
         is_admitting = True
         for i, request in enumerate(candidates):
             if step.is_full:
@@ -222,10 +213,11 @@ class Scheduler:
             max_new = min(max_new, boundary - start)
         if max_new <= 0:
             return 0
-        if self.work_s is None:
-            is_shorter = behind is not None and _tokens_to_compute(behind) < max_new
-        else:
-            is_shorter = behind is not None and self._left(behind) < self.work_s(start, request.num_tokens)
+        # Shorter by tokens, or riding along: a long prompt's last few hundred tokens, each over its
+        # whole prefix, are fewer than a chat prompt's but far more work (call62: a short prompt that
+        # arrived in a 162K-token prompt's last 0.3 s waited 0.25 s for its first token).
+        is_shorter = behind is not None and (_tokens_to_compute(behind) < max_new
+                                             or self.policy.rides_along(request, behind))
         share = self.policy.yield_share(request, now_s, behind) if is_shorter else 0.0
         return step.fit(start, max_new, share)
 
@@ -267,13 +259,6 @@ class Scheduler:
         return updated
 
     # -- helpers ---------------------------------------------------------------------------
-    def _left(self, request: Request) -> float:
-        """What the request has left to compute: predicted work, or tokens without a model."""
-        num_left = _tokens_to_compute(request)
-        if self.work_s is None:
-            return num_left
-        return self.work_s(request.num_tokens - num_left, request.num_tokens)
-
     def _live(self, request_id: str, plan: StepPlan) -> Request | None:
         """The request the plan's work belongs to; None if it has finished, or was preempted after
         the plan was made (with several steps in flight a request can be preempted mid-flight)."""
@@ -378,18 +363,15 @@ def _tokens_to_compute(request: Request) -> int:
     return min(request.num_uncomputed_tokens, request.num_tokens - request.num_cached_tokens)
 
 
-def _shortest_after(requests: Sequence[Request], left: Callable[[Request], float]) -> list[Request | None]:
-    """[i] = the request among requests[i:] with the least left to compute (`left`), of those with any
-    tokens that may be scheduled now (not one whose tokens are all in flight, or whose previous chunk is
-    still in pipeline stage 0: yielding to it would leave the budget unused); one more entry, None, for
-    the end."""
+def _shortest_after(requests: Sequence[Request]) -> list[Request | None]:
+    """[i] = the request among requests[i:] with the fewest tokens left to compute, of those with any
+    that may be scheduled now (not one whose tokens are all in flight, or whose previous chunk is still
+    in pipeline stage 0: yielding to it would leave the budget unused); one more entry, None, for the
+    end."""
     shortest: list[Request | None] = [None] * (len(requests) + 1)
-    best_left = 0.0
     for i in range(len(requests) - 1, -1, -1):
         r, best = requests[i], shortest[i + 1]
-        if _tokens_to_compute(r) > 0 and not r.num_stage0_tokens and (best is None or (r_left := left(r)) < best_left):
-            shortest[i] = r
-            best_left = left(r) if best is None else r_left
-        else:
-            shortest[i] = best
+        schedulable = _tokens_to_compute(r) > 0 and not r.num_stage0_tokens
+        shortest[i] = r if schedulable and (best is None or _tokens_to_compute(r) < _tokens_to_compute(best)) \
+            else best
     return shortest
