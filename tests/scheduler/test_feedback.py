@@ -215,3 +215,23 @@ def test_a_small_step_that_runs_as_predicted_or_faster_is_judged_as_it_ran():
     assert judged_ratio(0.01, 0.008, 0.025) == pytest.approx(0.8)  # the model over-predicts: evidence kept
     assert judged_ratio(0.01, 0.03, 0.025) == pytest.approx(1.2)  # slow: by its excess over 25 ms
     assert judged_ratio(0.03, 0.06, 0.025) == 2.0  # near the budget: the plain ratio
+
+
+def test_a_factor_of_two_or_more_is_warned_about_with_its_ratios_at_most_every_ten_seconds(caplog):
+    now = [0.0]
+    feedback = StepTimeFeedback(clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="mnemosyne.scheduler.feedback"):
+        for _ in range(MIN_STEPS):
+            feedback.observe(0.02, 0.03)  # 1.5: under the threshold
+        assert feedback.factor == pytest.approx(1.5) and not caplog.records
+        for _ in range(MIN_STEPS):
+            feedback.observe(0.02, 0.05)  # 2.5
+        assert feedback.factor == pytest.approx(2.5)
+        now[0] = 9.0
+        feedback.observe(0.02, 0.05)  # within 10 s of the warning: silent
+        now[0] = 12.0
+        feedback.observe(0.02, 0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "correction is 2.50: steps are sized to 40% of the TBT budget" in messages[0]
+    assert messages[0].endswith("2.50")

@@ -43,7 +43,12 @@ shrank with it."""
 BOUNDS = (0.5, 4.0)
 """The factor's range: a model off by more than this is a wrong profile, not something to chase."""
 STALL_WARNING_S = 10.0
-"""At most one warning this often about steps that ran over BOUNDS[1] times their prediction."""
+"""At most one warning this often about steps that ran over BOUNDS[1] times their prediction, and one
+about a high factor."""
+HIGH_FACTOR = 2.0
+"""A factor from which on steps are sized to half the budget or less: warned about, with the ratios that
+set it. Two one-GPU servers of four with a 40 ms budget stalled (call63, call64: steps of about 17 ms,
+short prompts waiting 20-100 s, long prompts unfinished) and left nothing in their logs to tell why."""
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ class StepTimeFeedback:
         self._stalls = 0
         """Steps over BOUNDS[1] times their prediction since the last warning."""
         self._warned_s: float | None = None
+        self._high_warned_s: float | None = None
         self.quantile = quantile
         self.min_steps = min_steps
         self.factor = ratio_quantile(prior, quantile)
@@ -98,6 +104,18 @@ class StepTimeFeedback:
         self._ratios.append(judged_ratio(predicted_s, measured_s, near_s))
         if len(self._ratios) >= self.min_steps:
             self.factor = ratio_quantile(self._ratios, self.quantile)
+            if self.factor >= HIGH_FACTOR:
+                self._warn_high()
+
+    def _warn_high(self) -> None:
+        now_s = self._clock()
+        if self._high_warned_s is not None and now_s - self._high_warned_s < STALL_WARNING_S:
+            return
+        self._high_warned_s = now_s
+        top = sorted(self._ratios)[int(self.quantile * (len(self._ratios) - 1)):]
+        logger.warning("the step budget's correction is %.2f: steps are sized to %.0f%% of the TBT budget; the "
+                       "highest measured/predicted ratios of the last %d steps with a prefill chunk: %s",
+                       self.factor, 100 / self.factor, len(self._ratios), ", ".join(f"{r:.2f}" for r in top[-8:]))
 
     def _warn_stall(self, predicted_s: float, measured_s: float) -> None:
         # Such a step is no model error but a stall (a kernel compiled mid-serving, a pause on the
