@@ -38,6 +38,7 @@ from mnemosyne.engine.core_wire import (
 )
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.engine.outputs import RequestOutput
+from mnemosyne.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, pro
         pool = engine.scheduler.pool
         send(Ready(engine.model_name, engine.max_model_len, engine.scheduler.max_model_len,
                    engine.model_config.vocab_size, pool.num_blocks, pool.block_size))
+        freeze_startup_heap()
         EngineCore(engine, send, progress_s).run(inbox, parent_pid)
     except Exception as e:
         logger.exception("engine core failed")

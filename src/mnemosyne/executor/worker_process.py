@@ -22,6 +22,7 @@ from mnemosyne.distributed.topology import ParallelLayout, build_topology
 from mnemosyne.executor import wire
 from mnemosyne.executor.channel import ChannelAddresses, WorkerChannel
 from mnemosyne.executor.worker import Worker
+from mnemosyne.heap import freeze_startup_heap
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.plan import StageDone
 from mnemosyne.runner.model_runner import PendingStep
@@ -109,6 +110,7 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
     reports_stage = topology.tp_rank == 0 and (config.trace_file is not None or (
         topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
     stage_clock = StageClock(device, is_timed=config.trace_file is not None)
+    freeze_startup_heap()
     # Async scheduling: the engine may send a step's plan before the previous step's result; the output
     # rank queues it first and then reports the previous one, so the device runs back to back.
     is_async = config.async_scheduling and layout.pp_size == 1

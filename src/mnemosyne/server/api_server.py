@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.async_engine import AsyncEngine, EngineDeadError
+from mnemosyne.heap import freeze_startup_heap
 from mnemosyne.metrics.prometheus import CONTENT_TYPE, ServerMetrics
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.server.launch import ServerConfig
@@ -245,6 +246,7 @@ async def _serve(engine_config: EngineConfig, config: ServerConfig) -> int:
                                    timeout_graceful_shutdown=config.drain_timeout_s + _ABORT_GRACE_S,
                                    lifespan="off")
         server = _Server(uv_config, state)
+        freeze_startup_heap()
         watcher = asyncio.create_task(_watch_engine(engine, server))
         print(f"mnemosyne: serving {model_name} on http://{config.host}:{config.port} "
               f"(model loaded in {time.monotonic() - start_s:.1f} s)", file=sys.stderr, flush=True)
