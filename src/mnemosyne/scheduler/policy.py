@@ -149,7 +149,6 @@ class _SlackPolicy:
             return 0.0
         return min(self.rho_max, slack / (slack + self.deadlines.remaining_work_s(request)))
 
-
     def rides_along(self, request: Request, behind: Request) -> bool:
         return self.deadlines.remaining_work_s(behind) <= RIDE_ALONG_WORK * self.deadlines.total_work_s(request)
 
