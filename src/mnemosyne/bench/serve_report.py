@@ -195,9 +195,9 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
             if not c["num_requests"]:
                 continue
             lines.append(f"{label[:22]:<22} {name:<7} {c['num_requests']:>5} {c['num_errors']:>4} "
-                         f"{_s(c['ttft_s']['p50']):>9} {_s(c['ttft_s']['p99']):>9} {_ms(c['tbt_s']['p50']):>8} "
-                         f"{_ms(c['tbt_s']['p99']):>8} {_pct(c['ttft_attainment']):>8} "
-                         f"{_pct(c['tbt_attainment']):>8} {_pct(c['slo_attainment']):>8}")
+                         f"{_s(c['ttft_s']['p50']):>9} {_s(c['ttft_s']['p99']):>9} {format_ms(c['tbt_s']['p50']):>8} "
+                         f"{format_ms(c['tbt_s']['p99']):>8} {format_pct(c['ttft_attainment']):>8} "
+                         f"{format_pct(c['tbt_attainment']):>8} {format_pct(c['slo_attainment']):>8}")
             label = ""
         e, t, g = s["energy"], s["target"], s["throughput"]
         energy = "n/a" if e["joules"] is None else \
@@ -207,15 +207,15 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
         server = s.get("server") or {}
         if server:
             client = s["all"]["tbt_attainment"]
-            parts = [f"{what} within {_ms(h['bound_s'])} {_pct(h['share'])} of {h['count']:.0f}"
+            parts = [f"{what} within {format_ms(h['bound_s'])} {format_pct(h['share'])} of {h['count']:.0f}"
                      for key, what in (("step", "steps"), ("tbt", "API-process TBT")) if (h := server.get(key))]
             lines.append(f"    server (/metrics, every request): {'; '.join(parts)}; client TBT within SLO "
-                         f"{_pct(client)}")
+                         f"{format_pct(client)}")
         if t["ttft_ratio"] is not None:
             verdict = {True: "met", False: "missed", None: "n/a"}[t["is_met"]]
             lines.append(f"    target ({verdict}): short p99 TTFT during long prefill {_s(t['short_ttft_p99_during_long_s'])}"
                          f" = {t['ttft_ratio']:.2f}x solo {_s(t['solo_ttft_p99_s'])} (<= 2x); p99 TBT during long "
-                         f"prefill {_ms(t['short_tbt_p99_during_long_s'])}")
+                         f"prefill {format_ms(t['short_tbt_p99_during_long_s'])}")
     lines.append("short* = short requests that waited for their first token while a long prompt was prefilled; "
                  "SLO columns are attainment")
     return "\n".join(lines)
@@ -225,11 +225,11 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
-def _ms(value: float | None) -> str:
+def format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f}ms"
 
 
-def _pct(value: float | None) -> str:
+def format_pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 

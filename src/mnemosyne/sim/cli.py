@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: dict) -> str:
+    from mnemosyne.bench.serve_report import format_ms, format_pct  # with numpy: not at the CLI's start-up
+
     lines = [f"{'class':<6} {'n':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'TBT p50':>8} {'TBT p99':>8} "
              f"{'E2E p99':>9} {'TTFT SLO':>8} {'TBT SLO':>8}"]
     for name, label in (("all", "all"), ("short", "short"), ("long", "long"), ("short_during_long_prefill", "short*")):
@@ -114,8 +116,8 @@ def format_summary(summary: dict) -> str:
         tbt = c["tbt_s"]
         lines.append(
             f"{label:<6} {c['num_requests']:>6} {_s(c['ttft_s']['p50']):>9} {_s(c['ttft_s']['p99']):>9} "
-            f"{_ms(tbt['p50']):>8} {_ms(tbt['p99']):>8} {c['e2e_s']['p99']:>8.1f}s "
-            f"{_pct(c['ttft_attainment']):>8} {_pct(c.get('tbt_attainment')):>8}")
+            f"{format_ms(tbt['p50']):>8} {format_ms(tbt['p99']):>8} {c['e2e_s']['p99']:>8.1f}s "
+            f"{format_pct(c['ttft_attainment']):>8} {format_pct(c.get('tbt_attainment')):>8}")
     t = summary["throughput"]
     lines.append(f"{summary['num_steps']} steps, makespan {summary['makespan_s']:.1f}s (virtual), "
                  f"{t['output_tokens_per_s']:.0f} output tok/s, {t['prompt_tokens_per_s']:.0f} prompt tok/s, "
@@ -131,11 +133,3 @@ def _s(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1e3:.1f}ms"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
