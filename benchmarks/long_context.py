@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--reference", type=Path, help="layout_check.py JSON of tp=pp=kvp=1 on the shortened prompt")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (no floors, no memory)")
+    p.add_argument("--pipeline-depth", type=int, help="the engine's --pipeline-depth (default: 2 × pp)")
     p.add_argument("--trace-file", help="the engine's --trace-file: each stage's micro-batches, timed (each stage "
                                         "then waits for its kernels after every micro-batch, which costs some TTFT)")
     p.add_argument("-o", "--output", type=Path)
@@ -114,10 +115,11 @@ def main() -> None:
         kvp_group_max_tokens=group, max_model_len=max(args.context, args.check_len) + args.decode_steps + 64,
         dtype="bfloat16" if on_gpu else "float32", device=args.device, max_num_seqs=4,
         kv_cache_memory=None if on_gpu else 0.05, max_num_batched_tokens=args.chunk, chunking=args.chunking,
-        trace_file=args.trace_file))
+        trace_file=args.trace_file, pipeline_depth=args.pipeline_depth))
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "model": args.model, "tp": args.tp, "pp": args.pp, "kvp": args.kvp,
         "gpus": world, "context": args.context, "chunk": args.chunk, "chunking": args.chunking,
+        "pipeline_depth": engine.config.max_micro_batches,
         "kvp_group_max_tokens": group}
     try:
         cfg = engine.model_config

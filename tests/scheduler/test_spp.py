@@ -39,9 +39,11 @@ class SimulatedPipeline:
     """`num_stages` stages, each running micro-batches in submission order, STAGE_S each. Events
     come out in time order; waiting for them moves the fake clock."""
 
-    def __init__(self, num_stages: int, clock: FakeClock):
+    def __init__(self, num_stages: int, clock: FakeClock, stage_s=lambda plan, stage: STAGE_S):
         self.num_stages = num_stages
         self.clock = clock
+        self.stage_s = stage_s
+        """A micro-batch's time on a stage."""
         self.stage_free_s = [0.0] * num_stages
         self.num_tokens: dict[str, int] = {}
         """Token ids known per request, as a worker keeps them: the last one is sampled from."""
@@ -65,7 +67,7 @@ class SimulatedPipeline:
         ready_s = self.clock.now_s
         for stage in range(self.num_stages):
             start_s = max(ready_s, self.stage_free_s[stage])
-            ready_s = self.stage_free_s[stage] = start_s + STAGE_S
+            ready_s = self.stage_free_s[stage] = start_s + self.stage_s(plan, stage)
             self._push(ready_s, StageDone(plan.step_id, 0, stage, start_s, ready_s))
         self._push(ready_s, StepResult(plan.step_id, tuple(sampled), (7,) * len(sampled), (None,) * len(sampled)))
 
@@ -87,7 +89,8 @@ class SimulatedPipeline:
 
 
 def run(prompts: dict[str, int], num_stages: int, is_sequence_pipelined: bool, max_tokens: int = 4,
-        budget: int = 16, num_blocks: int = 256) -> tuple[SimulatedPipeline, dict[str, Request]]:
+        budget: int = 16, num_blocks: int = 256, depth: int | None = None,
+        stage_s=lambda plan, stage: STAGE_S) -> tuple[SimulatedPipeline, dict[str, Request]]:
     """Generate to completion as LLMEngine.step does; returns the pipeline's log and the requests."""
     clock = FakeClock()
     scheduler = Scheduler(SchedulerLimits(budget, 8, 4096), BlockPool(num_blocks, 4), FCFS(), clock)
@@ -96,12 +99,12 @@ def run(prompts: dict[str, int], num_stages: int, is_sequence_pipelined: bool, m
         requests[rid] = Request(rid, list(range(1, prompt_len + 1)),
                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_s=0.0)
         scheduler.add_request(requests[rid], seed=0)
-    executor = SimulatedPipeline(num_stages, clock)
-    pipeline = Pipeline(executor, scheduler, is_sequence_pipelined)
+    executor = SimulatedPipeline(num_stages, clock, stage_s)
+    pipeline = Pipeline(executor, scheduler, is_sequence_pipelined, depth=depth)
     for _ in range(10_000):
         if not scheduler.has_unfinished:
             return executor, requests
-        assert pipeline.num_inflight <= num_stages
+        assert pipeline.num_inflight <= pipeline.depth
         plan = scheduler.schedule() if pipeline.has_room else None
         for done_plan, result in pipeline.advance(plan):
             scheduler.update(done_plan, result)
@@ -126,6 +129,28 @@ def test_next_chunk_enters_while_the_previous_one_is_in_later_stages(num_stages)
     # All stages work on consecutive chunks at once: the prompt takes (chunks + stages - 1) stage times.
     assert requests["long"].metrics.first_token_s == (4 + num_stages - 1) * STAGE_S
     assert requests["long"].num_output_tokens == 4
+
+
+def test_stage0_runs_ahead_of_a_longer_chunk_in_later_stages():
+    """A long prompt's first chunk takes 4 stage times, the rest 1 (as chunks halve), and stage 0's GPU
+    is the slowest (the later stages take half its time). With one micro-batch in flight per stage,
+    stage 0 waits for that first chunk to leave the last stage before it takes a fifth, and the idle
+    is lost: the prompt is paced by stage 0. With the default depth (two per stage) it goes on at once,
+    and the faster stages catch up."""
+    def slow_first(plan, stage):
+        return (4 * STAGE_S if plan.step_id == 1 else STAGE_S) * (1.0 if stage == 0 else 0.5)
+
+    runs = {depth: run({"long": 256}, 4, True, max_tokens=1, depth=depth, stage_s=slow_first)
+            for depth in (4, None)}
+    (shallow, shallow_requests), (deep, deep_requests) = runs[4], runs[None]
+    # stage 0 frees at 4 s, then every second; with depth 4 the fifth chunk (step 5) waits for step 1's
+    # result: 4 s on stage 0 and 3 × 2 s on the others
+    assert [at_s for _, at_s, _ in chunk_log(shallow, "long")[:6]] == pytest.approx([0, 4, 5, 6, 10, 11])
+    assert [at_s for _, at_s, _ in chunk_log(deep, "long")[:6]] == pytest.approx([0, 4, 5, 6, 7, 8])
+    # 16 chunks: stage 0 busy 4 + 15 s, then the last chunk's trip through three stages of 0.5 s; with
+    # depth 4, stage 0's 3 s of waiting on top
+    assert deep_requests["long"].metrics.first_token_s == pytest.approx(19 + 3 * 0.5)
+    assert shallow_requests["long"].metrics.first_token_s == pytest.approx(19 + 3 * 0.5 + 3)
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
@@ -169,3 +194,15 @@ def test_preemption_mid_flight_loses_nothing(is_sequence_pipelined):
         assert request.num_output_tokens == 12
         assert request.num_inflight_tokens == request.num_stage0_tokens == 0
     assert sum(r.metrics.num_preemptions for r in requests.values()) > 0
+
+
+def test_pipeline_depth_defaults_to_two_per_stage_and_is_checked():
+    from mnemosyne.config import EngineConfig
+
+    assert EngineConfig(pipeline_parallel_size=4, device="cpu").max_micro_batches == 8
+    assert EngineConfig(pipeline_parallel_size=4, pipeline_depth=4, device="cpu").max_micro_batches == 4
+    assert EngineConfig(device="cpu").max_micro_batches == 1
+    with pytest.raises(ValueError, match="--pipeline-depth must be at least the stage count"):
+        EngineConfig(pipeline_parallel_size=4, pipeline_depth=3)
+    with pytest.raises(ValueError, match="--pipeline-depth needs more than one pipeline stage"):
+        EngineConfig(pipeline_depth=2)

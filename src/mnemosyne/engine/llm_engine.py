@@ -55,7 +55,8 @@ class LLMEngine:
                                          latency_model_for(config, self.model_config, info.device))
         trace = None if config.trace_file is None else PipelineTrace(
             config.trace_file, config.pipeline_parallel_size * config.kv_parallel_size)
-        self.pipeline = Pipeline(self.executor, self.scheduler, config.sequence_pipelining, trace)
+        self.pipeline = Pipeline(self.executor, self.scheduler, config.sequence_pipelining, trace,
+                                 config.max_micro_batches)
         self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
         """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)

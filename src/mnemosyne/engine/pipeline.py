@@ -1,5 +1,5 @@
-"""Micro-batches in flight through the pipeline stages, as the engine core sees them: at most one
-per stage, and a new one enters only when stage 0 is free. A stage-0 report releases the next
+"""Micro-batches in flight through the pipeline stages, as the engine core sees them: at most
+`depth` (by default two per stage), and a new one enters only when stage 0 is free. A stage-0 report releases the next
 chunks of the micro-batch's requests (sequence pipelining); results land in step order."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from mnemosyne.config import default_pipeline_depth
 from mnemosyne.engine.trace import PipelineTrace
 from mnemosyne.plan import StageDone, StepEvent, StepPlan, StepResult
 from mnemosyne.scheduler.scheduler import Scheduler
@@ -43,12 +44,16 @@ class Pipeline:
     """
 
     def __init__(self, executor: StepExecutor, scheduler: Scheduler, is_sequence_pipelined: bool,
-                 trace: PipelineTrace | None = None):
+                 trace: PipelineTrace | None = None, depth: int | None = None):
         self.executor = executor
         self.scheduler = scheduler
         self.is_sequence_pipelined = is_sequence_pipelined
         self.trace = trace
-        self.depth = executor.num_stages
+        self.depth = depth or default_pipeline_depth(executor.num_stages)
+        """Micro-batches in flight at most. With one per stage, stage 0 idled each time a long prompt's
+        chunks halved: it finished a short chunk while the later stages still ran longer ones, and waited
+        for the oldest to leave the last stage (call58's trace: three waits of 75-134 ms at each of the
+        four halvings of a 1M prefill at pp=4, 1.1 s of stage 0's time)."""
         self._inflight: dict[int, _MicroBatch] = {}
         """Step id -> micro-batch, oldest first."""
         self._freed_ids: tuple[str, ...] = ()

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from mnemosyne.bench.floors import prefill_flops
-from mnemosyne.config import EngineConfig, ModelConfig
+from mnemosyne.config import EngineConfig, ModelConfig, default_pipeline_depth
 from mnemosyne.planner.hardware import Gpu
 from mnemosyne.planner.interconnect import Interconnect, comm_costs
 from mnemosyne.scheduler.chunking import GRANULARITY, Chunking, make_chunking
@@ -148,13 +148,15 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
              sequence_pipelining: bool, dispatch_s: float) -> _Prefill:
     """With SPP, chunk i takes the same t_i on every stage: a proportionate flow shop, whose last chunk
     leaves the last stage after sum(t_i) + (pp - 1) max(t_i) when buffers are unlimited. The engine adds
-    three things. Stage 0 waits a dispatch for each plan. At most pp micro-batches are in flight, so
-    stage 0 may also wait for the oldest to cross every stage and hop; and for the same reason a short
-    chunk between longer ones (a remainder before a KVP group boundary) costs as much as its
-    neighbours, up to pp - 1 chunks of it. Without SPP: sum(pp t_i + hops_i). Tests check this against
-    an explicit chunk-by-chunk simulation of the pipeline."""
+    three things. Stage 0 waits a dispatch for each plan. At most D micro-batches are in flight (the
+    engine's default pipeline depth, 2 pp), so stage 0 may also wait for the oldest to cross every
+    stage and hop; and for the same reason a short chunk between longer ones (a remainder before a KVP
+    group boundary) may cost as much as its neighbours, up to pp - 1 - (D - pp) chunks of it (none at
+    D = 2 pp). Without SPP: sum(pp t_i + hops_i). Tests check this against an explicit chunk-by-chunk
+    simulation of the pipeline."""
     layout = candidate.layout
     pp, comm = layout.pp, lm.comm
+    depth = default_pipeline_depth(pp)
     sum_period = sum_step = busy = max_step = last_hops_s = 0.0
     stages: list[tuple[float, float, int]] = []  # per run: first and last chunk's stage time, chunks
     for run in chunk_runs(lm, candidate, context, group, sequence_pipelining, dispatch_s):
@@ -165,10 +167,13 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
         compute_s = total - run.num_chunks * hops_s  # every stage in turn
         sum_step += total
         first, last = (steps[0][1] - hops_s) / pp, (steps[-1][1] - hops_s) / pp
-        # Over pp chunks stage 0 either chains (t + dispatch each) or waits for the oldest to cross every
-        # stage (pp t_oldest + hops): growing chunk times leave less of the hops to wait for.
-        growth_s = (last - first) / max(1, run.num_chunks - 1) * (pp - 1) / 2
-        sum_period += compute_s / pp + run.num_chunks * max(dispatch_s, hops_s / pp - growth_s)
+        # Over D chunks stage 0 either chains (t + dispatch each) or waits for the oldest to cross every
+        # stage (pp t_oldest + hops): per chunk, (pp t_oldest + hops) / D - t of waiting, where growing
+        # chunk times leave the oldest shorter than the mean.
+        slope = (last - first) / max(1, run.num_chunks - 1)
+        oldest = (first + last) / 2 - slope * (depth - 1) / 2
+        wait_s = (pp * oldest + hops_s) / depth - (first + last) / 2
+        sum_period += compute_s / pp + run.num_chunks * max(dispatch_s, wait_s)
         stages.append((first, last, run.num_chunks))
         max_step = max(max_step, steps[0][1], steps[-1][1])
         busy += compute_s * layout.tp * active  # each stage of each active group works 1/pp of it
@@ -176,8 +181,10 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
     if not sequence_pipelining or pp == 1:
         ttft_s = sum_step
     else:
-        valleys = sum(min(n, pp - 1) * max(0.0, min(before[1], after[0]) - max(first, last))
-                      for before, (first, last, n), after in zip(stages, stages[1:], stages[2:], strict=False))
+        costly = pp - 1 - (depth - pp)  # valley chunks that wait on their neighbours
+        valleys = sum(min(n, costly) * max(0.0, min(before[1], after[0]) - max(first, last))
+                      for before, (first, last, n), after in zip(stages, stages[1:], stages[2:], strict=False)) \
+            if costly > 0 else 0.0
         max_stage = max(max(first, last) for first, last, _ in stages)
         ttft_s = sum_period + valleys + (pp - 1) * max_stage + last_hops_s
     return _Prefill(ttft_s, sum_step, max_step, sum(n for _, _, n in stages), busy)
