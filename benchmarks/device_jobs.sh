@@ -6,6 +6,11 @@ set -uo pipefail
 . benchmarks/device_env.sh
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 python3 benchmarks/gpu_jobs.py "benchmarks/jobs/$1" --deadline "${2:-560}" --out "$out/run"
+# The headline lines of every job on stdout too: the archive below may fail to come back (call67's
+# did, for want of disk on the receiving side), the call's output does not.
+for log in "$out"/run/logs/*.log; do
+  echo "== $(basename "$log" .log)"; grep -v -e '^\s*$' -e 'it/s\]' -e 's/it\]' "$log" | tail -n "${TAIL_LINES:-12}"
+done
 # Few files come back from a call, each at most 16 MiB: everything travels as one archive, less any
 # file over 4 MiB (named here), and in 15 MiB parts should it still be larger (cat results.tgz.* | tar -xz).
 find "$out/run" -type f -size +4M -printf 'dropped (over 4 MiB): %p %s bytes\n' -delete
