@@ -135,14 +135,14 @@ def test_stage0_runs_ahead_of_a_longer_chunk_in_later_stages():
     """A long prompt's first chunk takes 4 stage times, the rest 1 (as chunks halve), and stage 0's GPU
     is the slowest (the later stages take half its time). With one micro-batch in flight per stage,
     stage 0 waits for that first chunk to leave the last stage before it takes a fifth, and the idle
-    is lost: the prompt is paced by stage 0. With the default depth (two per stage) it goes on at once,
+    is lost: the prompt is paced by stage 0. With two per stage (--pipeline-depth 8) it goes on at once,
     and the faster stages catch up."""
     def slow_first(plan, stage):
         return (4 * STAGE_S if plan.step_id == 1 else STAGE_S) * (1.0 if stage == 0 else 0.5)
 
     runs = {depth: run({"long": 256}, 4, True, max_tokens=1, depth=depth, stage_s=slow_first)
-            for depth in (4, None)}
-    (shallow, shallow_requests), (deep, deep_requests) = runs[4], runs[None]
+            for depth in (None, 8)}
+    (shallow, shallow_requests), (deep, deep_requests) = runs[None], runs[8]
     # stage 0 frees at 4 s, then every second; with depth 4 the fifth chunk (step 5) waits for step 1's
     # result: 4 s on stage 0 and 3 × 2 s on the others
     assert [at_s for _, at_s, _ in chunk_log(shallow, "long")[:6]] == pytest.approx([0, 4, 5, 6, 10, 11])
@@ -196,11 +196,11 @@ def test_preemption_mid_flight_loses_nothing(is_sequence_pipelined):
     assert sum(r.metrics.num_preemptions for r in requests.values()) > 0
 
 
-def test_pipeline_depth_defaults_to_two_per_stage_and_is_checked():
+def test_pipeline_depth_defaults_to_one_per_stage_and_is_checked():
     from mnemosyne.config import EngineConfig
 
-    assert EngineConfig(pipeline_parallel_size=4, device="cpu").max_micro_batches == 8
-    assert EngineConfig(pipeline_parallel_size=4, pipeline_depth=4, device="cpu").max_micro_batches == 4
+    assert EngineConfig(pipeline_parallel_size=4, device="cpu").max_micro_batches == 4
+    assert EngineConfig(pipeline_parallel_size=4, pipeline_depth=8, device="cpu").max_micro_batches == 8
     assert EngineConfig(device="cpu").max_micro_batches == 1
     with pytest.raises(ValueError, match="--pipeline-depth must be at least the stage count"):
         EngineConfig(pipeline_parallel_size=4, pipeline_depth=3)

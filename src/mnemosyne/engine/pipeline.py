@@ -1,5 +1,5 @@
 """Micro-batches in flight through the pipeline stages, as the engine core sees them: at most
-`depth` (by default two per stage), and a new one enters only when stage 0 is free. A stage-0 report releases the next
+`depth` (by default one per stage), and a new one enters only when stage 0 is free. A stage-0 report releases the next
 chunks of the micro-batch's requests (sequence pipelining); results land in step order."""
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ class Pipeline:
         self.is_sequence_pipelined = is_sequence_pipelined
         self.trace = trace
         self.depth = depth or default_pipeline_depth(executor.num_stages)
-        """Micro-batches in flight at most. With one per stage, stage 0 idled each time a long prompt's
-        chunks halved: it finished a short chunk while the later stages still ran longer ones, and waited
+        """Micro-batches in flight at most. With one per stage, stage 0 idles each time a long prompt's
+        chunks halve: it finishes a short chunk while the later stages still run longer ones, and waits
         for the oldest to leave the last stage (call58's trace: three waits of 75-134 ms at each of the
-        four halvings of a 1M prefill at pp=4, 1.1 s of stage 0's time)."""
+        four halvings of a 1M prefill at pp=4, 1.1 s of stage 0's time). Twice as many did not shorten
+        that prefill (call68), so one per stage is the default."""
         self._inflight: dict[int, _MicroBatch] = {}
         """Step id -> micro-batch, oldest first."""
         self._freed_ids: tuple[str, ...] = ()

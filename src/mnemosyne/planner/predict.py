@@ -149,10 +149,10 @@ def _prefill(lm: LatencyModel, candidate: Candidate, context: int, group: int | 
     """With SPP, chunk i takes the same t_i on every stage: a proportionate flow shop, whose last chunk
     leaves the last stage after sum(t_i) + (pp - 1) max(t_i) when buffers are unlimited. The engine adds
     three things. Stage 0 waits a dispatch for each plan. At most D micro-batches are in flight (the
-    engine's default pipeline depth, 2 pp), so stage 0 may also wait for the oldest to cross every
-    stage and hop; and for the same reason a short chunk between longer ones (a remainder before a KVP
-    group boundary) may cost as much as its neighbours, up to pp - 1 - (D - pp) chunks of it (none at
-    D = 2 pp). Without SPP: sum(pp t_i + hops_i). Tests check this against an explicit chunk-by-chunk
+    engine's default pipeline depth, pp), so stage 0 may also wait for the oldest to cross every stage
+    and hop; and for the same reason a short chunk between longer ones (a remainder before a KVP group
+    boundary) may cost as much as its neighbours, up to pp - 1 - (D - pp) chunks of it (none from
+    D = 2 pp - 1 on). Without SPP: sum(pp t_i + hops_i). Tests check this against an explicit chunk-by-chunk
     simulation of the pipeline."""
     layout = candidate.layout
     pp, comm = layout.pp, lm.comm
