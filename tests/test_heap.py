@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from mnemosyne import heap
 from mnemosyne.heap import WARNING_INTERVAL_S, GcPauseWatch, freeze_startup_heap, watch_gc_pauses
 
 
@@ -26,6 +27,15 @@ def test_what_start_up_built_is_frozen_and_later_garbage_is_still_collected():
         assert gc.collect() >= 1  # a cycle made after the freeze is found and freed
     finally:
         gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _no_watch_left_behind():
+    """The process-wide watch that freeze_startup_heap installs is taken out again after each test."""
+    yield
+    if heap._watch is not None:
+        gc.callbacks.remove(heap._watch)
+        heap._watch = None
 
 
 def test_mnemosyne_gc_freeze_0_leaves_the_heap_unfrozen(monkeypatch):

@@ -229,6 +229,9 @@ class EngineConfig:
     """Seed for dummy weights and for requests that bring no seed of their own."""
     trace_file: str | None = None
     """Write a Chrome-trace JSON (Perfetto, chrome://tracing) here: each micro-batch on each (kvp, stage)."""
+    step_log: str | None = None
+    """Write one JSON line per step here, as the engine core landed it: its chunks and decodes, predicted
+    and measured time, and the step budget's correction (engine/step_log.py). Times nothing extra."""
     async_scheduling: bool = True
     """With one pipeline stage, plan each decode-only step while the previous one runs; the workers take
     its tokens from that step's samples on the device, so the GPU never waits for the host between

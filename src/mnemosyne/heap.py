@@ -26,12 +26,12 @@ WARNING_INTERVAL_S = 10.0
 def freeze_startup_heap() -> int:
     """Collect once, then move every object that survived into the permanent generation, which the
     collector never scans (`gc.freeze`); returns how many were frozen (0 with MNEMOSYNE_GC_FREEZE=0).
-    Objects created later are collected as usual. Either way, long collections are logged from now on."""
+    Objects created later are collected as usual. Either way, long collections are logged from now on
+    (not this first one, which comes before serving)."""
+    if os.environ.get("MNEMOSYNE_GC_FREEZE", "1") != "0":
+        gc.collect()
+        gc.freeze()
     watch_gc_pauses()
-    if os.environ.get("MNEMOSYNE_GC_FREEZE", "1") == "0":
-        return 0
-    gc.collect()
-    gc.freeze()
     return gc.get_freeze_count()
 
 

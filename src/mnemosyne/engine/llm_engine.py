@@ -19,6 +19,7 @@ from mnemosyne.config import EngineConfig
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.outputs import CompletionOutput, RequestOutput
 from mnemosyne.engine.pipeline import Pipeline
+from mnemosyne.engine.step_log import StepLog
 from mnemosyne.engine.trace import PipelineTrace
 from mnemosyne.models.loaders import resolve_model
 from mnemosyne.plan import WARM_UP_REQUEST_ID, StepPlan, StepResult, TokenLogprobs
@@ -57,6 +58,7 @@ class LLMEngine:
             config.trace_file, config.pipeline_parallel_size * config.kv_parallel_size)
         self.pipeline = Pipeline(self.executor, self.scheduler, config.sequence_pipelining, trace,
                                  config.max_micro_batches)
+        self.step_log = None if config.step_log is None else StepLog(config.step_log)
         self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
         """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
@@ -161,7 +163,11 @@ class LLMEngine:
         # pipeline stages, steps overlap and no call's time is one step's.
         step_s = time.perf_counter() - start_s if self.config.pipeline_parallel_size == 1 else None
         for done_plan, _ in finished:
-            self.scheduler.observe_step(done_plan, step_s if done_plan is plan and self._observes_steps else None)
+            measured_s = step_s if done_plan is plan and self._observes_steps else None
+            predicted_s = self.scheduler.observe_step(done_plan, measured_s)
+            if self.step_log is not None and self._observes_steps:
+                feedback = getattr(self.scheduler.chunking, "feedback", None)
+                self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor)
         return outputs
 
     @property
@@ -198,6 +204,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         try:
             self.pipeline.close()  # writes --trace-file
+            if self.step_log is not None:
+                self.step_log.close()
         finally:
             self.executor.shutdown()
 

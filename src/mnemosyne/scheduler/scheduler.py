@@ -190,13 +190,14 @@ class Scheduler:
         opens_group = self.group_boundary is not None and self.group_boundary(position - 1) == position
         return request.can_decode_ahead(self.max_model_len) and not opens_group
 
-    def observe_step(self, plan: StepPlan, measured_s: float | None) -> None:
+    def observe_step(self, plan: StepPlan, measured_s: float | None) -> float | None:
         """The plan's step is over, after measured_s of wall time (None: not measured, as under pipeline
         stages, where steps overlap). A step that held a prefill chunk tells the chunking how its
-        predicted time compared."""
+        predicted time compared. Returns that prediction (None for other steps)."""
         predicted_s = self._predicted_s.pop(plan.step_id, None)
         if predicted_s is not None and measured_s is not None:
             self.chunking.observe(predicted_s, measured_s)
+        return predicted_s
 
     def _candidates(self, now_s: float) -> list[Request]:
         ordered = self.policy.order([*self.running, *self.waiting], now_s)
