@@ -35,13 +35,17 @@ needs to beat cuDNN's at 4 tiles per kv head (about 180 TFLOP/s in that profile)
 (prefixes of 16K-256K), 0.8x at 256 tokens over 64K and more."""
 
 
-CUDNN_MIN_ROWS = 2048
+CUDNN_MIN_ROWS = 1024
 CUDNN_MIN_PREFIX = 4096
 """Under a raised split (`small_chunk_rows`, as when serving), a chunk of at least CUDNN_MIN_ROWS
-query rows per kv head (512 tokens at group 4) over a prefix of at least CUDNN_MIN_PREFIX tokens
-still goes to cuDNN: the H200 profiles measured the Triton kernel 2x slower there (2048 tokens over
-128K: 437 ms against 198 ms for 32 layers; 512 over 16K: 17.1 against 8.5 ms), while chunks without
-a long prefix, the short prompts that make steps launch-bound, stay in the one Triton launch."""
+query rows per kv head (256 tokens at group 4) over a prefix of at least CUDNN_MIN_PREFIX tokens
+still goes to cuDNN, while chunks without a long prefix, the short prompts that make steps
+launch-bound, stay in the one Triton launch. The H200 profiles measured the Triton kernel 2x slower
+at 512 tokens and more (2048 tokens over 128K: 437 ms against 198 ms for 32 layers; 512 over 16K:
+17.1 against 8.5 ms), and `gpu_kernels.py --only short` 0.80-0.83x cuDNN's speed at 256 tokens over
+64K-256K (1.04x over 16K). The bound was 512 tokens until call70's step log showed a long prompt's
+chunks of 320-480 tokens over a 30-40K prefix, on Triton, at 1.2-1.37x their predicted step time
+while its 512-token chunks, on cuDNN, ran at 1.0x: the profile interpolates across the routing."""
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
