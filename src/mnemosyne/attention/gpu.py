@@ -45,7 +45,9 @@ at 512 tokens and more (2048 tokens over 128K: 437 ms against 198 ms for 32 laye
 17.1 against 8.5 ms), and `gpu_kernels.py --only short` 0.80-0.83x cuDNN's speed at 256 tokens over
 64K-256K (1.04x over 16K). The bound was 512 tokens until call70's step log showed a long prompt's
 chunks of 320-480 tokens over a 30-40K prefix, on Triton, at 1.2-1.37x their predicted step time
-while its 512-token chunks, on cuDNN, ran at 1.0x: the profile interpolates across the routing."""
+while its 512-token chunks, on cuDNN, ran at 1.0x: the profile interpolates across the routing. (Its
+544-608-token chunks, on cuDNN too, ran at 1.19-1.27x in the steps right after a regime change, so
+the routing is not the whole of that lag; call71 with this bound: benchmarks/RESULTS.md.)"""
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
