@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,11 @@ def _on_rank(check: Callable[[comm.Group], Any], rank: int, world_size: int, por
     try:
         torch.set_num_threads(1)
         world = comm.init_world("gloo", f"tcp://127.0.0.1:{port}", rank, world_size, timeout_s=60)
-        results.put((rank, True, check(world)))
+        # by value: a tensor put on the queue as it is travels as a shared-memory handle that the parent
+        # fetches from this process, which may have exited by then (ConnectionResetError under load)
+        buffer = io.BytesIO()
+        torch.save(check(world), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException as e:
         results.put((rank, False, repr(e)))
         raise
@@ -45,4 +50,4 @@ def run_on_ranks(check: Callable[[comm.Group], Any], world_size: int, timeout_s:
                 p.kill()
     failed = {rank: value for rank, (ok, value) in answers.items() if not ok}
     assert not failed and all(p.exitcode == 0 for p in procs), (failed, [p.exitcode for p in procs])
-    return {rank: value for rank, (_, value) in answers.items()}
+    return {rank: torch.load(io.BytesIO(value), weights_only=False) for rank, (_, value) in answers.items()}
