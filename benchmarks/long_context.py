@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--reference", type=Path, help="layout_check.py JSON of tp=pp=kvp=1 on the shortened prompt")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (no floors, no memory)")
-    p.add_argument("--pipeline-depth", type=int, help="the engine's --pipeline-depth (default: 2 × pp)")
+    p.add_argument("--pipeline-depth", type=int, help="the engine's --pipeline-depth (default: pp)")
     p.add_argument("--trace-file", help="the engine's --trace-file: each stage's micro-batches, timed (each stage "
                                         "then waits for its kernels after every micro-batch, which costs some TTFT)")
     p.add_argument("-o", "--output", type=Path)

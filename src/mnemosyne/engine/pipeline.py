@@ -1,6 +1,7 @@
 """Micro-batches in flight through the pipeline stages, as the engine core sees them: at most
-`depth` (by default one per stage), and a new one enters only when stage 0 is free. A stage-0 report releases the next
-chunks of the micro-batch's requests (sequence pipelining); results land in step order."""
+`depth` (by default one per stage), and a new one enters only when stage 0 is free. A stage-0
+report releases the next chunks of the micro-batch's requests (sequence pipelining); results land
+in step order."""
 
 from __future__ import annotations
 
