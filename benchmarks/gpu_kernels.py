@@ -9,7 +9,11 @@ against cuBLAS for one-row linears at Llama-3-8B's projections (`--only gemv`, a
 and the prefill's GEMMs and attention in a burst against back to back for seconds, with the SM clock
 and board power (`--only gemm`: are they short of the 8192³ ceiling by shape, or by power?).
 
-    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|splits|gemv|gemm] [--retune]
+`--only routing` times serving's two chunk paths over the grid where `attention/gpu.py` chooses between
+them (CUDNN_MIN_ROWS, CUDNN_MIN_PREFIX), with cuDNN on the ragged path serving runs
+(TORCH_CUDNN_SDPA_AVOID_RECOMPILE), which `--only short` leaves off.
+
+    python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|routing|splits|gemv|gemm] [--retune]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
 import statistics
 
 import torch
@@ -273,6 +278,34 @@ def short_chunks_report(sms: int, retune: bool) -> None:
                   f"{flops / triton_ms / 1e9:4.0f} TFLOP/s ({config})")
 
 
+ROUTING_CHUNKS = (128, 192, 224, 256, 288, 320, 384, 448, 512, 640, 768, 1024, 1536)
+ROUTING_PREFIXES = (0, 4096, 8192, 16384, 24576, 32768, 49152, 65536, 131072)
+
+
+def routing_report(sms: int) -> None:
+    """One chunk over a prefix through each of serving's paths, per layer and for 32 layers: where
+    the measured crossover lies against the routing rule in force. Call70/71's step logs disagreed
+    with `--only short` (non-ragged cuDNN): a serving step with a 256-token chunk over 24-28K on
+    cuDNN took 42-54 ms, one with 224 tokens over 28-33K on Triton 25 ms."""
+    from mnemosyne.attention.gpu import CUDNN_MIN_PREFIX, CUDNN_MIN_ROWS
+
+    print(f"serving's chunk paths, cuDNN ragged={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE', '0')}: "
+          f"ms per layer (x32 layers); the rule now sends C >= {CUDNN_MIN_ROWS // (HQ // HKV)} over "
+          f"P >= {CUDNN_MIN_PREFIX} to cuDNN")
+    print(f"  {'C':>5} {'P':>7} {'cuDNN':>8} {'Triton':>8} {'x32 cuDNN':>10} {'x32 Triton':>10} {'faster':>7}")
+    crossover = {}
+    for prefix in ROUTING_PREFIXES:
+        for chunk in ROUTING_CHUNKS:
+            cudnn_ms, triton_ms, _ = short_case([chunk], prefix, sms)
+            faster = "Triton" if triton_ms < cudnn_ms else "cuDNN"
+            if faster == "cuDNN":
+                crossover.setdefault(prefix, chunk)
+            print(f"  {chunk:>5} {prefix:>7} {cudnn_ms:8.3f} {triton_ms:8.3f} {32 * cudnn_ms:10.2f} "
+                  f"{32 * triton_ms:10.2f} {faster:>7}")
+        torch.cuda.empty_cache()
+    print("  smallest chunk where cuDNN wins, by prefix:", crossover)
+
+
 GEMV_SHAPES = (("qkv", 6144, 4096, 0), ("o", 4096, 4096, 1), ("gate_up", 28672, 4096, 0), ("down", 4096, 14336, 1))
 """Llama-3-8B's projections [N, K] and the axis a tensor-parallel rank shards (0: column-, 1: row-parallel)."""
 GEMV_CALLS = 20
@@ -440,11 +473,13 @@ def gemm_report(matmul_tflops: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "splits", "gemv", "gemm"),
+    p.add_argument("--only", choices=("decode", "scattered", "chunk", "short", "routing", "splits", "gemv", "gemm"),
                    help="one section (default: all)")
     p.add_argument("--retune", action="store_true",
                    help="autotune the chunk kernel again for every shape (the engine tunes once per tile height)")
     args = p.parse_args()
+    if args.only == "routing":  # before the first cuDNN call: the process reads it once
+        os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ceilings = measure_ceilings(torch.device("cuda"))
     bw = ceilings.copy_bytes_per_s / 1e12
@@ -461,6 +496,8 @@ def main() -> None:
             print(f"  chunk={chunk:<5} prefix={prefix:<8} {ms:8.2f} ms  {tflops:6.0f} TFLOP/s")
     if args.only in (None, "short"):
         short_chunks_report(sms, args.retune)
+    if args.only == "routing":
+        routing_report(sms)
     if args.only in (None, "splits"):
         splits_report(sms, bw)
     if args.only in (None, "gemv"):
