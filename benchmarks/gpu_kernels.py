@@ -239,7 +239,7 @@ def short_case(chunks: list[int], prefix: int, sms: int, programs_per_sm: int = 
     def cudnn() -> None:
         for (start, end, base), c in zip(bounds, chunks, strict=True):
             chunk_attention(q[start:end], k[base + prefix:base + prefix + c], v[base + prefix:base + prefix + c],
-                            k, v, ((base, base + prefix),), D ** -0.5)
+                            k, v, ((base, base + prefix),) if prefix else (), D ** -0.5)
 
     table = short_chunks(meta, range(len(chunks)))
     splits = chunk_splits(table, HQ, HKV, sms, programs_per_sm)

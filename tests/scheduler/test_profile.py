@@ -48,3 +48,25 @@ def test_held_out_batches_stay_inside_the_measured_ranges():
         assert all(p <= QUICK_GRID.chunk_num_prefix[-1] for n, p in shapes if n > 1)
         assert sum(p for n, p in shapes if n == 1) <= QUICK_GRID.decode_prefix_tokens[-1]
         assert (kind == "decode") == all(n == 1 for n, _ in shapes)
+
+
+def test_step_timer_frees_requests_the_engine_left_on_the_worker():
+    """The GPU warm-up prompt's request stays on the worker until the next scheduled plan frees it,
+    which the profile never sends: its block-table row is one the largest timed batch needs."""
+    from mnemosyne.bench.profile import StepTimer
+    from mnemosyne.config import EngineConfig
+    from mnemosyne.engine.llm_engine import LLMEngine
+    from mnemosyne.request import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", max_num_seqs=4, max_model_len=256))
+    try:
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        runner = engine.executor.worker.runner
+        assert len(runner.requests) == 1  # finished, its release waiting for a plan
+        timer = StepTimer(engine.executor, engine.config.block_size, repeats=1)
+        assert timer.time_s([(1, 8)] * 4) > 0  # every row of max_num_seqs
+        assert len(runner.requests) == 4
+    finally:
+        engine.shutdown()

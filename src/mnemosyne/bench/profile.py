@@ -107,7 +107,10 @@ class StepTimer:
         self.is_cuda = executor.worker.device.type == "cuda"
         self._ids = itertools.count()
         self._steps = itertools.count(1)
-        self._live: tuple[str, ...] = ()
+        self._live: tuple[str, ...] = tuple(self.runner.requests)
+        """Requests live on the worker, freed by the next timed step: at first, any the engine left there.
+        Its GPU warm-up prompt's is, whose release rides on a next scheduled plan that the profile never
+        sends; the row it held made call72's profile fail at its 256-decode batch."""
         self.num_blocks = executor.info.num_kv_blocks
         self._next_block = 0
 
