@@ -10,7 +10,7 @@ and the prefill's GEMMs and attention in a burst against back to back for second
 and board power (`--only gemm`: are they short of the 8192³ ceiling by shape, or by power?).
 
 `--only routing` times serving's two chunk paths over the grid where `attention/gpu.py` chooses between
-them (CUDNN_MIN_ROWS, CUDNN_MIN_PREFIX), with cuDNN on the ragged path serving runs
+them (`attention/routing.py`), with cuDNN on the ragged path serving runs
 (TORCH_CUDNN_SDPA_AVOID_RECOMPILE), which `--only short` leaves off.
 
     python benchmarks/gpu_kernels.py [--only decode|scattered|chunk|short|routing|splits|gemv|gemm] [--retune]
@@ -287,12 +287,13 @@ def routing_report(sms: int) -> None:
     the measured crossover lies against the routing rule in force. Call70/71's step logs disagreed
     with `--only short` (non-ragged cuDNN): a serving step with a 256-token chunk over 24-28K on
     cuDNN took 42-54 ms, one with 224 tokens over 28-33K on Triton 25 ms."""
-    from mnemosyne.attention.gpu import CUDNN_MIN_PREFIX, CUDNN_MIN_ROWS
+    from mnemosyne.attention.routing import routes_to_triton
+    from mnemosyne.config import SERVING_TRITON_CHUNK_ROWS
 
     print(f"serving's chunk paths, cuDNN ragged={os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE', '0')}: "
-          f"ms per layer (x32 layers); the rule now sends C >= {CUDNN_MIN_ROWS // (HQ // HKV)} over "
-          f"P >= {CUDNN_MIN_PREFIX} to cuDNN")
-    print(f"  {'C':>5} {'P':>7} {'cuDNN':>8} {'Triton':>8} {'x32 cuDNN':>10} {'x32 Triton':>10} {'faster':>7}")
+          f"ms per layer (x32 layers), and the path attention/routing.py takes")
+    print(f"  {'C':>5} {'P':>7} {'cuDNN':>8} {'Triton':>8} {'x32 cuDNN':>10} {'x32 Triton':>10} {'faster':>7} "
+          f"{'routed':>7}")
     crossover = {}
     for prefix in ROUTING_PREFIXES:
         for chunk in ROUTING_CHUNKS:
@@ -300,8 +301,9 @@ def routing_report(sms: int) -> None:
             faster = "Triton" if triton_ms < cudnn_ms else "cuDNN"
             if faster == "cuDNN":
                 crossover.setdefault(prefix, chunk)
+            routed = "Triton" if routes_to_triton(chunk, HQ // HKV, prefix, SERVING_TRITON_CHUNK_ROWS) else "cuDNN"
             print(f"  {chunk:>5} {prefix:>7} {cudnn_ms:8.3f} {triton_ms:8.3f} {32 * cudnn_ms:10.2f} "
-                  f"{32 * triton_ms:10.2f} {faster:>7}")
+                  f"{32 * triton_ms:10.2f} {faster:>7} {routed:>7}")
         torch.cuda.empty_cache()
     print("  smallest chunk where cuDNN wins, by prefix:", crossover)
 

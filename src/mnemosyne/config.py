@@ -256,8 +256,9 @@ class EngineConfig:
     per prefix run. Default: 8192 (2048 tokens at group 4) with a --tbt-slo-ms, where steps mix decodes
     with several prefills and are bound by launches: on an H200, LARS TBT p50/p99 of 64/229 ms became
     38/93 ms (benchmarks/RESULTS.md); 512 otherwise, where cuDNN runs a lone prompt's chunks of 256
-    tokens or more faster (benchmarks/gpu_kernels.py --only short). Chunks of 256 tokens or more over
-    a prefix of 4K or more stay on cuDNN whatever the split (attention/gpu.py's CUDNN_MIN_ROWS)."""
+    tokens or more faster (benchmarks/gpu_kernels.py --only short). Whatever the split, chunks of 256
+    tokens or more over a long enough prefix (chunk × prefix of about 6M token pairs at group 4) stay
+    on cuDNN, where they measured faster (attention/routing.py)."""
     triton_gemv: bool = True
     """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
     (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""

@@ -154,12 +154,12 @@ def test_warm_up_runs_every_tile_height_before_serving(triton_device, monkeypatc
 
 def test_a_raised_split_keeps_long_chunks_over_long_prefixes_on_cudnn():
     """Under a TBT SLO's split (8192 rows), short prompts' chunks join the Triton launch, but a chunk of
-    256 tokens or more over a prefix of 4K or more stays on cuDNN, faster there on an H200."""
+    256 tokens or more over a long enough prefix (attention/routing.py) stays on cuDNN."""
     from mnemosyne.attention.gpu import SMALL_CHUNK_ROWS, GpuBackend
 
     serving = GpuBackend(num_sms=8, small_chunk_rows=8192)
-    assert serving._routes_to_triton(2048, 4, 0) and serving._routes_to_triton(2048, 4, 4095)  # a prompt's early chunks
-    assert not serving._routes_to_triton(2048, 4, 131072) and not serving._routes_to_triton(256, 4, 4096)
+    assert serving._routes_to_triton(2048, 4, 0) and serving._routes_to_triton(1024, 4, 4096)  # a prompt's early chunks
+    assert not serving._routes_to_triton(2048, 4, 131072) and not serving._routes_to_triton(256, 4, 24576)
     assert serving._routes_to_triton(255, 4, 131072) and serving._routes_to_triton(64, 4, 131072)  # LARS's small chunks
     assert not serving._routes_to_triton(2049, 4, 0)  # over the split
     lone = GpuBackend(num_sms=8)

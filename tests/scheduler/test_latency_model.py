@@ -151,3 +151,26 @@ def test_bad_profiles_and_devices_name_the_flag(tmp_path):
 def test_synthetic_model_used_by_the_other_tests_is_what_it_says():
     model = synthetic_model()
     assert model.step_time_s([(100, 1000)]) == pytest.approx(1e-3 + 1e-3 + 1e-8 * 100 * 1050)
+
+
+def test_a_gpu_profile_reads_cudnn_chunks_at_whole_waves_of_tiles(tmp_path):
+    """A chunk that the GPU backend sends to cuDNN pays for whole waves of query tiles: with 32 q heads
+    on 132 SMs, 600 tokens cost what 1024 do. The table is read there; Triton's chunks where they are."""
+    table = Profile(
+        model="dummy:llama-3-8b", device_name="NVIDIA H200", dtype="bfloat16", tp=1,
+        linear_num_tokens=(16, 4096), linear_s=(0.009, 0.095), per_seq_s=0.0,
+        chunk_num_new=(256, 512, 1024, 2048), chunk_num_prefix=(0, 65536),
+        chunk_s=((0.001, 0.033), (0.001, 0.034), (0.002, 0.065), (0.004, 0.120)),
+        decode_num_decodes=(1, 8), decode_prefix_tokens=(100, 1000),
+        decode_attention_s=((0.001, 0.002), (0.004, 0.012)), decode_step_s=((0.011, 0.012), (0.02, 0.03)))
+    gpu = replace(table, num_sms=132, num_q_heads=32, num_kv_heads=8, triton_chunk_rows=8192)
+    gpu.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == gpu
+    costs, before = Profiled(gpu), Profiled(table)
+    assert costs.cost_tokens(600, 65536) == 1024 and costs.chunk_attention_s(600, 65536) == pytest.approx(0.065)
+    assert before.chunk_attention_s(600, 65536) == pytest.approx(0.034 + 0.031 * 88 / 512)  # a profile without SMs
+    assert costs.cost_tokens(300, 65536) == 512  # one wave, as 512 tokens
+    assert costs.cost_tokens(224, 65536) == 224  # the Triton kernel's
+    assert costs.cost_tokens(600, 0) == 600 and costs.cost_tokens(1536, 4096) == 1536  # cuDNN, whole waves
+    assert costs.cost_tokens(1100, 4096) == 1100  # Triton's (1100 x 4096 token pairs)
+    assert Profiled(gpu, tp=2).cost_tokens(600, 65536) == 1024 and Profiled(gpu, tp=2).cost_tokens(1100, 65536) == 2048

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from mnemosyne.attention.backend import AttentionMetadata
+from mnemosyne.attention.routing import CUDNN_MIN_ROWS, routes_to_triton
 from mnemosyne.attention.triton_chunk import ShortChunks, chunk_splits, paged_chunks, short_chunks
 from mnemosyne.attention.triton_decode import MAX_SPLITS, decode_min_span, decode_splits, paged_decode
 from mnemosyne.attention.triton_merge import merge_parts
@@ -32,22 +33,8 @@ for the first. The Triton kernel splits the context instead. Up to about 200 row
 reading K/V (an H200 does about 200 FLOP per byte read); beyond, by its tensor-core throughput, which
 needs to beat cuDNN's at 4 tiles per kv head (about 180 TFLOP/s in that profile). Measured with
 `benchmarks/gpu_kernels.py --only short` on an H200: 1.5-11x faster than cuDNN up to 128 tokens
-(prefixes of 16K-256K), 0.8x at 256 tokens over 64K and more."""
-
-
-CUDNN_MIN_ROWS = 1024
-CUDNN_MIN_PREFIX = 4096
-"""Under a raised split (`small_chunk_rows`, as when serving), a chunk of at least CUDNN_MIN_ROWS
-query rows per kv head (256 tokens at group 4) over a prefix of at least CUDNN_MIN_PREFIX tokens
-still goes to cuDNN, while chunks without a long prefix, the short prompts that make steps
-launch-bound, stay in the one Triton launch. The H200 profiles measured the Triton kernel 2x slower
-at 512 tokens and more (2048 tokens over 128K: 437 ms against 198 ms for 32 layers; 512 over 16K:
-17.1 against 8.5 ms), and `gpu_kernels.py --only short` 0.80-0.83x cuDNN's speed at 256 tokens over
-64K-256K (1.04x over 16K). The bound was 512 tokens until call70's step log showed a long prompt's
-chunks of 320-480 tokens over a 30-40K prefix, on Triton, at 1.2-1.37x their predicted step time
-while its 512-token chunks, on cuDNN, ran at 1.0x: the profile interpolates across the routing. (Its
-544-608-token chunks, on cuDNN too, ran at 1.19-1.27x in the steps right after a regime change, so
-the routing is not the whole of that lag; call71 with this bound: benchmarks/RESULTS.md.)"""
+(prefixes of 16K-256K), 0.8x at 256 tokens over 64K and more. Under a raised split (serving), a chunk
+still goes to cuDNN where it measured faster there (`routing.py`)."""
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -290,8 +277,7 @@ class GpuBackend:
 
     def _routes_to_triton(self, num_new: int, group: int, num_prefix: int) -> bool:
         """Whether a chunk of num_new tokens over num_prefix cached ones goes to the Triton launch."""
-        rows = group * num_new
-        return rows <= self.small_chunk_rows and (rows < CUDNN_MIN_ROWS or num_prefix < CUDNN_MIN_PREFIX)
+        return routes_to_triton(num_new, group, num_prefix, self.small_chunk_rows)
 
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
         """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""

@@ -69,17 +69,19 @@ class Grid:
                        decode_prefix_tokens=clip(self.decode_prefix_tokens, max_kv_tokens))
 
 
-GPU_GRID = Grid(linear_num_tokens=(16, 64, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 4096, 8192,
-                                   16384),
-                chunk_num_new=(32, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192),
-                chunk_num_prefix=(0, 4096, 16384, 32768, 65536, 131072, 262144),
+GPU_GRID = Grid(linear_num_tokens=(16, *range(64, 2048, 64), *range(2048, 4096, 128), 4096, 8192, 16384),
+                chunk_num_new=(32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 3072,
+                               4096, 8192),
+                chunk_num_prefix=(0, 4096, 8192, 16384, 32768, 65536, 131072, 262144),
                 decode_num_decodes=(1, 4, 16, 64, 256), decode_prefix_tokens=(0, 32768, 131072, 524288),
                 repeats=3, num_check=45)
-"""Dense where a step budget binds when serving (50 ms is about 2,000 tokens on an H200): with linear
-points only at 1024 and 2048, whole short prompts of 1.3-1.6K tokens at prefix 0 ran at a median
-1.10x their prediction and up to 1.5x, those of 1.0-1.3K at 0.93x (call71's step logs, four servers),
-and were most of the steps over a 50 ms budget. Chunks of 256-640 tokens over 16-64K prefixes, a long
-prompt's in serving, ran at 1.1-2x between rows 256 and 512 and columns 16K and 64K."""
+"""Dense where a step budget binds when serving (50 ms is about 2,000 tokens on an H200). The linears'
+time steps with the token count (cuBLAS's tiles: 29.1 ms at 1280 tokens, 39.9 at 1536, call73), and
+between points at 1024 and 2048 whole short prompts of 1.3-1.6K tokens at prefix 0 ran at a median
+1.10x their prediction and up to 1.5x (call71's step logs), most of the steps over a 50 ms budget;
+points 256 apart left them at 1.1-1.3x (call73). Chunk rows at multiples of 512 are cuDNN's whole
+waves of tiles on an H200 (`Profiled.cost_tokens`), the rows between for the Triton kernel's
+smoother cost."""
 QUICK_GRID = Grid(linear_num_tokens=(16, 128), chunk_num_new=(32, 128), chunk_num_prefix=(0, 1024),
                   decode_num_decodes=(1, 8), decode_prefix_tokens=(0, 2048), repeats=2, num_check=9)
 
@@ -266,6 +268,11 @@ def _profile(engine: Any, config: EngineConfig, grid: Grid, top_prefix: int, top
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if output is not None:
         profile = measure(timer, grid, engine.model_name, device_name, engine.executor.info.dtype)
+        split = getattr(timer.runner.backend, "small_chunk_rows", None)
+        if split is not None and device.startswith("cuda"):  # the GPU backend: which chunks ran on cuDNN
+            profile = replace(profile, num_sms=torch.cuda.get_device_properties(device).multi_processor_count,
+                              num_q_heads=engine.model_config.num_heads,
+                              num_kv_heads=engine.model_config.num_kv_heads, triton_chunk_rows=split)
         profile.save(output)
         print(f"profile written to {output}")
     elif config.latency_profile is not None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
+from mnemosyne.attention.routing import cudnn_cost_tokens, routes_to_triton
 from mnemosyne.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,15 @@ class Profile:
     check_ratios: tuple[float, ...] = ()
     """measured / predicted of the held-out batches with a prefill chunk that `profile --check` timed
     (read from its saved report; empty: not checked): the feedback's factor before a run has its own."""
+    num_sms: int = 0
+    """The GPU's streaming multiprocessors (0: not recorded, a CPU profile or one from before), with the
+    model's heads and the Triton split below: which chunks ran on cuDNN, whose cost steps by whole
+    waves of query tiles (attention/routing.py), so that a chunk is read off the table where its
+    waves are."""
+    num_q_heads: int = 0
+    num_kv_heads: int = 0
+    triton_chunk_rows: int = 0
+    """The GPU backend's split when measured (EngineConfig.chunk_rows_to_triton)."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         Path(path).write_text(json.dumps({"version": 3, **asdict(self), **(extra or {})}, indent=1) + "\n")
@@ -237,6 +247,8 @@ class Profiled:
         self.profile = profile
         self.measured_tp = profile.tp
         self._scale = profile.tp / tp
+        self._q_heads = profile.num_q_heads * profile.tp // tp
+        """Query heads per rank at this tp: cuDNN's programs per query tile."""
 
     def base_s(self, num_tokens: int, num_seqs: int, num_decodes: int = 0) -> float:
         # per_seq_s is the cost of one more multi-token chunk (measured as 8 chunks against one of the
@@ -248,7 +260,20 @@ class Profiled:
 
     def chunk_attention_s(self, num_new: int, num_prefix: int) -> float:
         p = self.profile
-        return self._scale * _interp2(p.chunk_num_new, p.chunk_num_prefix, p.chunk_s, num_new, num_prefix)
+        return self._scale * _interp2(p.chunk_num_new, p.chunk_num_prefix, p.chunk_s,
+                                      self.cost_tokens(num_new, num_prefix), num_prefix)
+
+    def cost_tokens(self, num_new: int, num_prefix: int) -> int:
+        """Where a chunk's time is read off the table: a chunk that goes to cuDNN pays for whole waves
+        of query tiles, so 600 tokens cost what 1024 do on an H200; interpolated between the rows at
+        512 and 1024 instead, call71-73's 544-736-token chunks over 24-30K ran at 1.2-1.8x their
+        prediction, and the largest chunk within a budget tends to be just such a chunk. Rows at
+        multiples of the wave (the GPU grid's) are measured whole waves."""
+        p = self.profile
+        if not (p.num_sms and p.num_q_heads and p.num_kv_heads) or routes_to_triton(
+                num_new, p.num_q_heads // p.num_kv_heads, num_prefix, p.triton_chunk_rows):
+            return num_new
+        return cudnn_cost_tokens(num_new, self._q_heads, p.num_sms)
 
     def decode_attention_s(self, num_decodes: int, num_prefix_tokens: int, max_prefix: int) -> float:
         p = self.profile
