@@ -10,8 +10,8 @@ on its ragged path; 32 q heads, 8 kv heads, d=128), one chunk over a prefix, ms 
   waves (1.87), 1024 two (2.03), 1536 three (2.88). Over short prefixes it has a floor of about
   0.43 ms (its causal part, the prefix part and their merge: some dozen launches).
 - The Triton chunk kernel splits the context across the SMs instead, and its time grows with chunk ×
-  prefix: faster than cuDNN below about 6M token pairs (1536 tokens over 4K, 768 over 8K, 384 over
-  16K, 256 over 24K and more; 224 tokens over 128K are a tie).
+  prefix: faster than cuDNN below about 6M token pairs (cuDNN was faster from 1536 tokens over 4K,
+  1024 over 8K, 384 over 16K and 256 from 24K on; 224 tokens over 128K are a tie).
 
 The rule below takes the faster path at every point of that grid but one: 768 tokens over 8K go to
 cuDNN, 10% slower there than the Triton kernel.
@@ -27,8 +27,8 @@ CUDNN_MIN_ROW_KEYS = 24 << 20
 """Query rows per kv head × prefix tokens from which a chunk within the Triton split goes to cuDNN
 (about 6M token pairs at group 4): the measured crossover (call73). The rule before (256 tokens over
 a prefix of 4K or more) sent chunks of 256-1024 tokens over 4-16K to cuDNN at up to 4.5x the
-Triton kernel's time, and the serving step log (call71) showed such steps at 1.5-2x their
-prediction."""
+Triton kernel's time; in call71's serving step logs, steps with a chunk of 256-384 tokens over a
+16-32K prefix ran at 1.5-2x their prediction."""
 CUDNN_TILE_ROWS = 128
 """Query tokens per cuDNN program (one q head each)."""
 
