@@ -110,9 +110,9 @@ class StepTimer:
         self._ids = itertools.count()
         self._steps = itertools.count(1)
         self._live: tuple[str, ...] = tuple(self.runner.requests)
-        """Requests live on the worker, freed by the next timed step: at first, any the engine left there.
-        Its GPU warm-up prompt's is, whose release rides on a next scheduled plan that the profile never
-        sends; the row it held made call72's profile fail at its 256-decode batch."""
+        """Requests live on the worker, freed by the next timed step; at first, any the engine left there,
+        such as its GPU warm-up prompt, whose release rides on a next scheduled plan that the profile
+        never sends (the block-table row it held made call72's profile fail at its 256-decode batch)."""
         self.num_blocks = executor.info.num_kv_blocks
         self._next_block = 0
 
