@@ -235,7 +235,16 @@ class EngineConfig:
     async_scheduling: bool = True
     """With one pipeline stage, plan each decode-only step while the previous one runs; the workers take
     its tokens from that step's samples on the device, so the GPU never waits for the host between
-    decode steps. Steps with prefill work are still planned after the previous step lands."""
+    decode steps."""
+    async_prefill: bool = True
+    """With --async-scheduling and a step-time model: plan steps with prefill work ahead too, each
+    --ahead-lead-ms before the step in flight is expected to end, so that the GPU does not wait for the
+    host between them and a request that arrives meanwhile still joins the next step. Off, such steps are
+    planned once the previous one lands."""
+    ahead_lead_ms: float = 3.0
+    """How long before the step in flight is expected to end (its predicted time × the median measured /
+    predicted ratio of recent steps) the next one is planned and queued, under --async-prefill: the host's
+    time to plan and launch a step, with a margin. A request that arrives within it waits one more step."""
     warm_up: bool = True
     """GPU: before the first request, run one prompt of --max-num-batched-tokens random tokens through the
     engine, its step times kept from the TBT feedback: a process's first prefill steps pay one-time costs
@@ -307,6 +316,8 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "sdpa", "gpu"):
             raise ValueError(
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
+        if self.ahead_lead_ms < 0:
+            raise ValueError(f"--ahead-lead-ms must be 0 or more, got {self.ahead_lead_ms}")
         if self.pipeline_depth is not None and self.pipeline_depth < self.pipeline_parallel_size:
             raise ValueError(f"--pipeline-depth must be at least the stage count ({self.pipeline_parallel_size}), "
                              f"got {self.pipeline_depth}")

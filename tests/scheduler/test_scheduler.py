@@ -193,6 +193,44 @@ def test_a_decode_is_planned_ahead_of_the_step_that_samples_its_token():
     assert list(a.token_ids[10:]) == [5, 6, 8] and a.num_computed_tokens == 12
 
 
+def test_a_step_with_prompt_chunks_is_planned_ahead_around_the_decodes_in_flight():
+    """--async-prefill: ahead of a step in flight, a long prompt's next chunk, a decode of the token that
+    step samples (decodes first) and a request that arrived meanwhile, in one plan; the same tokens
+    land as in lockstep."""
+    sched, clock = make_scheduler(budget=16)
+    a = add(sched, clock, "a", 6, max_tokens=4)
+    long = add(sched, clock, "long", 40, max_tokens=2)
+    first = sched.schedule()
+    assert [(c.request_id, c.start, c.num_new_tokens) for c in first.chunks] == [("a", 0, 6), ("long", 0, 10)]
+    assert not sched.can_schedule_ahead()  # decodes alone: the long prompt's next chunk waits ...
+    sched.stage_cleared(first)
+    assert sched.can_schedule_ahead(with_chunks=True)  # ... unless chunks may be planned ahead
+    add(sched, clock, "b", 3)
+    ahead = sched.schedule(ahead=True, with_chunks=True)
+    assert [(c.request_id, c.start, c.num_new_tokens, c.new_token_ids) for c in ahead.chunks] == [
+        ("a", 6, 1, ()), ("long", 10, 15, ())]  # b does not fit the 16 tokens
+    assert not ahead.new_requests
+    finish_step(sched, first, token=5)
+    assert list(a.token_ids[6:]) == [5]
+    sched.stage_cleared(ahead)
+    following = sched.schedule(ahead=True, with_chunks=True)
+    assert [(c.request_id, c.start, c.num_new_tokens) for c in following.chunks] == [
+        ("a", 7, 1), ("long", 25, 15)]
+    finish_step(sched, ahead, token=6)
+    finish_step(sched, following, token=8)
+    assert list(a.token_ids[6:]) == [5, 6, 8] and long.num_computed_tokens == 40
+    last = sched.schedule()
+    assert [(c.request_id, c.start, c.num_new_tokens) for c in last.chunks] == [("a", 8, 1), ("long", 40, 1),
+                                                                                ("b", 0, 3)]
+
+
+def test_without_the_stage_cleared_a_prompt_chunk_is_not_planned_ahead():
+    sched, clock = make_scheduler(budget=8)
+    add(sched, clock, "long", 20)
+    sched.schedule()
+    assert [c.request_id for c in sched.schedule(ahead=True, with_chunks=True).chunks] == []
+
+
 def test_no_decode_is_planned_ahead_past_max_tokens():
     sched, clock = make_scheduler(budget=16)
     a = add(sched, clock, "a", 6, max_tokens=2)

@@ -82,16 +82,20 @@ class EngineCore:
 
     def step(self) -> bool:
         """Run one engine step and report it; False if there was nothing to schedule."""
-        start_s = time.perf_counter()
         outputs = self.engine.step()
-        step_s = time.perf_counter() - start_s
         plan = self.engine.last_plan
         if not outputs and (plan is None or not plan.chunks):
             return False
+        landed = self.engine.landed
+        if not outputs and not landed:
+            return True  # returned early to take in arrivals before the next step is planned
         deltas = [self._delta(out) for out in outputs]
         for delta in deltas:
             self._last_report_s.pop(delta.request_id, None)  # it has tokens now: no more progress
-        num_tokens, num_requests = (plan.num_tokens, len(plan.chunks)) if plan is not None else (0, 0)
+        step_s, num_tokens, num_requests = 0.0, 0, 0
+        if landed:
+            done_plan, step_s = landed[-1]
+            num_tokens, num_requests = done_plan.num_tokens, len(done_plan.chunks)
         self.send(StepReport(deltas, self._progress(), self._stats(step_s, num_tokens, num_requests)))
         self._is_stats_stale = False
         return True

@@ -1,7 +1,9 @@
 """LLMEngine: the step loop. One step = schedule, execute, update, emit; with pipeline stages a
 step submits one micro-batch and lands whatever finished meanwhile (engine/pipeline.py). With one
-stage and async scheduling, a decode-only step is planned and queued while the previous one runs, so
-the device does not wait for the host between decode steps."""
+stage and async scheduling, the next step is planned and queued while the previous one runs, so the
+device does not wait for the host between steps: a decode-only step at once, a step with prefill work
+(--async-prefill) just before the step in flight should end, so that requests arriving meanwhile
+join it."""
 
 from __future__ import annotations
 
@@ -61,6 +63,17 @@ class LLMEngine:
         self.step_log = None if config.step_log is None else StepLog(config.step_log)
         self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
         """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
+        self.plans_prefill_ahead = self.is_async and config.async_prefill
+        """And steps with prefill work, --ahead-lead-ms before the step in flight should end."""
+        self._ahead_lead_s = config.ahead_lead_ms / 1e3
+        self._began_s: dict[int, float] = {}
+        """Step id -> when its planning began, for steps in flight."""
+        self._submitted_s: dict[int, float] = {}
+        """Step id -> when it was queued, for steps in flight."""
+        self._last_landed_s: float | None = None
+        self.landed: list[tuple[StepPlan, float]] = []
+        """The steps the latest `step` call landed, each with its time: as the scheduler's feedback
+        measured it (one stage), else the call's."""
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -146,29 +159,82 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and submit a micro-batch if stage 0 is free, wait for the pipeline to move, and
-        return the outputs of the steps that finished (none, while the first micro-batches fill it)."""
-        start_s = time.perf_counter()
+        return the outputs of the steps that finished (none, while the first micro-batches fill it).
+
+        With async scheduling, the next step is planned while the one in flight runs. Under
+        --async-prefill this call may instead return early, with nothing landed, when it is too soon to
+        plan it: the caller takes in new requests and calls again, and they join that step."""
+        began_s = time.perf_counter()
         plan = self.scheduler.schedule() if self.pipeline.has_room else None
         if plan is not None:
-            self.pipeline.submit(plan)
-        if self.is_async and self.pipeline.num_inflight == 1 and self.scheduler.can_schedule_ahead():
-            self.pipeline.submit(self.scheduler.schedule(ahead=True))  # queued behind the step in flight
-        finished = self.pipeline.advance(None)
+            self._submit(plan, began_s)
+        timeout_s = self._plan_ahead() if self.is_async and self.pipeline.num_inflight == 1 else None
+        finished = self.pipeline.advance(None, timeout_s)
+        landed_s = time.perf_counter()
         outputs = []
         for done_plan, result in finished:
             updated = self.scheduler.update(done_plan, result)
             self._record_logprobs(result, {request.request_id for request in updated})
             outputs += [self._emit(request) for request in updated]
-        # One stage: this call ran its plan start to end, the time between its decodes' tokens. With
-        # pipeline stages, steps overlap and no call's time is one step's.
-        step_s = time.perf_counter() - start_s if self.config.pipeline_parallel_size == 1 else None
+        self.landed = []
         for done_plan, _ in finished:
-            measured_s = step_s if done_plan is plan and self._observes_steps else None
+            measured_s = self._measured_s(done_plan, landed_s)
+            self.landed.append((done_plan, landed_s - began_s if measured_s is None else measured_s))
+            if not self._observes_steps:
+                continue
             predicted_s = self.scheduler.observe_step(done_plan, measured_s)
-            if self.step_log is not None and self._observes_steps:
+            if self.step_log is not None:
                 feedback = getattr(self.scheduler.chunking, "feedback", None)
                 self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor)
         return outputs
+
+    def _submit(self, plan: StepPlan, began_s: float) -> None:
+        if self.pipeline.submit(plan) is not None:
+            self._began_s[plan.step_id] = began_s
+            self._submitted_s[plan.step_id] = time.perf_counter()
+
+    def _plan_ahead(self) -> float | None:
+        """Plan the next step while the one in flight runs, if it may be planned now. Returns how long to
+        wait for the step in flight before returning to the caller, who takes in arrivals and calls
+        again (it is too soon to plan: see `_expected_end_s`), or None to wait until it lands."""
+        inflight = self.pipeline.oldest_plan
+        expected_end_s = self._expected_end_s(inflight) if self.plans_prefill_ahead and inflight else None
+        if expected_end_s is None:  # decode-only steps, planned as soon as the previous one is queued
+            if self.scheduler.can_schedule_ahead():
+                self._submit(self.scheduler.schedule(ahead=True), time.perf_counter())
+            return None
+        wait_s = expected_end_s - self._ahead_lead_s - time.perf_counter()
+        if wait_s > 0:
+            return wait_s
+        self.scheduler.stage_cleared(inflight)  # one stage: the device runs the next step after it
+        if self.scheduler.can_schedule_ahead(with_chunks=True):
+            began_s = time.perf_counter()
+            self._submit(self.scheduler.schedule(ahead=True, with_chunks=True), began_s)
+        return None
+
+    def _expected_end_s(self, plan: StepPlan) -> float | None:
+        """When the step in flight should land: from its start (its submission, or the landing of the
+        step it was queued behind), its predicted time × the median measured / predicted ratio of
+        recent steps. None without a prediction."""
+        predicted_s = self.scheduler.predicted_s(plan.step_id)
+        submitted_s = self._submitted_s.get(plan.step_id)
+        if predicted_s is None or submitted_s is None:
+            return None
+        feedback = getattr(self.scheduler.chunking, "feedback", None)
+        started_s = max(submitted_s, self._last_landed_s or submitted_s)
+        return started_s + predicted_s * (feedback.typical if feedback is not None else 1.0)
+
+    def _measured_s(self, plan: StepPlan, landed_s: float) -> float | None:
+        """A landed step's time as its decodes saw it (one stage): since the previous step landed, or
+        since its own planning began if the engine was idle in between. Steps planned ahead run back to
+        back, so this is their device time plus any wait for the host. None under pipeline stages,
+        where steps overlap."""
+        began_s = self._began_s.pop(plan.step_id, landed_s)
+        self._submitted_s.pop(plan.step_id, None)
+        if self.config.pipeline_parallel_size > 1:
+            return None
+        previous_s, self._last_landed_s = self._last_landed_s, landed_s
+        return landed_s - (began_s if previous_s is None else max(began_s, previous_s))
 
     @property
     def last_plan(self) -> StepPlan | None:

@@ -75,19 +75,28 @@ class Pipeline:
     def num_inflight(self) -> int:
         return len(self._inflight)
 
-    def advance(self, plan: StepPlan | None) -> list[tuple[StepPlan, StepResult]]:
+    @property
+    def oldest_plan(self) -> StepPlan | None:
+        """The plan of the oldest micro-batch in flight, the next to land."""
+        return next((m.plan for m in self._inflight.values()), None)
+
+    def advance(self, plan: StepPlan | None, timeout_s: float | None = None) -> list[tuple[StepPlan, StepResult]]:
         """Submit `plan` (if it has chunks), then wait until the pipeline moves: a micro-batch clears
-        stage 0 or a step finishes. Returns the finished steps, oldest first, for `scheduler.update`;
-        stage-0 reports have already gone to the scheduler. Returns at once when nothing is in flight."""
+        stage 0 or a step finishes, or timeout_s passes (None: no limit). Returns the finished steps,
+        oldest first, for `scheduler.update`; stage-0 reports have already gone to the scheduler.
+        Returns at once when nothing is in flight."""
         if plan is not None:
             self.submit(plan)
         finished: list[tuple[StepPlan, StepResult]] = []
         has_moved = False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self._inflight and not has_moved:
-            for event in self.executor.wait_events():
+            left_s = None if deadline is None else deadline - time.monotonic()
+            if left_s is not None and left_s <= 0:
+                break
+            for event in self.executor.wait_events(left_s):
                 has_moved |= self._on_event(event, finished)
-        self.last_plan = self._submitted or (finished[-1][0] if finished else None) or next(
-            (m.plan for m in self._inflight.values()), None)
+        self.last_plan = self._submitted or (finished[-1][0] if finished else None) or self.oldest_plan
         self._submitted = None
         return finished
 

@@ -14,6 +14,9 @@ from mnemosyne.models.loaders import ModelLoader
 from mnemosyne.plan import StageDone, StepEvent, StepPlan, StepResult
 from mnemosyne.runner.model_runner import PendingStep
 
+_POLL_S = 0.0002
+"""How often `wait_events` with a timeout looks at the oldest step's kernels."""
+
 
 class InProcessExecutor:
     num_stages = 1
@@ -48,7 +51,15 @@ class InProcessExecutor:
 
     def wait_events(self, timeout_s: float | None = None) -> list[StepEvent]:
         """The oldest submitted step's events, its result last: waits for that step's kernels only, so
-        a step queued behind it keeps the device busy meanwhile."""
+        a step queued behind it keeps the device busy meanwhile; none if they have not run within
+        timeout_s (None: no limit)."""
+        if timeout_s is not None:
+            oldest = next((e for e in self._events if isinstance(e, PendingStep)), None)
+            deadline = time.monotonic() + timeout_s
+            while oldest is not None and not oldest.is_done():
+                if time.monotonic() >= deadline:
+                    return []
+                time.sleep(_POLL_S)
         events = []
         while self._events:
             event = self._events.popleft()

@@ -56,7 +56,7 @@ class ServerMetrics:
         self.num_preemptions = Gauge("mnemosyne_num_preemptions",
                                      "Preemptions since the engine core started", registry=r)
         self.kv_usage = Gauge("mnemosyne_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
-        self.step_s = Histogram("mnemosyne_step_duration_seconds", "Wall time of one engine step",
+        self.step_s = Histogram("mnemosyne_step_duration_seconds", "Time of one landed engine step",
                                 buckets=_TBT_BUCKETS_S, registry=r)
         self.step_tokens = Histogram("mnemosyne_step_batch_tokens", "Tokens computed in one engine step",
                                      buckets=_BATCH_TOKEN_BUCKETS, registry=r)

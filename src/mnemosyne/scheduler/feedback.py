@@ -91,6 +91,12 @@ class StepTimeFeedback:
         prior's ratios (measured / predicted of the profile's held-out batches), 1 without one."""
 
     @property
+    def typical(self) -> float:
+        """The median measured / predicted ratio of recent steps (1 until MIN_STEPS): how long a step is
+        expected to take, where `factor` is how long nearly all of them may take."""
+        return ratio_quantile(self._ratios, 0.5) if len(self._ratios) >= self.min_steps else 1.0
+
+    @property
     def num_observed(self) -> int:
         """Steps in the window."""
         return len(self._ratios)

@@ -63,7 +63,7 @@ class Scheduler:
         self._stage0_cleared: set[int] = set()
         """Steps in flight whose micro-batch has left pipeline stage 0 (see `stage_cleared`)."""
         self._predicted_s: dict[int, float] = {}
-        """Step id -> predicted time, for steps in flight that hold a prefill chunk (`observe_step`)."""
+        """Step id -> predicted time, for steps in flight (`observe_step`; the engine's `--ahead-lead-ms`)."""
         self._preempted_at: dict[str, int] = {}
         """Request id -> the last step planned before it was preempted: older plans' work for it is void."""
         self.num_preemptions = 0
@@ -102,22 +102,28 @@ class Scheduler:
         return bool(self.requests)
 
     # -- one step --------------------------------------------------------------------------
-    def can_schedule_ahead(self) -> bool:
+    def can_schedule_ahead(self, with_chunks: bool = False) -> bool:
         """Whether the next step may be planned before the one in flight lands (async scheduling, one
-        pipeline stage): only when it would hold decodes alone, every one of them the next token of a
-        request whose step in flight samples it. Anything else (a waiting request, a prompt not fully
-        dispatched) waits for the landing, so scheduling ahead never delays a prefill."""
+        pipeline stage). Without `with_chunks`, only when it would hold decodes alone, every one of
+        them the next token of a request whose step in flight samples it; anything else (a waiting
+        request, a prompt not fully dispatched) waits for the landing. With it (the engine plans such a
+        step just before the one in flight ends, so that arrivals still join it), also when there are
+        prompt tokens to dispatch or requests waiting. The caller marks the step in flight as past
+        stage 0 (`stage_cleared`): with one stage, the device runs the two in order."""
+        if with_chunks and (self.waiting or any(r.num_uncomputed_tokens > 0 for r in self.running)):
+            return True
         return (not self.waiting and bool(self.running)
                 and all(r.num_uncomputed_tokens == 0 for r in self.running)
                 and any(self._can_decode_ahead(r) for r in self.running))
 
-    def schedule(self, ahead: bool = False) -> StepPlan:
+    def schedule(self, ahead: bool = False, with_chunks: bool = False) -> StepPlan:
         """Pick this step's tokens. Marks them in flight on each request; `update` lands them.
 
         `ahead` (see `can_schedule_ahead`): plan decodes of the tokens the step in flight is sampling.
         Their chunks start at the request's token count; the workers take the token from that step's
-        sample on the device, so the plan needs no token id."""
-        if ahead:
+        sample on the device, so the plan needs no token id. With `with_chunks` too, the rest of the
+        step is planned as usual around them: prompt chunks (their tokens are known) and admissions."""
+        if ahead and not with_chunks:
             return self._schedule_ahead()
         now = self.clock()
         self._preempted_ids.clear()
@@ -125,15 +131,19 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequest] = []
         scheduled: set[str] = set()
-        candidates = self._candidates(now)
+        candidates = self._candidates(now, ahead)
         shortest_after = _shortest_after(candidates)
         is_admitting = True
         for i, request in enumerate(candidates):
             if step.is_full:
                 break
             is_running = request.request_id in self._running_ids
-            if request.num_uncomputed_tokens == 0 or request.request_id in self._preempted_ids:
-                continue  # waiting on in-flight tokens, or preempted earlier in this loop
+            if request.request_id in self._preempted_ids:
+                continue  # preempted earlier in this loop
+            if request.num_uncomputed_tokens == 0:
+                if ahead and is_running and self._can_decode_ahead(request):
+                    self._add_decode_ahead(step, request, chunks, scheduled)
+                continue  # otherwise waiting on in-flight tokens
             if request.num_stage0_tokens:
                 continue  # its previous chunk has not left pipeline stage 0 yet
             if not is_running and (not is_admitting or len(self.running) >= self.limits.max_num_seqs):
@@ -153,8 +163,11 @@ class Scheduler:
             step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
+        return self._planned(step, new_requests, chunks)
+
+    def _planned(self, step: StepBudget, new_requests: list[NewRequest], chunks: list[ScheduledChunk]) -> StepPlan:
         plan = self._next_plan(new_requests, chunks)
-        if step.estimate is not None and any(c.num_new_tokens > 1 for c in chunks):
+        if step.estimate is not None and chunks:
             self._predicted_s[plan.step_id] = step.estimate.time_s
         return plan
 
@@ -163,18 +176,21 @@ class Scheduler:
         step = self.chunking.new_step()
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
-        for request in self._candidates(self.clock()):
+        for request in self._candidates(self.clock(), ahead=True):
             if step.is_full:
                 break
-            if request.request_id in self._preempted_ids or not self._can_decode_ahead(request):
-                continue
-            start = request.num_tokens
-            if step.fit(start, 1, 0.0) == 0 or not self._reserve(request, 1, scheduled):
-                continue
-            step.add(1, start)
-            chunks.append(self._chunk(request, 1, []))
-            scheduled.add(request.request_id)
-        return self._next_plan([], chunks)
+            if request.request_id not in self._preempted_ids and self._can_decode_ahead(request):
+                self._add_decode_ahead(step, request, chunks, scheduled)
+        return self._planned(step, [], chunks)
+
+    def _add_decode_ahead(self, step: StepBudget, request: Request, chunks: list[ScheduledChunk],
+                          scheduled: set[str]) -> None:
+        start = request.num_tokens
+        if step.fit(start, 1, 0.0) == 0 or not self._reserve(request, 1, scheduled):
+            return
+        step.add(1, start)
+        chunks.append(self._chunk(request, 1, []))
+        scheduled.add(request.request_id)
 
     def _next_plan(self, new_requests: list[NewRequest], chunks: list[ScheduledChunk]) -> StepPlan:
         """The next step's plan, carrying the requests freed since the last one."""
@@ -190,18 +206,24 @@ class Scheduler:
         opens_group = self.group_boundary is not None and self.group_boundary(position - 1) == position
         return request.can_decode_ahead(self.max_model_len) and not opens_group
 
+    def predicted_s(self, step_id: int) -> float | None:
+        """The step-time model's prediction for a step in flight (None without a model or once observed)."""
+        return self._predicted_s.get(step_id)
+
     def observe_step(self, plan: StepPlan, measured_s: float | None) -> float | None:
         """The plan's step is over, after measured_s of wall time (None: not measured, as under pipeline
         stages, where steps overlap). A step that held a prefill chunk tells the chunking how its
-        predicted time compared. Returns that prediction (None for other steps)."""
+        predicted time compared. Returns the step's prediction (None without one)."""
         predicted_s = self._predicted_s.pop(plan.step_id, None)
-        if predicted_s is not None and measured_s is not None:
+        if predicted_s is not None and measured_s is not None and any(c.num_new_tokens > 1 for c in plan.chunks):
             self.chunking.observe(predicted_s, measured_s)
         return predicted_s
 
-    def _candidates(self, now_s: float) -> list[Request]:
+    def _candidates(self, now_s: float, ahead: bool = False) -> list[Request]:
+        """Running and waiting requests in the policy's order, decodes first (stable). Ahead of a step in
+        flight, a request whose next token that step samples is a decode too."""
         ordered = self.policy.order([*self.running, *self.waiting], now_s)
-        ordered.sort(key=lambda r: r.num_uncomputed_tokens != 1)  # stable: one-token chunks (decodes) first
+        ordered.sort(key=lambda r: not (r.num_uncomputed_tokens == 1 or (ahead and r.num_uncomputed_tokens == 0)))
         return ordered
 
     def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None, now_s: float) -> int:
