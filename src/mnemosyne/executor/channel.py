@@ -90,6 +90,7 @@ class WorkerChannel:
         self.results = self.context.socket(zmq.PUSH)
         self.results.setsockopt(zmq.LINGER, _LINGER_MS)
         self.results.connect(addresses.result)
+        self._result_address = addresses.result
         self.stopping = threading.Event()
         """Set by the main thread on an orderly stop, so the watchdog lets the process exit."""
         self._watchdog = threading.Thread(target=self._watch, args=(addresses, monitor_address),
@@ -115,6 +116,13 @@ class WorkerChannel:
 
     def send(self, kind: bytes, body: bytes) -> None:
         self.results.send_multipart((kind, body))
+
+    def connect_results(self) -> zmq.Socket:
+        """Another socket to the engine's results, for a thread other than the main one to own."""
+        socket = self.context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, _LINGER_MS)
+        socket.connect(self._result_address)
+        return socket
 
     def _watch(self, addresses: ChannelAddresses, monitor_address: str) -> None:
         beats = self.context.socket(zmq.PUSH)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -111,16 +112,15 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
         topology.is_first_pp_stage and topology.kvp_rank == 0 and layout.pp_size > 1))
     stage_clock = StageClock(device, is_timed=config.trace_file is not None)
     freeze_startup_heap()
-    # Async scheduling: the engine may send a step's plan before the previous step's result; the output
-    # rank queues it first and then reports the previous one, so the device runs back to back.
+    # Async scheduling: the engine may send a step's plan before the previous step's result, so the
+    # device runs back to back; the output rank's results go out from a thread of their own.
     is_async = config.async_scheduling and layout.pp_size == 1
-    pending: deque[PendingStep] = deque()
+    sender = ResultSender(channel, spec.rank) if is_async and topology.is_output_rank else None
     while True:
-        if pending and not _plan_comes_first(channel, pending[0]):
-            channel.send(wire.KIND_RESULT, wire.encode(pending.popleft().result()))
-            continue
         topic, payload = channel.recv()
         if topic == wire.TOPIC_STOP:
+            if sender is not None:
+                sender.close()
             worker.runner.link.wait()
             worker.close()
             channel.stopping.set()
@@ -135,10 +135,8 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
                 plan.step_id, topology.kvp_rank, topology.pp_rank, start_s, end_s)))
         if not topology.is_output_rank:  # one per KV replica, for the requests it samples; its tp ranks agree
             continue
-        if is_async:
-            pending.append(step)
-            while len(pending) > 1:
-                channel.send(wire.KIND_RESULT, wire.encode(pending.popleft().result()))
+        if sender is not None:
+            sender.put(step)
             continue
         result = step.result()
         if not config.sequence_pipelining and not result.token_ids and device.type == "cuda":
@@ -148,16 +146,41 @@ def _serve(spec: WorkerSpec, world: comm.Group, device: torch.device, channel: W
         channel.send(wire.KIND_RESULT, wire.encode(result))
 
 
-_POLL_S = 0.0002
+class ResultSender:
+    """Sends each launched step's result, in step order, from a thread of its own as soon as the step's
+    kernels have run, while the main thread receives and launches the next plan. Sent from the main
+    thread after that launch (several ms of host time for an eager step with prefill work), results
+    reached the engine late and in pairs under kvp=4 serving with --async-prefill (call77: steps timed
+    at 72 ms and then 0 ms), and the TBT feedback, reading the late ones as slow steps, cut the step
+    budget to a third."""
 
+    def __init__(self, channel: WorkerChannel, rank: int):
+        self._rank = rank
+        self._queue: queue.SimpleQueue[PendingStep | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(channel,), name="mnemosyne-results", daemon=True)
+        self._thread.start()
 
-def _plan_comes_first(channel: WorkerChannel, step: PendingStep) -> bool:
-    """Wait until the next plan arrives (True) or the step's kernels have run (False), whichever is
-    first: a plan is queued behind the step before its result is sent."""
-    while not step.is_done():
-        if channel.poll(_POLL_S):
-            return True
-    return False
+    def put(self, step: PendingStep) -> None:
+        self._queue.put(step)
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self, channel: WorkerChannel) -> None:
+        socket = channel.connect_results()  # ZeroMQ sockets stay with the thread that uses them
+        try:
+            while (step := self._queue.get()) is not None:
+                try:
+                    message = (wire.KIND_RESULT, wire.encode(step.result()))  # waits for the step's kernels
+                except Exception as e:  # a device error surfaces here: the engine must hear of it
+                    summary = traceback.format_exception_only(e)[-1].strip()
+                    message = (wire.KIND_ERROR, wire.encode(wire.WorkerError(
+                        self._rank, summary, "".join(traceback.format_exception(e)))))
+                socket.send_multipart(message)
+        finally:
+            socket.close()
 
 
 class StageClock:
