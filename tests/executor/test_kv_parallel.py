@@ -91,6 +91,21 @@ def test_kvp2_matches_single_process(reference, kvp2):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_kvp2_with_prefill_planned_ahead_matches_single_process(reference):
+    """--async-prefill over worker processes (off by default with several devices): steps with prompt
+    chunks planned ahead of the step in flight, their results sent from each output rank's thread."""
+    llm = LLM("dummy:tiny", kv_parallel_size=2, kvp_group_max_tokens=GROUP, async_prefill=True, **ENGINE)
+    try:
+        outputs, plans = _generate(llm, PROMPTS[2])
+        ahead = [p for p in plans if p.step_id in llm.ahead_step_ids]
+    finally:
+        llm.engine.shutdown()
+    assert_same_outputs(reference[2], outputs, NUM_NEW)
+    assert any(c.num_new_tokens > 1 for p in ahead for c in p.chunks)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_a_request_over_kvp_times_l_is_rejected_at_once(kvp2):
     with pytest.raises(ValueError, match=r"129 tokens, more than one request can hold: 2 KVP groups .* = 128"):
         kvp2.generate([list(range(3, 132))], SamplingParams(max_tokens=4), use_tqdm=False)

@@ -63,7 +63,8 @@ class LLMEngine:
         self.step_log = None if config.step_log is None else StepLog(config.step_log)
         self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
         """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
-        self.plans_prefill_ahead = self.is_async and config.async_prefill
+        self.plans_prefill_ahead = self.is_async and (config.world_size == 1 if config.async_prefill is None
+                                                      else config.async_prefill)
         """And steps with prefill work, --ahead-lead-ms before the step in flight should end."""
         self._ahead_lead_s = config.ahead_lead_ms / 1e3
         self._began_s: dict[int, float] = {}
