@@ -62,10 +62,11 @@ class LLMEngine:
                                  config.max_micro_batches)
         self.step_log = None if config.step_log is None else StepLog(config.step_log)
         self.is_async = config.async_scheduling and config.pipeline_parallel_size == 1
-        """Plan the next decode-only step while this one runs (see `Scheduler.can_schedule_ahead`)."""
+        """Plan the next step while this one runs (see `Scheduler.can_schedule_ahead`)."""
         self.plans_prefill_ahead = self.is_async and (config.world_size == 1 if config.async_prefill is None
                                                       else config.async_prefill)
-        """And steps with prefill work, --ahead-lead-ms before the step in flight should end."""
+        """Steps with prefill work too, --ahead-lead-ms before the step in flight should end (and then
+        decode-only steps as well); otherwise decode-only steps alone, as soon as the previous is queued."""
         self._ahead_lead_s = config.ahead_lead_ms / 1e3
         self._began_s: dict[int, float] = {}
         """Step id -> when its planning began, for steps in flight."""
@@ -200,7 +201,7 @@ class LLMEngine:
         again (it is too soon to plan: see `_expected_end_s`), or None to wait until it lands."""
         inflight = self.pipeline.oldest_plan
         expected_end_s = self._expected_end_s(inflight) if self.plans_prefill_ahead and inflight else None
-        if expected_end_s is None:  # decode-only steps, planned as soon as the previous one is queued
+        if expected_end_s is None:  # without --async-prefill or a prediction: decode-only steps, at once
             if self.scheduler.can_schedule_ahead():
                 self._submit(self.scheduler.schedule(ahead=True), time.perf_counter())
             return None
