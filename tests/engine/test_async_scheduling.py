@@ -27,8 +27,8 @@ def _run(engine: LLMEngine, params: list[SamplingParams]) -> tuple[list[tuple], 
     """(token ids, finish reason, logprobs) per prompt, and how many steps were planned ahead."""
     schedule, ahead_ids = engine.scheduler.schedule, []
 
-    def recording(ahead: bool = False, with_chunks: bool = False):
-        plan = schedule(ahead, with_chunks)
+    def recording(ahead: bool = False):
+        plan = schedule(ahead)
         if ahead and plan.chunks:
             ahead_ids.append(plan.step_id)
             engine.num_prefill_ahead += any(c.num_new_tokens > 1 for c in plan.chunks)  # type: ignore[attr-defined]

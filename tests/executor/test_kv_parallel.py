@@ -35,8 +35,8 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> tuple[list, list[StepPlan]]
     llm.ahead_step_ids = set()  # type: ignore[attr-defined]
     schedule = llm.engine.scheduler.schedule
 
-    def recording(ahead: bool = False, with_chunks: bool = False) -> StepPlan:
-        plans.append(schedule(ahead, with_chunks))
+    def recording(ahead: bool = False) -> StepPlan:
+        plans.append(schedule(ahead))
         if ahead:
             llm.ahead_step_ids.add(plans[-1].step_id)  # type: ignore[attr-defined]
         return plans[-1]

@@ -206,14 +206,14 @@ def test_a_step_with_prompt_chunks_is_planned_ahead_around_the_decodes_in_flight
     sched.stage_cleared(first)
     assert sched.can_schedule_ahead(with_chunks=True)  # ... unless chunks may be planned ahead
     add(sched, clock, "b", 3)
-    ahead = sched.schedule(ahead=True, with_chunks=True)
+    ahead = sched.schedule(ahead=True)
     assert [(c.request_id, c.start, c.num_new_tokens, c.new_token_ids) for c in ahead.chunks] == [
         ("a", 6, 1, ()), ("long", 10, 15, ())]  # b does not fit the 16 tokens
     assert not ahead.new_requests
     finish_step(sched, first, token=5)
     assert list(a.token_ids[6:]) == [5]
     sched.stage_cleared(ahead)
-    following = sched.schedule(ahead=True, with_chunks=True)
+    following = sched.schedule(ahead=True)
     assert [(c.request_id, c.start, c.num_new_tokens) for c in following.chunks] == [
         ("a", 7, 1), ("long", 25, 15)]
     finish_step(sched, ahead, token=6)
@@ -228,7 +228,7 @@ def test_without_the_stage_cleared_a_prompt_chunk_is_not_planned_ahead():
     sched, clock = make_scheduler(budget=8)
     add(sched, clock, "long", 20)
     sched.schedule()
-    assert [c.request_id for c in sched.schedule(ahead=True, with_chunks=True).chunks] == []
+    assert [c.request_id for c in sched.schedule(ahead=True).chunks] == []
 
 
 def test_no_decode_is_planned_ahead_past_max_tokens():

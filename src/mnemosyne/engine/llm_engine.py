@@ -211,7 +211,7 @@ class LLMEngine:
         self.scheduler.stage_cleared(inflight)  # one stage: the device runs the next step after it
         if self.scheduler.can_schedule_ahead(with_chunks=True):
             began_s = time.perf_counter()
-            self._submit(self.scheduler.schedule(ahead=True, with_chunks=True), began_s)
+            self._submit(self.scheduler.schedule(ahead=True), began_s)
         return None
 
     def _expected_end_s(self, plan: StepPlan) -> float | None:

@@ -116,15 +116,14 @@ class Scheduler:
                 and all(r.num_uncomputed_tokens == 0 for r in self.running)
                 and any(self._can_decode_ahead(r) for r in self.running))
 
-    def schedule(self, ahead: bool = False, with_chunks: bool = False) -> StepPlan:
+    def schedule(self, ahead: bool = False) -> StepPlan:
         """Pick this step's tokens. Marks them in flight on each request; `update` lands them.
 
-        `ahead` (see `can_schedule_ahead`): plan decodes of the tokens the step in flight is sampling.
-        Their chunks start at the request's token count; the workers take the token from that step's
-        sample on the device, so the plan needs no token id. With `with_chunks` too, the rest of the
-        step is planned as usual around them: prompt chunks (their tokens are known) and admissions."""
-        if ahead and not with_chunks:
-            return self._schedule_ahead()
+        `ahead` (see `can_schedule_ahead`): also plan decodes of the tokens the step in flight is
+        sampling, first. Their chunks start at the request's token count; the workers take the token
+        from that step's sample on the device, so the plan needs no token id. The rest of the step is
+        planned as usual around them: prompt chunks (their tokens are known) and admissions, where
+        `can_schedule_ahead(with_chunks=True)` allowed any."""
         now = self.clock()
         self._preempted_ids.clear()
         step = self.chunking.new_step()
@@ -163,25 +162,10 @@ class Scheduler:
             step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
             scheduled.add(request.request_id)
-        return self._planned(step, new_requests, chunks)
-
-    def _planned(self, step: StepBudget, new_requests: list[NewRequest], chunks: list[ScheduledChunk]) -> StepPlan:
         plan = self._next_plan(new_requests, chunks)
         if step.estimate is not None and chunks:
             self._predicted_s[plan.step_id] = step.estimate.time_s
         return plan
-
-    def _schedule_ahead(self) -> StepPlan:
-        self._preempted_ids.clear()
-        step = self.chunking.new_step()
-        chunks: list[ScheduledChunk] = []
-        scheduled: set[str] = set()
-        for request in self._candidates(self.clock(), ahead=True):
-            if step.is_full:
-                break
-            if request.request_id not in self._preempted_ids and self._can_decode_ahead(request):
-                self._add_decode_ahead(step, request, chunks, scheduled)
-        return self._planned(step, [], chunks)
 
     def _add_decode_ahead(self, step: StepBudget, request: Request, chunks: list[ScheduledChunk],
                           scheduled: set[str]) -> None:
