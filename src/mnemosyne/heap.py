@@ -7,7 +7,8 @@ the start-up heap frozen out of the collector's reach, none came in the same 40 
 objects were tracked. Serving on an H200 (call69, 80 s of mixed traffic), the unfrozen engine core and
 API process each had one full collection of 78-86 ms while serving; frozen, none. Each serving
 process (engine core, API, workers) calls `freeze_startup_heap` once it is ready, which also starts
-logging any collection that pauses the process for long (`watch_gc_pauses`). `MNEMOSYNE_GC_FREEZE=0` leaves the heap unfrozen, to measure what freezing buys."""
+logging any collection that pauses the process for long (`watch_gc_pauses`). `MNEMOSYNE_GC_FREEZE=0`
+leaves the heap unfrozen, to measure what freezing buys."""
 
 from __future__ import annotations
 

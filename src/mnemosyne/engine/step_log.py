@@ -20,9 +20,9 @@ class StepLog:
 
     def record(self, plan: StepPlan, measured_s: float | None, predicted_s: float | None,
                factor: float | None) -> None:
-        """A landed step. measured_s: its wall time (None where steps overlap or are not timed);
-        predicted_s: the step-time model's, for steps with a prefill chunk; factor: the correction the
-        budget was divided by when the next step was sized."""
+        """A landed step. measured_s: its time, since the step before it landed (`LLMEngine._measured_s`;
+        None where steps overlap); predicted_s: the step-time model's (None without one); factor: the
+        correction the budget was divided by when the next step was sized."""
         chunks = [[c.request_id, c.start, c.num_new_tokens] for c in plan.chunks if c.num_new_tokens > 1]
         line = {"t_s": round(self._clock() - self._start_s, 4), "step": plan.step_id,
                 "decodes": sum(c.num_new_tokens == 1 for c in plan.chunks), "chunks": chunks,
