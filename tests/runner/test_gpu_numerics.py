@@ -56,7 +56,7 @@ def step_logits(worker: Worker, plan: StepPlan) -> torch.Tensor:
         if graph is not None:
             return runner.graphs.run(inputs, graph).float().cpu()
         hidden = runner.model(inputs.token_ids, inputs.positions, runner.kv_caches, meta, runner.backend)
-        return runner.model.compute_logits(hidden[inputs.sample_rows]).float().cpu()
+        return runner.model.compute_logits(hidden[inputs.sample_index]).float().cpu()
 
 
 def plans(page_size: int) -> list[StepPlan]:
@@ -119,7 +119,7 @@ def test_every_decode_graph_variant_matches_the_eager_step():
     meta = inputs.meta
     with torch.inference_mode():
         hidden = runner.model(inputs.token_ids, inputs.positions, runner.kv_caches, meta, runner.backend)
-        eager = runner.model.compute_logits(hidden[inputs.sample_rows]).float().cpu()
+        eager = runner.model.compute_logits(hidden[inputs.sample_index]).float().cpu()
         bucket, gather, _ = runner._graph_for(meta)
         variants = runner.graphs.splits[bucket]
         assert len(variants) > 1

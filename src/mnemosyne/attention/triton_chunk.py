@@ -17,6 +17,7 @@ import triton.language as tl
 
 from mnemosyne.attention.backend import AttentionMetadata
 from mnemosyne.attention.triton_decode import MAX_SPLIT_TOKENS, attend_pages, merge_splits
+from mnemosyne.host_copy import to_device
 
 _LOG2E = 1.4426950408889634
 _MAX_BLOCK_M = 128
@@ -108,7 +109,7 @@ def short_chunks(meta: AttentionMetadata, requests: Sequence[int]) -> ShortChunk
         rows.append((meta.host_rows[i], seq_len, seq_len - 1 if sees_all else seq_len - num_new, q_start,
                      num_new, num_queries))
         num_queries += num_new
-    table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 6).to(meta.slot_mapping.device, non_blocking=True)
+    table = to_device(torch.tensor(rows, dtype=torch.int32).reshape(-1, 6), meta.slot_mapping.device)
     return ShortChunks(tuple(requests), table, num_queries, max((r[4] for r in rows), default=0),
                        max((r[1] for r in rows), default=0))
 

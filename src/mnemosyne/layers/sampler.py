@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mnemosyne.host_copy import tensor_on
+
 
 @dataclass(frozen=True)
 class SamplingBatch:
@@ -53,8 +55,8 @@ def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.
     vocabulary's order, whatever their neighbours: a row's draw depends on its logits, its settings
     and its generator alone."""
     device, vocab = logits.device, logits.shape[-1]
-    settings = torch.tensor([[batch.temperatures[r], batch.top_ks[r], batch.top_ps[r], batch.min_ps[r]]
-                             for r in rows], dtype=torch.float32).to(device, non_blocking=True)
+    settings = tensor_on([[batch.temperatures[r], batch.top_ks[r], batch.top_ps[r], batch.min_ps[r]] for r in rows],
+                         torch.float32, device)
     temperature, top_k, top_p, min_p = (settings[:, i, None] for i in range(4))
     probs = torch.softmax(logits / temperature, dim=-1)
     uniform = torch.stack([torch.rand((), generator=batch.generators[r], device=device) for r in rows])
@@ -63,10 +65,10 @@ def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.
     plain = [i for i, f in enumerate(is_filtered) if not f]
     filtered = [i for i, f in enumerate(is_filtered) if f]
     if plain:
-        p = torch.tensor(plain, device=device)
+        p = tensor_on(plain, torch.int64, device)
         chosen[p] = _inverse_cdf(probs[p], uniform[p])
     if filtered:
-        f = torch.tensor(filtered, device=device)
+        f = tensor_on(filtered, torch.int64, device)
         ks = [batch.top_ks[rows[i]] for i in filtered]
         if all(0 < k <= TOP_K_FAST_MAX for k in ks):  # every row has a small top-k: its candidates suffice
             sorted_p, order = probs[f].topk(min(max(ks), vocab), dim=-1)
@@ -97,7 +99,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     token_ids = logits.argmax(dim=-1)
     rows = [row for row, generator in enumerate(batch.generators) if generator is not None]
     if rows:
-        index = torch.tensor(rows, device=logits.device)
+        index = tensor_on(rows, torch.int64, logits.device)
         token_ids[index] = _draw(logits[index], batch, rows)
     wanted = [n for n in batch.num_logprobs if n is not None]
     if not wanted:

@@ -108,6 +108,9 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: list[int]
     """Rows of the flat batch whose logits are sampled, in the order of sample_ids."""
+    sample_index: torch.Tensor
+    """[len(sample_rows)] int64: the same on the device (indexing with the list would copy it from
+    pageable memory, and the host would wait for the step's kernels)."""
     sample_ids: list[str]
     share: SampleShare | None = None
     """Set when this step's samples must reach the other KVP groups (see `SampleShare`)."""
@@ -186,11 +189,11 @@ class ModelRunner:
             logits = self.graphs.run(inputs, graph)
             if not inputs.sample_ids:
                 return None
-            return logits if len(inputs.sample_rows) == meta.num_requests else logits[inputs.sample_rows]
+            return logits if len(inputs.sample_rows) == meta.num_requests else logits[inputs.sample_index]
         hidden = self._forward(inputs)
         if hidden is None or not inputs.sample_ids:
             return None
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.model.compute_logits(hidden[inputs.sample_index])
 
     def _keep_samples(self, inputs: StepInputs, out: SamplerOutput | None) -> None:
         """Keep this step's sampled tokens on the device for the next step's decodes scheduled ahead,
@@ -277,9 +280,9 @@ class ModelRunner:
                     share_sampled.append(len(sample_ids) - 1)
                     share_gather.append(r.gather_start + num_new - 1)
         (token_tensor, position_tensor, slot_tensor, local_tensor, gather_tensor, row_tensor, seq_len_tensor,
-         ahead_tensor, source_tensor, sampled_tensor, share_tensor) = self._on_device(
+         ahead_tensor, source_tensor, sampled_tensor, share_tensor, sample_tensor) = self._on_device(
             tokens, positions, slots, local_rows, gather_rows, host_rows, seq_lens,
-            ahead_rows, ahead_sources, share_sampled, share_gather)
+            ahead_rows, ahead_sources, share_sampled, share_gather, array("q", sample_rows))
         if ahead_rows:
             assert self._samples is not None
             token_tensor.index_copy_(0, ahead_tensor, self._samples.token_ids.index_select(0, source_tensor))
@@ -292,7 +295,7 @@ class ModelRunner:
             page_size=self.page_size, num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1),
             prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows),
             is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
-        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_ids, share)
+        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_tensor, sample_ids, share)
 
     def _prefix_runs(self, row: SectionRow) -> tuple[tuple[int, int], ...]:
         """Cache slot runs of the keys a chunk's queries see non-causally: the shard's tokens before the
