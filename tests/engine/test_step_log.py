@@ -34,6 +34,8 @@ def test_every_step_is_logged_with_its_chunks_and_times(tmp_path):
     # ahead too: the time since the step before landed)
     assert all(line["predicted_ms"] > 0 and line["measured_ms"] > 0 for line in lines)
     assert all(line["factor"] is not None for line in lines)
+    # the host time of planning and launching each step, and whether it was queued behind another
+    assert all(line["launch_ms"] > 0 and isinstance(line["queued"], bool) for line in lines)
     decode_only = [line for line in lines if not line["chunks"]]
     assert decode_only and all(line["decodes"] >= 1 for line in decode_only)
     assert all(a["t_s"] <= b["t_s"] for a, b in itertools.pairwise(lines))

@@ -72,6 +72,9 @@ class LLMEngine:
         """Step id -> when its planning began, for steps in flight."""
         self._submitted_s: dict[int, float] = {}
         """Step id -> when it was queued, for steps in flight."""
+        self._launched: dict[int, tuple[float, bool]] = {}
+        """With --step-log, step id -> (how long its planning and launch took, whether another step was
+        in flight then), for steps in flight."""
         self._last_landed_s: float | None = None
         self.landed: list[tuple[StepPlan, float]] = []
         """The steps the latest `step` call landed, each with its time: as the scheduler's feedback
@@ -187,13 +190,17 @@ class LLMEngine:
             predicted_s = self.scheduler.observe_step(done_plan, measured_s)
             if self.step_log is not None:
                 feedback = getattr(self.scheduler.chunking, "feedback", None)
-                self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor)
+                self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor,
+                                     *self._launched.pop(done_plan.step_id, (None, None)))
         return outputs
 
     def _submit(self, plan: StepPlan, began_s: float) -> None:
+        queued = self.pipeline.num_inflight > 0
         if self.pipeline.submit(plan) is not None:
             self._began_s[plan.step_id] = began_s
             self._submitted_s[plan.step_id] = time.perf_counter()
+            if self.step_log is not None:
+                self._launched[plan.step_id] = (self._submitted_s[plan.step_id] - began_s, queued)
 
     def _plan_ahead(self) -> float | None:
         """Plan the next step while the one in flight runs, if it may be planned now. Returns how long to

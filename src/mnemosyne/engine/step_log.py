@@ -19,16 +19,19 @@ class StepLog:
         self._file = open(path, "w", buffering=1 << 16)  # noqa: SIM115 (closed by close())
 
     def record(self, plan: StepPlan, measured_s: float | None, predicted_s: float | None,
-               factor: float | None) -> None:
+               factor: float | None, launch_s: float | None = None, queued: bool | None = None) -> None:
         """A landed step. measured_s: its time, since the step before it landed (`LLMEngine._measured_s`;
         None where steps overlap); predicted_s: the step-time model's (None without one); factor: the
-        correction the budget was divided by when the next step was sized."""
+        correction the budget was divided by when the next step was sized; launch_s: how long planning
+        and launching it held the engine's thread; queued: whether it was launched while another step
+        was in flight (planned ahead)."""
         chunks = [[c.request_id, c.start, c.num_new_tokens] for c in plan.chunks if c.num_new_tokens > 1]
         line = {"t_s": round(self._clock() - self._start_s, 4), "step": plan.step_id,
                 "decodes": sum(c.num_new_tokens == 1 for c in plan.chunks), "chunks": chunks,
                 "predicted_ms": None if predicted_s is None else round(1e3 * predicted_s, 3),
                 "measured_ms": None if measured_s is None else round(1e3 * measured_s, 3),
-                "factor": None if factor is None else round(factor, 4)}
+                "factor": None if factor is None else round(factor, 4),
+                "launch_ms": None if launch_s is None else round(1e3 * launch_s, 3), "queued": queued}
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
