@@ -199,7 +199,7 @@ class LLMEngine:
         if self.pipeline.submit(plan) is not None:
             self._began_s[plan.step_id] = began_s
             self._submitted_s[plan.step_id] = time.perf_counter()
-            if self.step_log is not None:
+            if self.step_log is not None and self._observes_steps:  # what the step log records
                 self._launched[plan.step_id] = (self._submitted_s[plan.step_id] - began_s, queued)
 
     def _plan_ahead(self) -> float | None:
