@@ -14,6 +14,7 @@ import torch
 from mnemosyne.attention.backend import AttentionBackend, AttentionMetadata
 from mnemosyne.attention.kvp import KvpRows, gather_size
 from mnemosyne.distributed.comm import SINGLE, Group
+from mnemosyne.host_copy import to_device
 from mnemosyne.layers.sampler import SamplerOutput, SamplingBatch, make_generator, sample
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.plan import NewRequest, StepPlan, StepResult, TokenLogprobs
@@ -106,11 +107,10 @@ class StepInputs:
     positions: torch.Tensor
     """[num_tokens] int64"""
     meta: AttentionMetadata
-    sample_rows: list[int]
-    """Rows of the flat batch whose logits are sampled, in the order of sample_ids."""
     sample_index: torch.Tensor
-    """[len(sample_rows)] int64: the same on the device (indexing with the list would copy it from
-    pageable memory, and the host would wait for the step's kernels)."""
+    """[len(sample_ids)] int64: rows of the flat batch whose logits are sampled, in the order of
+    sample_ids, on the device (indexing with a Python list would copy it from pageable memory, and the
+    host would wait for the step's kernels)."""
     sample_ids: list[str]
     share: SampleShare | None = None
     """Set when this step's samples must reach the other KVP groups (see `SampleShare`)."""
@@ -189,7 +189,7 @@ class ModelRunner:
             logits = self.graphs.run(inputs, graph)
             if not inputs.sample_ids:
                 return None
-            return logits if len(inputs.sample_rows) == meta.num_requests else logits[inputs.sample_index]
+            return logits if len(inputs.sample_ids) == meta.num_requests else logits[inputs.sample_index]
         hidden = self._forward(inputs)
         if hidden is None or not inputs.sample_ids:
             return None
@@ -295,7 +295,7 @@ class ModelRunner:
             page_size=self.page_size, num_decodes=sum(1 for r in rows if r.chunk.num_new_tokens == 1),
             prefix_runs=tuple(prefix_runs), host_rows=tuple(host_rows),
             is_prefix_only=tuple(not r.is_writer for r in rows), kvp=kvp)
-        return StepInputs(token_tensor, position_tensor, meta, sample_rows, sample_tensor, sample_ids, share)
+        return StepInputs(token_tensor, position_tensor, meta, sample_tensor, sample_ids, share)
 
     def _prefix_runs(self, row: SectionRow) -> tuple[tuple[int, int], ...]:
         """Cache slot runs of the keys a chunk's queries see non-causally: the shard's tokens before the
@@ -307,7 +307,8 @@ class ModelRunner:
 
     def _on_device(self, *parts: array) -> list[torch.Tensor]:
         """Host arrays ('q': int64, 'i': int32) as device tensors [len(part)] each, through one copy:
-        packed into one buffer, pinned on a GPU so that the copy does not wait for the stream. Pinned
+        packed into one buffer, pinned on a GPU so that the copy does not wait for the stream
+        (`host_copy.to_device`). Pinned
         memory comes from torch's caching host allocator, which hands it out again only once the copy
         has run, so the next step may be prepared while this one still runs."""
         packed, offsets = bytearray(), []
@@ -317,10 +318,7 @@ class ModelRunner:
             packed += bytes(-len(packed) % 16)
         if not packed:  # frombuffer refuses an empty buffer
             packed = bytearray(16)
-        host = torch.frombuffer(packed, dtype=torch.uint8)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        flat = host.to(self.device, non_blocking=True)
+        flat = to_device(torch.frombuffer(packed, dtype=torch.uint8), self.device)
         dtypes = {"q": torch.int64, "i": torch.int32}
         return [flat[offset:offset + len(part) * part.itemsize].view(dtypes[part.typecode])
                 for part, offset in zip(parts, offsets, strict=True)]
