@@ -72,9 +72,6 @@ class LLMEngine:
         """Step id -> when its planning began, for steps in flight."""
         self._submitted_s: dict[int, float] = {}
         """Step id -> when it was queued, for steps in flight."""
-        self._launched: dict[int, tuple[float, bool]] = {}
-        """With --step-log, step id -> (how long its planning and launch took, whether another step was
-        in flight then), for steps in flight."""
         self._last_landed_s: float | None = None
         self.landed: list[tuple[StepPlan, float]] = []
         """The steps the latest `step` call landed, each with its time: as the scheduler's feedback
@@ -183,24 +180,21 @@ class LLMEngine:
             outputs += [self._emit(request) for request in updated]
         self.landed = []
         for done_plan, _ in finished:
-            measured_s = self._measured_s(done_plan, landed_s)
+            measured_s, launch_s, queued = self._step_times(done_plan, landed_s)
             self.landed.append((done_plan, landed_s - began_s if measured_s is None else measured_s))
             if not self._observes_steps:
                 continue
             predicted_s = self.scheduler.observe_step(done_plan, measured_s)
             if self.step_log is not None:
                 feedback = getattr(self.scheduler.chunking, "feedback", None)
-                self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor,
-                                     *self._launched.pop(done_plan.step_id, (None, None)))
+                self.step_log.record(done_plan, measured_s, predicted_s, feedback and feedback.factor, launch_s,
+                                     queued)
         return outputs
 
     def _submit(self, plan: StepPlan, began_s: float) -> None:
-        queued = self.pipeline.num_inflight > 0
         if self.pipeline.submit(plan) is not None:
             self._began_s[plan.step_id] = began_s
             self._submitted_s[plan.step_id] = time.perf_counter()
-            if self.step_log is not None and self._observes_steps:  # what the step log records
-                self._launched[plan.step_id] = (self._submitted_s[plan.step_id] - began_s, queued)
 
     def _plan_ahead(self) -> float | None:
         """Plan the next step while the one in flight runs, if it may be planned now. Returns how long to
@@ -233,17 +227,20 @@ class LLMEngine:
         started_s = max(submitted_s, self._last_landed_s or submitted_s)
         return started_s + predicted_s * (feedback.typical if feedback is not None else 1.0)
 
-    def _measured_s(self, plan: StepPlan, landed_s: float) -> float | None:
-        """A landed step's time as its decodes saw it (one stage): since the previous step landed, or
-        since its own planning began if the engine was idle in between. Steps planned ahead run back to
-        back, so this is their device time plus any wait for the host. None under pipeline stages,
-        where steps overlap."""
+    def _step_times(self, plan: StepPlan, landed_s: float) -> tuple[float | None, float, bool]:
+        """A landed step's measured time, how long its planning and launch held this thread, and whether
+        it was queued behind a step in flight (submitted before the step before it landed: steps land
+        in order). The measured time is the step's as its decodes saw it (one stage): since the previous
+        step landed, or since its own planning began if the engine was idle in between. Steps planned
+        ahead run back to back, so this is their device time plus any wait for the host. None under
+        pipeline stages, where steps overlap."""
         began_s = self._began_s.pop(plan.step_id, landed_s)
-        self._submitted_s.pop(plan.step_id, None)
-        if self.config.pipeline_parallel_size > 1:
-            return None
+        submitted_s = self._submitted_s.pop(plan.step_id, began_s)
         previous_s, self._last_landed_s = self._last_landed_s, landed_s
-        return landed_s - (began_s if previous_s is None else max(began_s, previous_s))
+        queued = previous_s is not None and submitted_s < previous_s
+        if self.config.pipeline_parallel_size > 1:
+            return None, submitted_s - began_s, queued
+        return landed_s - (began_s if previous_s is None else max(began_s, previous_s)), submitted_s - began_s, queued
 
     @property
     def last_plan(self) -> StepPlan | None:

@@ -20,7 +20,7 @@ class StepLog:
 
     def record(self, plan: StepPlan, measured_s: float | None, predicted_s: float | None,
                factor: float | None, launch_s: float | None = None, queued: bool | None = None) -> None:
-        """A landed step. measured_s: its time, since the step before it landed (`LLMEngine._measured_s`;
+        """A landed step. measured_s: its time, since the step before it landed (`LLMEngine._step_times`;
         None where steps overlap); predicted_s: the step-time model's (None without one); factor: the
         correction the budget was divided by when the next step was sized; launch_s: how long planning
         and launching it held the engine's thread; queued: whether it was launched while another step
