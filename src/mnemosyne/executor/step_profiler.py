@@ -21,6 +21,18 @@ from mnemosyne.plan import StepPlan
 ENV = "MNEMOSYNE_TORCH_PROFILE"
 
 
+def allocator_counters(device: torch.device) -> dict[str, float]:
+    """Counters of torch's device and pinned-host allocators whose growth over a window of steps means
+    host time, or a wait, in the launches: cudaMalloc calls, retries after one failed (cached blocks
+    freed, which waits for the device), new pinned blocks (cudaHostAlloc) and their time in ms."""
+    if device.type != "cuda":
+        return {}
+    stats, host = torch.cuda.memory_stats(device), torch.cuda.host_memory_stats()
+    return {"cudaMalloc": stats.get("num_device_alloc", 0), "cudaFree": stats.get("num_device_free", 0),
+            "malloc retries": stats.get("num_alloc_retries", 0), "pinned blocks": host.get("num_host_alloc", 0),
+            "pinning ms": host.get("host_alloc_time.total", 0) / 1e3}
+
+
 class StepProfiler:
     def __init__(self, rank: int, device: torch.device, spec: str | None = None):
         spec = os.environ.get(ENV) if spec is None else spec
@@ -56,6 +68,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize(self.device)
+        self._allocators = allocator_counters(self.device)
         self._profiler = torch.profiler.profile(activities=activities)
         self._profiler.__enter__()
         self._start_s = time.perf_counter()
@@ -85,11 +98,16 @@ class StepProfiler:
             self._profiler.export_chrome_trace(str(self.out_dir / f"{name}.json"))
         events = self._profiler.key_averages()
         device_us = sum(e.self_device_time_total for e in events)
-        table = events.table(sort_by="self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total",
-                             row_limit=25)
+        is_cuda = self.device.type == "cuda"
+        table = events.table(sort_by="self_device_time_total" if is_cuda else "self_cpu_time_total", row_limit=25)
+        if is_cuda and not self.device_only:  # the host's side too: operators and CUDA runtime calls
+            table += "\n\nBy host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
         per = max(1, num_steps)
         note = f" (the window of {self.count} was cut short when the worker stopped)" if cut_short else ""
+        counters = allocator_counters(self.device)
+        allocators = ", ".join(f"{k} {counters[k] - self._allocators[k]:g}" for k in counters)
         (self.out_dir / f"{name}.txt").write_text(
             f"{num_steps} steps{note}: wall {wall_s * 1e3 / per:.3f} ms/step, device busy (sum of kernel "
-            f"times) {device_us / 1e3 / per:.3f} ms/step\n{table}\n")
+            f"times) {device_us / 1e3 / per:.3f} ms/step\n"
+            f"{'allocators over the window: ' + allocators if allocators else ''}\n{table}\n")
         self._profiler = None
