@@ -1,27 +1,38 @@
-"""Host time of a mixed serving step on one GPU: a long prompt's chunk over its cached prefix, batched
-with the decodes of chat requests, the step that serving's step log showed bound by the host (its
-planning and launch holding the engine thread about as long as the step took).
+"""Host time of a mixed serving step on one GPU, the steps that serving's step log showed taking as
+long as their planning and launch held the engine thread. Two kinds, each batched with the decodes of
+--decodes chat requests:
+  prompts   a new chat prompt of 128-700 tokens prefilled whole (most of call82's slow steps);
+  long      a --chunk-token chunk of a long prompt over its cached prefix of --prefix tokens.
 
-For each chunk size the long prompt is first prefilled to --prefix tokens; then --steps mixed steps
-are timed three ways, each a window of its own:
+Each kind is timed in windows of its own:
   plain     host time of each phase of the launch (prepare inputs, forward, sample) and of the whole
             engine step; the device and host allocators' counters over the window (a cudaMalloc
             retry frees cached blocks, which waits for the device; a new pinned block is a
             cudaHostAlloc);
   guarded   each launch behind a 300 ms busy kernel: its host time alone, and whether it waited
-            for the device (the busy kernel had finished when the launch returned);
-  profiled  torch.profiler over a few steps: operators and CUDA runtime calls by host time.
+            for the device (the busy kernel had finished when the launch returned: a wait, or more
+            launches than the device's queue holds);
+  python    cProfile over the launches: where the Python time goes (torch.profiler sees operators,
+            not the interpreter between them, nor Triton's launcher);
+  torch     torch.profiler: operators and CUDA runtime calls by host time, and launches per step.
+Then `ops`: the host time of single operations behind a busy device (a GEMM at a fixed and at a
+changing row count, the Triton norm and activation kernels, a small elementwise op).
 
-    python benchmarks/mixed_step_host.py [--prefix 65536] [--chunks 512,1536] [--decodes 20] [--steps 20]
+    python benchmarks/mixed_step_host.py [--prefix 65536] [--chunk 512] [--decodes 20] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
+import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("MNEMOSYNE_QUIET", "1")
@@ -80,95 +91,192 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _long_chunk_steps(engine: LLMEngine, long_id: str, steps: int, before=None) -> int:
-    """Step until `steps` steps have held a chunk of the long prompt; returns the steps taken."""
-    taken = seen = 0
-    while seen < steps:
-        if before is not None:
-            before()
-        engine.step()
-        taken += 1
-        plan = engine.last_plan
-        if plan is not None and any(c.request_id == long_id and c.num_new_tokens > 1 for c in plan.chunks):
-            seen += 1
-    return taken
+class Workload:
+    """One engine, its chat decodes running throughout, and the two kinds of mixed step."""
 
-
-def run(chunk: int, args: argparse.Namespace, out_dir: Path) -> None:
-    cuda = args.device == "cuda"
-    config = EngineConfig(model=args.model, device=args.device, max_model_len=args.prefix + 8 * args.steps * chunk + 4096,
-                          chunking=f"fixed:{chunk}", max_num_batched_tokens=chunk + args.decodes, scheduler="fcfs",
-                          cudnn_ragged=cuda or None, triton_chunk_rows=8192 if cuda else None,
-                          async_prefill=False, seed=0)
-    engine = LLMEngine(config)
-    try:
-        vocab = engine.model_config.vocab_size
-        generator = torch.Generator().manual_seed(chunk)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cuda = args.device == "cuda"
+        # fixed chunks that hold a whole chat prompt; async prefill off, so each step lands before the next
+        self.config = EngineConfig(model=args.model, device=args.device, max_model_len=args.prefix + 64 * args.chunk,
+                                   chunking=f"fixed:{max(args.chunk, MAX_PROMPT)}", scheduler="fcfs",
+                                   max_num_batched_tokens=max(args.chunk, MAX_PROMPT) + args.decodes + 8,
+                                   cudnn_ragged=self.cuda or None, triton_chunk_rows=8192 if self.cuda else None,
+                                   async_prefill=False, seed=0)
+        self.engine = LLMEngine(self.config)
+        self.vocab = self.engine.model_config.vocab_size
+        self.random = random.Random(0)
         for _ in range(args.decodes):
-            prompt = torch.randint(3, vocab, (256,), generator=generator).tolist()
-            engine.add_request(prompt, SamplingParams(max_tokens=100_000, ignore_eos=True))
-        while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
-            engine.step()
-        long_prompt = torch.randint(3, vocab, (config.max_model_len - 64,), generator=generator).tolist()
-        long_id = engine.add_request(long_prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-        long_request = engine.scheduler.requests[long_id]
-        print(f"== chunk {chunk}: prefilling {args.prefix} tokens of the long prompt beside {args.decodes} decodes")
-        while long_request.num_computed_tokens < args.prefix:
-            engine.step()
+            self.engine.add_request(self._prompt(256), SamplingParams(max_tokens=1_000_000, ignore_eos=True))
+        while any(r.num_output_tokens == 0 for r in self.engine.scheduler.requests.values()):
+            self.engine.step()
+        self.long_id: str | None = None
 
-        runner = engine.executor.worker.runner
-        engine_device = torch.device(args.device)
-        spans = Spans()
-        spans.wrap(runner, "launch", "launch")
-        spans.wrap(runner, "prepare", "prepare")
-        spans.wrap(runner, "_forward", "forward")
-        spans.wrap(model_runner, "sample", "sample")
-        spans.wrap(engine, "step", "engine step")
-        _sync()
-        before = allocator_counters(engine_device)
-        start_s = time.perf_counter()
-        taken = _long_chunk_steps(engine, long_id, args.steps, before=spans.new_step)
-        _sync()
-        wall_ms = (time.perf_counter() - start_s) * 1e3 / taken
-        after = allocator_counters(engine_device)
-        delta = {k: after[k] - before[k] for k in after}
-        print(f"plain ({taken} steps, {wall_ms:.1f} ms each, prefix now {long_request.num_computed_tokens}):"
-              f" medians, host ms: {spans.summary()}")
-        print("  allocators over the window: " + ", ".join(f"{k} {v:g}" for k, v in delta.items()))
-        if not cuda:
-            return
+    def _prompt(self, n: int) -> list[int]:
+        return [self.random.randrange(3, self.vocab) for _ in range(n)]
 
-        cycles = int(_cycles_per_ms() * BUSY_MS)
-        launch = runner.launch
-        guarded_ms, waited = [], 0
+    def prompts(self, steps: int, before: Callable[[], None] | None = None) -> int:
+        """`steps` steps, each prefilling a new chat prompt (answered with 4 tokens) beside the decodes."""
+        for _ in range(steps):
+            self.engine.add_request(self._prompt(self.random.randint(128, MAX_PROMPT)),
+                                    SamplingParams(max_tokens=4, ignore_eos=True))
+            if before is not None:
+                before()
+            self.engine.step()
+        return steps
 
-        def guarded(plan):
-            nonlocal waited
-            torch.cuda._sleep(cycles)
-            busy = torch.cuda.Event()
-            busy.record()
-            start = time.perf_counter()
-            step = launch(plan)
-            guarded_ms.append((time.perf_counter() - start) * 1e3)
-            waited += busy.query()
-            return step
+    def start_long(self) -> None:
+        """Admit the long prompt and prefill it to --prefix tokens."""
+        prompt = self._prompt(self.config.max_model_len - 64)
+        self.long_id = self.engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        request = self.engine.scheduler.requests[self.long_id]
+        while request.num_computed_tokens < self.args.prefix:
+            self.engine.step()
 
-        runner.launch = guarded
-        _long_chunk_steps(engine, long_id, max(3, args.steps // 4))
-        runner.launch = launch
+    def long(self, steps: int, before: Callable[[], None] | None = None) -> int:
+        """Step until `steps` steps have held a chunk of the long prompt; returns the steps taken."""
+        taken = seen = 0
+        while seen < steps:
+            if before is not None:
+                before()
+            self.engine.step()
+            taken += 1
+            plan = self.engine.last_plan
+            if plan is not None and any(c.request_id == self.long_id and c.num_new_tokens > 1 for c in plan.chunks):
+                seen += 1
+        return taken
+
+
+def guard(work: Workload, run_steps: Callable[..., int]) -> None:
+    """Launches behind a busy device: their host time alone, and whether any waited for the device."""
+    runner = work.engine.executor.worker.runner
+    cycles = int(_cycles_per_ms() * BUSY_MS)
+    launch = runner.launch
+    guarded_ms, waited = [], 0
+
+    def guarded(plan):
+        nonlocal waited
+        torch.cuda._sleep(cycles)
+        busy = torch.cuda.Event()
+        busy.record()
+        start = time.perf_counter()
+        step = launch(plan)
+        guarded_ms.append((time.perf_counter() - start) * 1e3)
+        waited += busy.query()
+        return step
+
+    runner.launch = guarded
+    run_steps(max(3, work.args.steps // 4))
+    runner.launch = launch
+    torch.cuda.synchronize()
+    print(f"guarded ({len(guarded_ms)} launches behind {BUSY_MS:.0f} ms of busy device): host ms median "
+          f"{statistics.median(guarded_ms):.2f}, max {max(guarded_ms):.2f}; waited for the device: {waited}")
+
+
+def measure(work: Workload, kind: str, out_dir: Path) -> None:
+    args, engine = work.args, work.engine
+    run_steps = getattr(work, kind)
+    runner = engine.executor.worker.runner
+    device = torch.device(args.device)
+    print(f"== {kind}: {args.decodes} decodes" + (f", chunks of {work.config.chunking} over {args.prefix}+ tokens"
+                                                  if kind == "long" else ", a new prompt of 128-700 tokens a step"))
+    spans = Spans()
+    originals = {name: getattr(runner, name) for name in ("launch", "prepare", "_forward")}
+    original_sample, original_step = model_runner.sample, engine.step
+    spans.wrap(runner, "launch", "launch")
+    spans.wrap(runner, "prepare", "prepare")
+    spans.wrap(runner, "_forward", "forward")
+    spans.wrap(model_runner, "sample", "sample")
+    spans.wrap(engine, "step", "engine step")
+    _sync()
+    before = allocator_counters(device)
+    start_s = time.perf_counter()
+    taken = run_steps(args.steps, before=spans.new_step)
+    _sync()
+    wall_ms = (time.perf_counter() - start_s) * 1e3 / taken
+    after = allocator_counters(device)
+    for name, original in originals.items():
+        setattr(runner, name, original)
+    model_runner.sample, engine.step = original_sample, original_step
+    print(f"plain ({taken} steps, {wall_ms:.1f} ms each): medians, host ms: {spans.summary()}")
+    if after:
+        print("  allocators over the window: " + ", ".join(f"{k} {after[k] - before[k]:g}" for k in after))
+    launch = runner.launch
+    if work.cuda:
+        guard(work, run_steps)
+    python = cProfile.Profile()
+
+    def profiled(plan):
+        python.enable()
+        try:
+            return launch(plan)
+        finally:
+            python.disable()
+
+    runner.launch = profiled
+    taken = run_steps(args.profile_steps)
+    runner.launch = launch
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(25)
+    (out_dir / f"{kind}_python.txt").write_text(f"{taken} steps\n{text.getvalue()}")
+    print(f"python ({taken} steps under cProfile), top functions by own time:")
+    lines = text.getvalue().splitlines()
+    first = next(i for i, line in enumerate(lines) if "tottime" in line)
+    print("\n".join(lines[first:first + 18]))
+    if not work.cuda:
+        return
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        taken = run_steps(args.profile_steps)
         torch.cuda.synchronize()
-        print(f"guarded ({len(guarded_ms)} launches behind {BUSY_MS:.0f} ms of busy device): host ms median "
-              f"{statistics.median(guarded_ms):.2f}, max {max(guarded_ms):.2f}; waited for the device: {waited}")
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+    (out_dir / f"{kind}_torch.txt").write_text(f"{taken} steps\n{table}\n")
+    print(f"torch ({taken} steps): {launches / taken:.0f} kernel launches and {device_ms / taken:.1f} ms of kernels "
+          f"a step; top operators by host time:")
+    print("\n".join(table.splitlines()[3:15]))
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            taken = _long_chunk_steps(engine, long_id, args.profile_steps)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-        (out_dir / f"chunk{chunk}_cpu.txt").write_text(f"{taken} steps\n{table}\n")
-        print(f"profiled ({taken} steps), top operators and runtime calls by host time:")
-        print("\n".join(table.splitlines()[:22]))
-    finally:
-        engine.shutdown()
+
+def ops(args: argparse.Namespace) -> None:
+    """Host microseconds per call of single operations, each run behind a busy device."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    from mnemosyne.layers.triton_ops import add_rms_norm, silu_and_mul
+
+    weight = torch.randn(4096, 4096, device=device, dtype=dtype)
+    rows = [300 + 7 * i for i in range(64)]
+    inputs = {m: torch.randn(m, 4096, device=device, dtype=dtype) for m in rows}
+    x, residual = inputs[rows[0]], torch.randn_like(inputs[rows[0]])
+    norm_weight = torch.ones(4096, device=device, dtype=dtype)
+    gate_up = torch.randn(rows[0], 2 * 14336, device=device, dtype=dtype)
+    small = torch.zeros(16, device=device)
+    cases = {
+        "x.add_(1) (aten elementwise)": lambda i: small.add_(1),
+        "mm, the same rows each call": lambda i: torch.mm(x, weight),
+        "mm, other rows each call": lambda i: torch.mm(inputs[rows[i % len(rows)]], weight),
+        "F.linear, the same rows": lambda i: torch.nn.functional.linear(x, weight),
+        "Triton add_rms_norm": lambda i: add_rms_norm(x, norm_weight, 1e-5, residual),
+        "Triton silu_and_mul": lambda i: silu_and_mul(gate_up),
+    }
+    cycles = int(_cycles_per_ms() * BUSY_MS)
+    print("== ops: host us per call behind a busy device (200 calls each)")
+    for name, call in cases.items():
+        for i in range(3):
+            call(i)  # compiled, tuned, planned
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        busy = torch.cuda.Event()
+        busy.record()
+        start = time.perf_counter()
+        for i in range(200):
+            call(i)
+        host_us = (time.perf_counter() - start) * 1e6 / 200
+        print(f"  {name:32s} {host_us:7.1f} us{' (waited for the device)' if busy.query() else ''}")
+        torch.cuda.synchronize()
+
+
+MAX_PROMPT = 700
 
 
 def main() -> None:
@@ -176,7 +284,7 @@ def main() -> None:
     parser.add_argument("--model", default="dummy:llama-3-8b")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the plain window")
     parser.add_argument("--prefix", type=int, default=65536)
-    parser.add_argument("--chunks", default="512,1536")
+    parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile-steps", type=int, default=4)
@@ -184,8 +292,15 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        run(chunk, args, out_dir)
+    work = Workload(args)
+    try:
+        measure(work, "prompts", out_dir)
+        work.start_long()
+        measure(work, "long", out_dir)
+    finally:
+        work.engine.shutdown()
+    if work.cuda:
+        ops(args)
 
 
 if __name__ == "__main__":
