@@ -276,6 +276,46 @@ def ops(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
 
 
+def gemms() -> None:
+    """The host time of a GEMM at a row count it has not met before, against one it has: a serving
+    step's token count changes from step to step. Each call timed alone behind a busy device."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cycles = int(_cycles_per_ms() * BUSY_MS)
+    # Llama-3-8B's linears (out, in): qkv, o, gate_up, down
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.01 for n, k in shapes]
+    inputs = {k: torch.randn(4096, k, device=device, dtype=dtype) for k in (4096, 14336)}
+
+    def timed(calls: list[Callable[[], object]]) -> list[float]:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        out = []
+        for call in calls:
+            start = time.perf_counter()
+            call()
+            out.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        return out
+
+    print("== gemms: host us per F.linear call behind a busy device, row counts new to the process and again")
+    base = 1000
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        rows = [base + 13 * i for i in range(24)]
+        base += 1000
+        calls = [lambda m=m: torch.nn.functional.linear(inputs[4096][:m], weights[1]) for m in rows]
+        first, again = timed(calls), timed(calls)
+        print(f"  {library:9s} o_proj shape: new rows median {statistics.median(first):8.1f} max {max(first):8.1f}"
+              f" | the same rows again median {statistics.median(again):6.1f} max {max(again):6.1f}")
+        # one step's 128 GEMMs (32 layers of the four linears) at a new row count, then at the same again
+        for label, m in (("a new row count", base + 1), ("the same again", base + 1)):
+            step = [lambda m=m, w=w, k=k: torch.nn.functional.linear(inputs[k][:m], w)
+                    for _ in range(32) for w, (_, k) in zip(weights, shapes, strict=True)]
+            total = sum(timed(step))
+            print(f"  {library:9s} a step's 128 GEMMs at {label}: {total / 1e3:.2f} ms of host time")
+    torch.backends.cuda.preferred_blas_library("cublas")
+
+
 MAX_PROMPT = 700
 
 
@@ -287,11 +327,16 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only-ops", action="store_true", help="only the single-op timings (ops, gemms)")
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("-o", "--out", default=os.environ.get("OUT", "out/mixed_step_host"))
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.only_ops:
+        ops(args)
+        gemms()
+        return
     work = Workload(args)
     try:
         measure(work, "prompts", out_dir)
@@ -301,6 +346,7 @@ def main() -> None:
         work.engine.shutdown()
     if work.cuda:
         ops(args)
+        gemms()
 
 
 if __name__ == "__main__":
