@@ -285,6 +285,7 @@ def gemms() -> None:
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
     weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.01 for n, k in shapes]
     inputs = {k: torch.randn(4096, k, device=device, dtype=dtype) for k in (4096, 14336)}
+    big = {k: torch.randn(16384, k, device=device, dtype=dtype) for k in (4096, 14336)}
 
     def timed(calls: list[Callable[[], object]]) -> list[float]:
         torch.cuda.synchronize()
@@ -313,6 +314,19 @@ def gemms() -> None:
                     for _ in range(32) for w, (_, k) in zip(weights, shapes, strict=True)]
             total = sum(timed(step))
             print(f"  {library:9s} a step's 128 GEMMs at {label}: {total / 1e3:.2f} ms of host time")
+        rates = []
+        for m in (16384, 2048, 600):
+            flop = sum(2 * m * n * k for n, k in shapes) * 20
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(2):  # the second pass is timed
+                start.record()
+                for _ in range(20):
+                    for w, (_, k) in zip(weights, shapes, strict=True):
+                        torch.nn.functional.linear(inputs[k][:m] if m <= 4096 else big[k][:m], w)
+                end.record()
+                torch.cuda.synchronize()
+            rates.append(f"{m} rows {flop / start.elapsed_time(end) / 1e9:.0f}")
+        print(f"  {library:9s} device TFLOP/s over the four linears: " + ", ".join(rates))
     torch.backends.cuda.preferred_blas_library("cublas")
 
 

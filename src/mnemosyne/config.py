@@ -272,6 +272,11 @@ class EngineConfig:
     triton_gemv: bool = True
     """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
     (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""
+    blas: str = "cublaslt"
+    """GPU: the library torch's GEMMs go through, cublaslt or cublas. With cuBLAS, a GEMM at a row count
+    the process had not met before took about 200 us of host time and at times waited for the device
+    (an H200, `benchmarks/mixed_step_host.py`): a serving step's token count changes from step to step.
+    With cuBLASLt such a call took about 120 us and never waited."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
@@ -317,6 +322,8 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "sdpa", "gpu"):
             raise ValueError(
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
+        if self.blas not in ("cublaslt", "cublas"):
+            raise ValueError(f"--blas must be cublaslt or cublas, got {self.blas!r}")
         if self.ahead_lead_ms < 0:
             raise ValueError(f"--ahead-lead-ms must be 0 or more, got {self.ahead_lead_ms}")
         if self.pipeline_depth is not None and self.pipeline_depth < self.pipeline_parallel_size:
