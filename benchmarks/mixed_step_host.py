@@ -276,9 +276,11 @@ def ops(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
 
 
-def gemms() -> None:
+def gemms(libraries: list[str]) -> None:
     """The host time of a GEMM at a row count it has not met before, against one it has: a serving
-    step's token count changes from step to step. Each call timed alone behind a busy device."""
+    step's token count changes from step to step. Each call timed alone behind a busy device. The
+    first library runs on a process that has loaded no GEMM kernel yet (a later one finds the kernels
+    the first loaded: cuBLAS goes through cuBLASLt's)."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     cycles = int(_cycles_per_ms() * BUSY_MS)
     # Llama-3-8B's linears (out, in): qkv, o, gate_up, down
@@ -300,7 +302,7 @@ def gemms() -> None:
 
     print("== gemms: host us per F.linear call behind a busy device, row counts new to the process and again")
     base = 1000
-    for library in ("cublas", "cublaslt"):
+    for library in libraries:
         torch.backends.cuda.preferred_blas_library(library)
         rows = [base + 13 * i for i in range(24)]
         base += 1000
@@ -341,6 +343,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--blas", default="cublas,cublaslt", help="the libraries gemms times, in this order")
     parser.add_argument("--only-ops", action="store_true", help="only the single-op timings (ops, gemms)")
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("-o", "--out", default=os.environ.get("OUT", "out/mixed_step_host"))
@@ -348,8 +351,8 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.only_ops:
+        gemms(args.blas.split(","))
         ops(args)
-        gemms()
         return
     work = Workload(args)
     try:
@@ -360,7 +363,7 @@ def main() -> None:
         work.engine.shutdown()
     if work.cuda:
         ops(args)
-        gemms()
+        gemms(args.blas.split(","))
 
 
 if __name__ == "__main__":

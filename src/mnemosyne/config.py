@@ -272,11 +272,11 @@ class EngineConfig:
     triton_gemv: bool = True
     """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
     (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""
-    blas: str = "cublaslt"
-    """GPU: the library torch's GEMMs go through, cublaslt or cublas. With cuBLAS, a GEMM at a row count
-    the process had not met before took about 200 us of host time and at times waited for the device
-    (an H200, `benchmarks/mixed_step_host.py`): a serving step's token count changes from step to step.
-    With cuBLASLt such a call took about 120 us and never waited."""
+    blas: str = "cublas"
+    """GPU: the library torch's GEMMs go through, cublas or cublaslt. On an H200 (`benchmarks/
+    mixed_step_host.py`, call86), a GEMM at a row count new to the process took about 250 us of host
+    time under cuBLAS against 130 us under cuBLASLt, but cuBLASLt ran Llama-3-8B's linears 9% slower at
+    600 rows and the 128K prefill 0.5% slower; serving measured alike under both."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"

@@ -57,13 +57,14 @@ def _cycles_per_ms() -> float:
 
 
 @pytest.mark.gpu
-def test_a_launch_never_waits_for_the_device(monkeypatch):
+@pytest.mark.parametrize("blas", ["cublas", "cublaslt"])
+def test_a_launch_never_waits_for_the_device(monkeypatch, blas):
     from mnemosyne.attention import gpu
 
     # serving's cuDNN path (ragged plans) and steps planned ahead with their chunks, with the Triton
     # split lowered so that both chunk kernels see new prompts and chunks over a prefix; no TBT SLO,
     # which the busy kernels would break, shrinking every chunk
-    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cuda", kv_cache_memory=0.05, seed=0,
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cuda", kv_cache_memory=0.05, seed=0, blas=blas,
                                     max_num_batched_tokens=256, cudnn_ragged=True, triton_chunk_rows=128,
                                     async_prefill=True))
     try:
