@@ -272,11 +272,6 @@ class EngineConfig:
     triton_gemv: bool = True
     """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
     (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""
-    blas: str = "cublas"
-    """GPU: the library torch's GEMMs go through, cublas or cublaslt. On an H200 (`benchmarks/
-    mixed_step_host.py`, call86), a GEMM at a row count new to the process took about 250 us of host
-    time under cuBLAS against 130 us under cuBLASLt, but cuBLASLt ran Llama-3-8B's linears 9% slower at
-    600 rows and the 128K prefill 0.5% slower; serving measured alike under both."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"
@@ -322,8 +317,6 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "sdpa", "gpu"):
             raise ValueError(
                 f"--attention-backend must be auto, reference, sdpa or gpu, got {self.attention_backend!r}")
-        if self.blas not in ("cublaslt", "cublas"):
-            raise ValueError(f"--blas must be cublaslt or cublas, got {self.blas!r}")
         if self.ahead_lead_ms < 0:
             raise ValueError(f"--ahead-lead-ms must be 0 or more, got {self.ahead_lead_ms}")
         if self.pipeline_depth is not None and self.pipeline_depth < self.pipeline_parallel_size:

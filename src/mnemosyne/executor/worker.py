@@ -83,8 +83,6 @@ class Worker:
         self.config = config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.preferred_blas_library(config.blas)
         self.compile_watch = CompileWatch().install() if self.device.type == "cuda" else None
         """Triton compiles after start-up (armed by the first step of a served request), logged as the
         stalls they are."""
