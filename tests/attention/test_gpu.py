@@ -36,6 +36,34 @@ def test_gpu_backend_matches_reference(dtype):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("fold_max_keys, small_chunk_rows, decode_launches", [
+    (8192, 128, 0),  # decodes and every chunk in one Triton launch
+    (8192, 30, 0),  # decodes in the launch with the 7- and 3-token chunks; the 10-token one on cuDNN
+    (10, 128, 1),  # a decode context (19 keys) over the cap: the decodes keep their own kernel
+])
+def test_decodes_ride_in_the_short_chunk_launch(monkeypatch, fold_max_keys, small_chunk_rows, decode_launches):
+    """A mixed step's decodes join its short chunks' launch (one launch a layer instead of two, and no
+    concatenation when every request is in it), unless a decode's context is over the cap; the output
+    stays in batch order and matches the reference either way."""
+    from mnemosyne.attention import gpu
+
+    monkeypatch.setattr(gpu, "FOLD_DECODE_MAX_KEYS", fold_max_keys)
+    launches = []
+    original = gpu.paged_decode
+    monkeypatch.setattr(gpu, "paged_decode", lambda *a, **k: launches.append(1) or original(*a, **k))
+    batch = build_paged_batch(DECODES_FIRST, dtype=torch.bfloat16, device="cuda")
+    ref_out, ref_lse = ReferenceBackend().forward(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
+                                                  batch.meta, SCALE)
+    backend = gpu.GpuBackend(small_chunk_rows=small_chunk_rows)
+    out, lse = backend.forward(batch.q, batch.k_cache, batch.v_cache, batch.meta, SCALE)
+    assert len(launches) == decode_launches
+    short = backend._short_chunks(batch.meta, 4)
+    assert (short.requests[:3] == (0, 1, 2)) == (decode_launches == 0)
+    assert (small_chunk_rows >= 10 * 4) == (4 in short.requests)  # the 10-token chunk: Triton or cuDNN
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_triton_decode_splits_merge_exactly(splits):
     from mnemosyne.attention.backend import build_metadata

@@ -138,24 +138,30 @@ class GpuBackend:
                 meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        outs, lses = [], []
         nd = meta.num_decodes
-        if nd:
-            num_kv_heads = k_cache.shape[1]
-            lens = meta.seq_lens[:nd]
-            splits = meta.decode_splits or decode_splits(nd, num_kv_heads, max(lens), self._num_sms, sum(lens))
-            o, lse = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd],
-                                  meta.seq_lens_tensor[:nd], meta.page_size, scale, splits,
-                                  decode_min_span(nd, num_kv_heads, self._num_sms))
+        if meta.num_requests == nd:  # decode-only (eager: past the graphs' limits, or graphs off)
+            return self._decodes(q, k_cache, v_cache, meta, scale)
+        short = self._short_chunks(meta, q.shape[1] // k_cache.shape[1])
+        outs, lses = [], []
+        if nd and short.requests[:1] != (0,):  # else the decodes ride in the chunk launch (`_short_chunks`)
+            o, lse = self._decodes(q, k_cache, v_cache, meta, scale)
             outs.append(o)
             lses.append(lse)
-        if meta.num_requests > nd:
-            chunk_outs, chunk_lses = self._chunks(q, k_cache, v_cache, meta, scale)
-            outs += chunk_outs
-            lses += chunk_lses
+        chunk_outs, chunk_lses = self._chunks(q, k_cache, v_cache, meta, scale, short)
+        outs += chunk_outs
+        lses += chunk_lses
         if len(outs) == 1:
             return outs[0], lses[0]
         return torch.cat(outs), torch.cat(lses)
+
+    def _decodes(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's decodes (its first num_decodes requests) on the paged decode kernel."""
+        nd, num_kv_heads = meta.num_decodes, k_cache.shape[1]
+        lens = meta.seq_lens[:nd]
+        splits = meta.decode_splits or decode_splits(nd, num_kv_heads, max(lens), self._num_sms, sum(lens))
+        return paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, meta.rows[:nd], meta.seq_lens_tensor[:nd],
+                            meta.page_size, scale, splits, decode_min_span(nd, num_kv_heads, self._num_sms))
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page_size: int,
                 scale: float, context: int = 16384, cudnn_plans: tuple[tuple[int, ...], int] | None = None) -> None:
@@ -243,18 +249,26 @@ class GpuBackend:
                     runs[-1])
 
     def _chunks(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """out [C, Hq, D] and lse [C, Hq] of each chunk after the decodes, in batch order; the short
-        chunks' come from one Triton launch, stacked in that same order."""
+                scale: float, short: ShortChunks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """out [C, Hq, D] and lse [C, Hq] of each chunk after the decodes, in batch order, and first those
+        of the decodes when they ride in the short chunks' launch; the short chunks' come from that one
+        Triton launch, stacked in that same order (the whole step's, when it holds every request)."""
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
-        group = num_heads // num_kv_heads
-        short = self._short_chunks(meta, group)
+        nd = meta.num_decodes
+        outs, lses, short_row = [], [], 0
         if short.requests:
             splits = chunk_splits(short, num_heads, num_kv_heads, self._num_sms)
             short_out, short_lse = paged_chunks(q, k_cache, v_cache, meta.block_tables, short, meta.page_size,
                                                 scale, splits)
-        outs, lses, short_row = [], [], 0
-        for i in range(meta.num_decodes, meta.num_requests):
+            folded = nd > 0 and short.requests[0] == 0  # the decodes rode along: their rows come first
+            if len(short.requests) - (nd if folded else 0) == meta.num_requests - nd:
+                return [short_out], [short_lse]  # every chunk is in the launch: its rows are in batch order
+            if folded:
+                short_row = nd
+                outs.append(short_out[:nd])
+                lses.append(short_lse[:nd])
+        group = num_heads // num_kv_heads
+        for i in range(nd, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             if self._is_short(meta, i, group):
                 outs.append(short_out[short_row:short_row + end - start])
@@ -280,11 +294,24 @@ class GpuBackend:
         return routes_to_triton(num_new, group, num_prefix, self.small_chunk_rows)
 
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
-        """The step's short chunks (after its decodes), built once per step: one host-to-device copy."""
+        """The step's short chunks, built once per step (one host-to-device copy), and its decodes in the
+        same launch when there is one and their contexts are at most FOLD_DECODE_MAX_KEYS: the decode
+        kernel's launch, its split merge and the concatenation of both outputs, each layer, cost host
+        time that a mixed step is bound by (`benchmarks/mixed_step_host.py`)."""
         if self._short is None or self._short[0] is not meta:
-            requests = [i for i in range(meta.num_decodes, meta.num_requests) if self._is_short(meta, i, group)]
+            nd = meta.num_decodes
+            requests = [i for i in range(nd, meta.num_requests) if self._is_short(meta, i, group)]
+            if requests and nd and max(meta.seq_lens[:nd]) <= FOLD_DECODE_MAX_KEYS:
+                requests = list(range(nd)) + requests
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
+
+
+FOLD_DECODE_MAX_KEYS = 8192
+"""Longest decode context that rides in a step's short-chunk launch. There a decode's 4 query rows (at
+a GQA group of 4) fill a tile of up to 128 rows, so the kernel computes up to 32 times the decode's
+own work: over the contexts of chat requests that is about a microsecond a decode a layer on an
+H200, but over a long context it would cost what the decode kernel saves."""
 
 
 TUNE_TOKENS_PER_SPLIT = 2048
