@@ -8,42 +8,18 @@ returned, i.e. whether the host waited for the device. Needs a CUDA device.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
+from mnemosyne.bench.floors import behind_busy_device, busy_cycles
+
 BUSY_MS = 100.0
-
-
-def _cycles_per_ms() -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)  # the first call loads the kernel
-    torch.cuda.synchronize()
-    start.record()
-    torch.cuda._sleep(50_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 50_000_000 / start.elapsed_time(end)
-
-
-def behind_busy_device(fn: Callable[[], object], cycles: int) -> tuple[float, bool]:
-    """(host ms of fn, whether the busy kernel queued before it had finished when fn returned)."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(cycles)
-    busy = torch.cuda.Event()
-    busy.record()
-    start = time.perf_counter()
-    fn()
-    host_ms = (time.perf_counter() - start) * 1e3
-    waited = busy.query()
-    torch.cuda.synchronize()
-    return host_ms, waited
 
 
 def main() -> None:
     device = torch.device("cuda")
-    cycles = int(_cycles_per_ms() * BUSY_MS)
+    cycles = busy_cycles(BUSY_MS)
     rows = [[i, 7 * i, 3, 4, 5, 6] for i in range(8)]  # a short-chunk table's size
     big = list(range(40_000))  # larger than a staging page
     x = torch.randn(512, 64, device=device)
@@ -73,7 +49,7 @@ def main() -> None:
     print(f"{'idiom':<64} {'host ms':>8}  waited")
     for name, fn in cases:
         behind_busy_device(fn, cycles)  # first call: lazy initialisation, not counted
-        host_ms, waited = behind_busy_device(fn, cycles)
+        _, host_ms, waited = behind_busy_device(fn, cycles)
         print(f"{name:<64} {host_ms:8.2f}  {'yes' if waited else 'no'}")
 
 

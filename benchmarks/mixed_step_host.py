@@ -40,6 +40,7 @@ os.environ.setdefault("MNEMOSYNE_QUIET", "1")
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mnemosyne.bench.floors import behind_busy_device, busy_cycles
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.executor.step_profiler import allocator_counters
@@ -74,16 +75,6 @@ class Spans:
     def summary(self) -> str:
         labels = sorted({label for step in self.steps for label in step})
         return "  ".join(f"{label} {statistics.median(s[label] for s in self.steps):.2f}" for label in labels)
-
-
-def _cycles_per_ms() -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)
-    start.record()
-    torch.cuda._sleep(50_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 50_000_000 / start.elapsed_time(end)
 
 
 def _sync() -> None:
@@ -150,19 +141,15 @@ class Workload:
 def guard(work: Workload, run_steps: Callable[..., int]) -> None:
     """Launches behind a busy device: their host time alone, and whether any waited for the device."""
     runner = work.engine.executor.worker.runner
-    cycles = int(_cycles_per_ms() * BUSY_MS)
+    cycles = busy_cycles(BUSY_MS)
     launch = runner.launch
     guarded_ms, waited = [], 0
 
     def guarded(plan):
         nonlocal waited
-        torch.cuda._sleep(cycles)
-        busy = torch.cuda.Event()
-        busy.record()
-        start = time.perf_counter()
-        step = launch(plan)
-        guarded_ms.append((time.perf_counter() - start) * 1e3)
-        waited += busy.query()
+        step, host_ms, has_waited = behind_busy_device(lambda: launch(plan), cycles)
+        guarded_ms.append(host_ms)
+        waited += has_waited
         return step
 
     runner.launch = guarded
@@ -259,21 +246,13 @@ def ops(args: argparse.Namespace) -> None:
         "Triton add_rms_norm": lambda i: add_rms_norm(x, norm_weight, 1e-5, residual),
         "Triton silu_and_mul": lambda i: silu_and_mul(gate_up),
     }
-    cycles = int(_cycles_per_ms() * BUSY_MS)
+    cycles = busy_cycles(BUSY_MS)
     print("== ops: host us per call behind a busy device (200 calls each)")
     for name, call in cases.items():
         for i in range(3):
             call(i)  # compiled, tuned, planned
-        torch.cuda.synchronize()
-        torch.cuda._sleep(cycles)
-        busy = torch.cuda.Event()
-        busy.record()
-        start = time.perf_counter()
-        for i in range(200):
-            call(i)
-        host_us = (time.perf_counter() - start) * 1e6 / 200
-        print(f"  {name:32s} {host_us:7.1f} us{' (waited for the device)' if busy.query() else ''}")
-        torch.cuda.synchronize()
+        _, host_ms, waited = behind_busy_device(lambda call=call: [call(i) for i in range(200)], cycles)
+        print(f"  {name:32s} {host_ms * 1e3 / 200:7.1f} us{' (waited for the device)' if waited else ''}")
 
 
 def gemms(libraries: list[str]) -> None:
@@ -282,7 +261,7 @@ def gemms(libraries: list[str]) -> None:
     first library runs on a process that has loaded no GEMM kernel yet (a later one finds the kernels
     the first loaded: cuBLAS goes through cuBLASLt's)."""
     device, dtype = torch.device("cuda"), torch.bfloat16
-    cycles = int(_cycles_per_ms() * BUSY_MS)
+    cycles = busy_cycles(BUSY_MS)
     # Llama-3-8B's linears (out, in): qkv, o, gate_up, down
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
     weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.01 for n, k in shapes]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mnemosyne.bench.floors import busy_cycles
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.request import SamplingParams
@@ -44,16 +45,6 @@ def _run(engine: LLMEngine, salt: int) -> None:
         step += 1
 
 
-def _cycles_per_ms() -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)
-    start.record()
-    torch.cuda._sleep(50_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 50_000_000 / start.elapsed_time(end)
-
-
 @pytest.mark.gpu
 def test_a_launch_never_waits_for_the_device(monkeypatch):
     from mnemosyne.attention import gpu
@@ -76,7 +67,7 @@ def test_a_launch_never_waits_for_the_device(monkeypatch):
 
             monkeypatch.setattr(gpu, name, counted)
         runner = engine.executor.worker.runner
-        launch, cycles, waited, kinds, syncs = runner.launch, int(_cycles_per_ms() * BUSY_MS), [], set(), set()
+        launch, cycles, waited, kinds, syncs = runner.launch, busy_cycles(BUSY_MS), [], set(), set()
 
         def guarded(plan):
             torch.cuda._sleep(cycles)

@@ -4,7 +4,10 @@ from them: the FLOP floor of a prefill and the bytes floor of a decode step."""
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -39,6 +42,37 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     copy_s = time_s(functools.partial(torch.empty_like(src).copy_, src), 20)
     torch.cuda.empty_cache()
     return Ceilings(2 * n**3 / matmul_s, 2 * num_bytes / copy_s)
+
+
+def busy_cycles(ms: float) -> int:
+    """Cycles of `torch.cuda._sleep` that keep the current device busy for about `ms` milliseconds,
+    measured here: the busy kernel behind which a host-side call shows whether it waits for the device."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # the first call loads the kernel
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return int(50_000_000 / start.elapsed_time(end) * ms)
+
+
+T = TypeVar("T")
+
+
+def behind_busy_device(fn: Callable[[], T], cycles: int) -> tuple[T, float, bool]:
+    """fn's result, its host ms, and whether the busy kernel of `cycles` queued before it had finished
+    when it returned (the host waited for the device, or launched more than the device's queue holds)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    busy = torch.cuda.Event()
+    busy.record()
+    start = time.perf_counter()
+    result = fn()
+    host_ms = (time.perf_counter() - start) * 1e3
+    waited = busy.query()
+    torch.cuda.synchronize()
+    return result, host_ms, waited
 
 
 def prefill_flops(cfg: ModelConfig, num_tokens: int) -> float:
