@@ -93,7 +93,7 @@ class Workload:
                                    chunking=f"fixed:{max(args.chunk, MAX_PROMPT)}", scheduler="fcfs",
                                    max_num_batched_tokens=max(args.chunk, MAX_PROMPT) + args.decodes + 8,
                                    cudnn_ragged=self.cuda or None, triton_chunk_rows=8192 if self.cuda else None,
-                                   async_prefill=False, seed=0)
+                                   async_prefill=False, seed=0, layer_graph_tokens=args.layer_graph_tokens)
         self.engine = LLMEngine(self.config)
         self.vocab = self.engine.model_config.vocab_size
         self.random = random.Random(0)
@@ -324,6 +324,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--blas", default="cublas,cublaslt", help="the libraries gemms times, in this order")
     parser.add_argument("--only-ops", action="store_true", help="only the single-op timings (ops, gemms)")
+    parser.add_argument("--layer-graph-tokens", type=int, default=EngineConfig.layer_graph_tokens,
+                        help="the engine's --layer-graph-tokens (0: mixed steps launched eagerly)")
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("-o", "--out", default=os.environ.get("OUT", "out/mixed_step_host"))
     args = parser.parse_args()

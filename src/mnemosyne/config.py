@@ -251,7 +251,12 @@ class EngineConfig:
     engine, its step times kept from the TBT feedback: a process's first prefill steps pay one-time costs
     (kernels loaded, memory claimed), which otherwise land in a served request's steps."""
     enforce_eager: bool = False
-    """Run decode steps eagerly instead of replaying CUDA graphs (GPU only)."""
+    """Run every step eagerly instead of replaying CUDA graphs (GPU only)."""
+    layer_graph_tokens: int = 2048
+    """Steps with prompt chunks, of up to this many tokens in all (and at most --max-num-batched-tokens),
+    replay each layer's work outside attention from CUDA graphs captured per multiple of 128 tokens,
+    and launch only attention eagerly: eagerly, such steps are bound by the host's launches (GPU, one
+    device per model replica: tp = pp = 1). 0: run them eagerly."""
     attention_backend: str = "auto"
     """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
     cudnn_ragged: bool | None = None
@@ -299,6 +304,8 @@ class EngineConfig:
                   "block_size", "max_num_batched_tokens", "max_num_seqs")
         if self.triton_chunk_rows is not None and self.triton_chunk_rows < 0:
             raise ValueError(f"--triton-chunk-rows must be 0 or more, got {self.triton_chunk_rows}")
+        if self.layer_graph_tokens < 0:
+            raise ValueError(f"--layer-graph-tokens must be 0 or more, got {self.layer_graph_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

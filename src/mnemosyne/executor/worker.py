@@ -137,6 +137,12 @@ class Worker:
                 self.model, self.runner.kv_caches, tables.ids, null_row=config.max_num_seqs,
                 scratch_slot=num_slots, page_size=config.block_size, backend=backend,
                 max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device, kvp_size=kvp_group.size)
+            graph_tokens = min(config.layer_graph_tokens, config.max_num_batched_tokens)
+            if graph_tokens and tp_group.size == 1:
+                from mnemosyne.runner.layer_graphs import LayerGraphs
+
+                self.runner.layer_graphs = LayerGraphs(self.model, self.runner.kv_caches, graph_tokens, num_slots,
+                                                       self.device, show_progress=show)
         self.info = RuntimeInfo(str(self.device), str(self.dtype).removeprefix("torch."), num_blocks,
                                 self.kv_bytes_per_token,
                                 weight_bytes=sum(t.nbytes for t in self.model.state_dict().values()),

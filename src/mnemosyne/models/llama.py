@@ -32,16 +32,21 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        """x [T, hidden]; kv_cache [2, num_slots, kv_heads, head_dim] of this layer."""
+    def project(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> rotated q [T, heads, head_dim]; rotated k and v written into this layer's
+        kv_cache [2, num_slots, kv_heads, head_dim] at slot_mapping [T]."""
         q, k, v = self.qkv_proj(x)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        return self.rotary.rotate_and_store(positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               backend: AttentionBackend) -> torch.Tensor:
+        """Rotated q [T, heads, head_dim] over the cache -> attention output [T, heads × head_dim]."""
         out, _ = backend.forward(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -75,9 +80,21 @@ class LlamaDecoderLayer(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (h', residual'); the stream is h + residual, summed inside the next norm."""
+        q, residual = self.before_attention(positions, h, residual, kv_cache, meta.slot_mapping)
+        return self.after_attention(self.self_attn.attend(q, kv_cache, meta, backend), residual)
+
+    # The layer's work on either side of attention: everything but attention treats each token on its
+    # own, so a step may run these two halves for a padded batch (`runner/layer_graphs.py`).
+
+    def before_attention(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                         kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (rotated q [T, heads, head_dim], residual'), this layer's K/V written."""
         x, residual = self.input_layernorm(h, residual)
-        x = self.self_attn(positions, x, kv_cache, meta, backend)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(positions, x, kv_cache, slot_mapping), residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output [T, heads × head_dim], residual) -> (h', residual')."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
 
 

@@ -22,6 +22,7 @@ from mnemosyne.request import SamplingParams
 
 if TYPE_CHECKING:
     from mnemosyne.runner.cuda_graphs import DecodeGraphs, GraphKey
+    from mnemosyne.runner.layer_graphs import LayerGraphs
 from mnemosyne.runner.block_tables import BlockTables
 from mnemosyne.runner.kvp_section import KvShards, SectionRow, plan_section
 from mnemosyne.runner.stage_link import StageLink
@@ -137,6 +138,9 @@ class ModelRunner:
         """A cache slot no request owns: where rows that must not write their K/V point."""
         self.graphs: DecodeGraphs | None = None
         """Set by the worker on a GPU; replays decode-only steps."""
+        self.layer_graphs: LayerGraphs | None = None
+        """Set by the worker on a GPU (tp = pp = 1); replays the work outside attention of steps with
+        prompt chunks."""
         self.link = link or StageLink(device=device)
         """Activations from the previous pipeline stage and to the next one."""
         self.kvp_group = kvp_group
@@ -229,6 +233,11 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """This stage's layers. The last stage returns the final-normed hidden [T, hidden]; the others
         hand (hidden, residual) to the next stage and return None."""
+        meta = inputs.meta
+        if self.layer_graphs is not None and meta.num_decodes < meta.num_requests:
+            bucket = self.layer_graphs.bucket(len(inputs.token_ids))
+            if bucket is not None:
+                return self.layer_graphs.forward(inputs, bucket, self.backend)
         args = (inputs.token_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         hidden, residual = self.link.recv(len(inputs.token_ids))
         if self.model.is_last_pp_stage:
