@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--blas", default="cublas,cublaslt", help="the libraries gemms times, in this order")
     parser.add_argument("--only-ops", action="store_true", help="only the single-op timings (ops, gemms)")
-    parser.add_argument("--layer-graph-tokens", type=int, default=EngineConfig.layer_graph_tokens,
+    parser.add_argument("--layer-graph-tokens", type=int, default=None,
                         help="the engine's --layer-graph-tokens (0: mixed steps launched eagerly)")
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("-o", "--out", default=os.environ.get("OUT", "out/mixed_step_host"))

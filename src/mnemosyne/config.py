@@ -252,11 +252,13 @@ class EngineConfig:
     (kernels loaded, memory claimed), which otherwise land in a served request's steps."""
     enforce_eager: bool = False
     """Run every step eagerly instead of replaying CUDA graphs (GPU only)."""
-    layer_graph_tokens: int = 2048
+    layer_graph_tokens: int | None = None
     """Steps with prompt chunks, of up to this many tokens in all (and at most --max-num-batched-tokens),
     replay each layer's work outside attention from CUDA graphs captured per multiple of 128 tokens,
     and launch only attention eagerly: eagerly, such steps are bound by the host's launches (GPU, one
-    device per model replica: tp = pp = 1). 0: run them eagerly."""
+    device per model replica: tp = pp = 1). 0: run them eagerly. Default: 2048 with one device, 0 with
+    several: kvp=4 serving with them stalled 150-300 ms at the same points of every long prompt, in
+    three runs of three, and not without them (call91-93; cause not found)."""
     attention_backend: str = "auto"
     """auto, reference, sdpa (torch's fused kernels) or gpu (Triton paged decode + cuDNN chunks)."""
     cudnn_ragged: bool | None = None
@@ -304,7 +306,7 @@ class EngineConfig:
                   "block_size", "max_num_batched_tokens", "max_num_seqs")
         if self.triton_chunk_rows is not None and self.triton_chunk_rows < 0:
             raise ValueError(f"--triton-chunk-rows must be 0 or more, got {self.triton_chunk_rows}")
-        if self.layer_graph_tokens < 0:
+        if self.layer_graph_tokens is not None and self.layer_graph_tokens < 0:
             raise ValueError(f"--layer-graph-tokens must be 0 or more, got {self.layer_graph_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -370,6 +372,13 @@ class EngineConfig:
     @property
     def world_size(self) -> int:
         return self.kv_parallel_size * self.pipeline_parallel_size * self.tensor_parallel_size
+
+    @property
+    def layer_graph_limit(self) -> int:
+        """Most tokens of a step that replays layer graphs (`--layer-graph-tokens` resolved; 0: none)."""
+        tokens = self.layer_graph_tokens if self.layer_graph_tokens is not None else (
+            2048 if self.world_size == 1 else 0)
+        return min(tokens, self.max_num_batched_tokens)
 
     @property
     def layer_split(self) -> tuple[int, ...] | None:

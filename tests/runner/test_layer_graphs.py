@@ -110,6 +110,14 @@ def test_layer_graphs_refuse_a_pipeline_stage():
         LayerGraphs(model, worker.runner.kv_caches, 64, worker.runner.scratch_slot, worker.device, capture=False)
 
 
+def test_layer_graphs_default_to_one_device_only():
+    assert EngineConfig(model="dummy:tiny").layer_graph_limit == 2048
+    assert EngineConfig(model="dummy:tiny", max_num_batched_tokens=512).layer_graph_limit == 512
+    assert EngineConfig(model="dummy:tiny", kv_parallel_size=4).layer_graph_limit == 0
+    assert EngineConfig(model="dummy:tiny", kv_parallel_size=4, layer_graph_tokens=1024).layer_graph_limit == 1024
+    assert EngineConfig(model="dummy:tiny", layer_graph_tokens=0).layer_graph_limit == 0
+
+
 def test_negative_layer_graph_tokens_are_refused():
     with pytest.raises(ValueError, match="--layer-graph-tokens"):
         EngineConfig(model="dummy:tiny", layer_graph_tokens=-1)

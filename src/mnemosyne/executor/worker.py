@@ -137,7 +137,7 @@ class Worker:
                 self.model, self.runner.kv_caches, tables.ids, null_row=config.max_num_seqs,
                 scratch_slot=num_slots, page_size=config.block_size, backend=backend,
                 max_batch=config.max_num_seqs, max_seq_len=max_len, device=self.device, kvp_size=kvp_group.size)
-            graph_tokens = min(config.layer_graph_tokens, config.max_num_batched_tokens)
+            graph_tokens = config.layer_graph_limit
             if graph_tokens and tp_group.size == 1:
                 from mnemosyne.runner.layer_graphs import LayerGraphs
 
