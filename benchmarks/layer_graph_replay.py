@@ -1,7 +1,7 @@
-"""What a layer graph's first replay costs: one worker's layer graphs (dummy:llama-3-8b, one GPU),
-captured without the start-up replay, then each bucket's pieces replayed (padding rows only, writing
-the scratch page) and timed to the device's end, a first time and a second. Serving met such first
-replays mid-prefill: 150-300 ms steps (call90-92).
+"""What a layer graph's first replay costs: one worker's layer graphs (dummy:llama-3-8b, one GPU), each
+bucket's pieces replayed (padding rows only, writing the scratch page) and timed to the device's end,
+a first time and a second. Asked when kvp=4 serving with layer graphs stalled 150-300 ms mid-prefill
+(call91-92); call93 found first and second replays alike, so that is not the cause.
 
     python benchmarks/layer_graph_replay.py [--buckets 32,256,1152]
 """
@@ -37,16 +37,12 @@ def main() -> None:
     loader = resolve_model(config.model)
     worker = Worker(config, loader.load_config(), loader)
     runner = worker.runner
-    for replay_once in (False, True):
-        graphs = LayerGraphs(runner.model, runner.kv_caches, config.max_num_batched_tokens, runner.scratch_slot,
-                             worker.device, replay_once=replay_once)
-        for b in (int(x) for x in args.buckets.split(",")):
-            pieces = graphs._pieces[b]
-            first, second = timed(pieces), timed(pieces)
-            print(f"replayed once at capture: {replay_once!s:5}  bucket {b:5d}: {len(pieces)} graphs, first replay "
-                  f"{first:7.1f} ms, second {second:6.1f} ms")
-        del graphs
-        torch.cuda.empty_cache()
+    graphs = LayerGraphs(runner.model, runner.kv_caches, config.max_num_batched_tokens, runner.scratch_slot,
+                         worker.device)
+    for b in (int(x) for x in args.buckets.split(",")):
+        pieces = graphs._pieces[b]
+        first, second = timed(pieces), timed(pieces)
+        print(f"bucket {b:5d}: {len(pieces)} graphs, first replay {first:7.1f} ms, second {second:6.1f} ms")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ Every op in the graphs treats each row on its own, so padding changes a real row
 where cuBLAS picks another GEMM kernel for b rows than for T (bf16 rounding; the GPU tests compare
 against the eager step).
 
-Built for one whole model on one device (tp = pp = 1; KVP groups each hold the whole model). Decode-
-only steps keep their own graphs (`cuda_graphs.py`), or run eagerly where those do not reach, one-row
-decodes on the Triton GEMV.
+Built for one whole model on one device (tp = pp = 1; KVP groups each hold the whole model), and on by
+default with one device only (`EngineConfig.layer_graph_tokens`: under kvp=4 serving, steps stalled
+with them, cause not found). Decode-only steps keep their own graphs (`cuda_graphs.py`), or run
+eagerly where those do not reach, one-row decodes on the Triton GEMV.
 """
 
 from __future__ import annotations
@@ -59,10 +60,8 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 class LayerGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], max_tokens: int,
-                 scratch_slot: int, device: torch.device, capture: bool = True, show_progress: bool = False,
-                 replay_once: bool = True):
-        """capture=False runs the same pieces eagerly on the padded buffers (the CPU tests' form).
-        replay_once: replay every graph once after capture (off only to measure what that saves)."""
+                 scratch_slot: int, device: torch.device, capture: bool = True, show_progress: bool = False):
+        """capture=False runs the same pieces eagerly on the padded buffers (the CPU tests' form)."""
         if not (model.is_first_pp_stage and model.is_last_pp_stage):
             raise ValueError("layer graphs hold a whole model: one pipeline stage")
         if model.embed_tokens.group.size > 1:
@@ -105,13 +104,6 @@ class LayerGraphs:
                     pieces.append(piece)
                     bar.update()
                 self._pieces[b] = pieces
-            if capture and replay_once:
-                # A graph's first replay pays a one-time cost: up to 300 ms for a bucket's graphs, met
-                # mid-serving on an H200 (call90-92). Here it is paid before the first request.
-                for pieces in self._pieces.values():
-                    for replay in pieces:
-                        replay()
-                torch.cuda.synchronize(device)
         if capture:
             logger.info("captured %d layer CUDA graphs: token buckets %s", len(self._graphs), self.buckets)
 
