@@ -68,6 +68,10 @@ def run_step(worker: Worker, plan: StepPlan) -> torch.Tensor:
 class Counting(LayerGraphs):
     """Counts the steps that ran through the layer graphs, by bucket."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.used: list[int] = []
+
     def forward(self, inputs, bucket, backend):
         self.used.append(bucket)
         return super().forward(inputs, bucket, backend)
@@ -77,7 +81,6 @@ def test_layer_pieces_match_the_eager_step_on_cpu():
     eager, pieces = make_worker("cpu", "float32"), make_worker("cpu", "float32")
     runner = pieces.runner
     graphs = Counting(runner.model, runner.kv_caches, 128, runner.scratch_slot, pieces.device, capture=False)
-    graphs.used = []
     runner.layer_graphs = graphs
     page_size = eager.config.block_size
     for plan in mixed_plans(page_size):
@@ -95,7 +98,6 @@ def test_a_step_past_the_largest_bucket_runs_eagerly():
     worker = make_worker("cpu", "float32")
     runner = worker.runner
     graphs = Counting(runner.model, runner.kv_caches, 64, runner.scratch_slot, worker.device, capture=False)
-    graphs.used = []
     runner.layer_graphs = graphs
     for plan in mixed_plans(worker.config.block_size):
         run_step(worker, plan)

@@ -238,7 +238,7 @@ class ModelRunner:
             bucket = self.layer_graphs.bucket(len(inputs.token_ids))
             if bucket is not None:
                 return self.layer_graphs.forward(inputs, bucket, self.backend)
-        args = (inputs.token_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        args = (inputs.token_ids, inputs.positions, self.kv_caches, meta, self.backend)
         hidden, residual = self.link.recv(len(inputs.token_ids))
         if self.model.is_last_pp_stage:
             return self.model(*args, hidden, residual)
@@ -317,9 +317,8 @@ class ModelRunner:
     def _on_device(self, *parts: array) -> list[torch.Tensor]:
         """Host arrays ('q': int64, 'i': int32) as device tensors [len(part)] each, through one copy:
         packed into one buffer, pinned on a GPU so that the copy does not wait for the stream
-        (`host_copy.to_device`). Pinned
-        memory comes from torch's caching host allocator, which hands it out again only once the copy
-        has run, so the next step may be prepared while this one still runs."""
+        (`host_copy.to_device`). Pinned memory comes from torch's caching host allocator, which hands it
+        out again only once the copy has run, so the next step may be prepared while this one still runs."""
         packed, offsets = bytearray(), []
         for part in parts:  # each part 16-byte aligned, as Triton kernels specialise on aligned pointers
             offsets.append(len(packed))
