@@ -104,6 +104,62 @@ def test_several_prefills_share_a_step_and_long_work_yields_to_short():
     assert model.step_time_s(shapes(plan)) <= BUDGET_S
 
 
+def _chat_prompt_cut_in_two(group_boundary=None):
+    """LARS: a 3,000-token prompt whose first chunk filled a step, then a 300-token prompt arriving.
+    The first yields to the second (fewer tokens than its remainder)."""
+    model = synthetic_model()
+    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
+    chunking, _ = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking,
+                                  group_boundary=group_boundary)
+    first = add(sched, "first", 3000, 0.0, max_tokens=4)
+    run_steps(sched, clock, model, 1)
+    assert 300 < first.num_uncomputed_tokens < 3000
+    add(sched, "second", 300, clock.now_s, max_tokens=4)
+    return sched, model, first
+
+
+def test_budget_yielded_and_left_unused_goes_back_to_finish_a_prompt():
+    """What the second prompt leaves of the budget it was yielded goes back to the first, whose
+    remainder then fits: both prompts get their first tokens from this step (before, the first
+    waited a whole step more, behind a step that held the short prompt alone)."""
+    sched, model, first = _chat_prompt_cut_in_two()
+    rest = first.num_uncomputed_tokens
+    plan = sched.schedule()
+    by_id = {c.request_id: (c.start, c.num_new_tokens) for c in plan.chunks}
+    assert by_id == {"first": (3000 - rest, rest), "second": (0, 300)}
+    assert model.step_time_s(shapes(plan)) <= BUDGET_S
+    known = -(-(3000 - rest) // 16)  # the blocks of its first chunk, which the workers have
+    grown = next(c for c in plan.chunks if c.request_id == "first")
+    assert grown.new_block_ids == tuple(first.block_ids[known:]) and len(first.block_ids) == 3000 // 16 + 1
+    land(sched, plan)
+    assert first.num_computed_tokens == 3000 and first.num_output_tokens == 1
+
+
+def test_a_yielded_budget_is_not_taken_back_to_cross_a_kvp_group_boundary():
+    sched, _, first = _chat_prompt_cut_in_two(group_boundary=kvp_group_boundary(2600))
+    assert first.num_computed_tokens < 2600 - 300  # it has more than the second's tokens left in its group
+    plan = sched.schedule()
+    spans = {c.request_id: (c.start, c.start + c.num_new_tokens) for c in plan.chunks}
+    assert spans["second"] == (0, 300)
+    assert "first" not in spans or spans["first"][1] <= 2600
+
+
+def test_a_long_prompt_keeps_yielding_what_it_cannot_finish_with():
+    """Budget left by short work goes back only to finish a prompt: a long prompt's chunk would fill the
+    step the short prompt's first token waits for."""
+    model = synthetic_model()
+    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
+    chunking, _ = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking)
+    add(sched, "long", 200_000, 0.0, max_tokens=1)
+    run_steps(sched, clock, model, 30)
+    add(sched, "short", 300, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    assert {c.request_id: c.num_new_tokens for c in plan.chunks}["short"] == 300
+    assert model.step_time_s(shapes(plan)) < 0.5 * BUDGET_S  # the 90% the long prompt yielded stays unused
+
+
 def _late_long_prefill():
     """LARS, a 200K-token prompt 30 steps into its prefill and past its deadline."""
     model = synthetic_model()
