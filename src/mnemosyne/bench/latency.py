@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +17,8 @@ import torch
 
 from mnemosyne.bench.floors import Ceilings, decode_bytes, measure_ceilings, prefill_flops
 from mnemosyne.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class Row:
     seconds: float
     """TTFT for prefill, median step time (TBT) for decode."""
     floor_seconds: float
+    error: str | None = None
+    """Why there is no time (the HF peer out of memory); seconds is then NaN."""
 
     @property
     def efficiency(self) -> float:
@@ -91,6 +97,7 @@ def bench_hf(config: EngineConfig, cfg: ModelConfig, prefill_lens: list[int], de
     from mnemosyne.models.loaders import resolve_model
 
     device = torch.device("cuda")
+    _grow_segments_in_place()
     hf_config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -113,33 +120,65 @@ def bench_hf(config: EngineConfig, cfg: ModelConfig, prefill_lens: list[int], de
     with torch.inference_mode():
         model(torch.tensor([_prompt(cfg.vocab_size, 512, 0)], device=device), logits_to_keep=1)
         for length in prefill_lens:
-            ids = torch.tensor([_prompt(cfg.vocab_size, length, length)], device=device)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(ids, logits_to_keep=1)
-            torch.cuda.synchronize()
-            rows.append(Row("hf", "prefill", length, 1, time.perf_counter() - start,
-                            prefill_flops(cfg, length) / ceilings.matmul_flops_per_s))
-        for context, batch in decode_shapes:
-            ids = torch.tensor([_prompt(cfg.vocab_size, context, 7 * i + context) for i in range(batch)],
-                               device=device)
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            gaps = []
-            for _ in range(num_decode_steps):
+            floor_s = prefill_flops(cfg, length) / ceilings.matmul_flops_per_s
+            try:
+                ids = torch.tensor([_prompt(cfg.vocab_size, length, length)], device=device)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                out = model(token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                token.tolist()
-                gaps.append(time.perf_counter() - start)
-            rows.append(Row("hf", "decode", context, batch, statistics.median(gaps),
-                            decode_bytes(cfg, batch, context) / ceilings.copy_bytes_per_s))
-            del cache, out
+                model(ids, logits_to_keep=1)
+                torch.cuda.synchronize()
+                rows.append(Row("hf", "prefill", length, 1, time.perf_counter() - start, floor_s))
+            except torch.OutOfMemoryError:
+                rows.append(_out_of_memory("prefill", length, 1, floor_s))
+        for context, batch in decode_shapes:
+            floor_s = decode_bytes(cfg, batch, context) / ceilings.copy_bytes_per_s
+            try:
+                rows.append(Row("hf", "decode", context, batch, _hf_decode_s(model, cfg, context, batch,
+                                                                             num_decode_steps), floor_s))
+            except torch.OutOfMemoryError:
+                rows.append(_out_of_memory("decode", context, batch, floor_s))
     del model
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def _grow_segments_in_place() -> None:
+    """Expandable segments for the peer's allocations from here on. At 128K on an 80 GB H100, HF's
+    MLP asked for 7 GiB with 14.6 GiB reserved but unallocated, in blocks too small (call94)."""
+    for name in ("_accelerator_setAllocatorSettings", "_cuda_cudaCachingAllocator_set_allocator_settings"):
+        setter = getattr(torch._C, name, None)
+        if setter is not None:
+            setter("expandable_segments:True")
+            return
+    logger.info("this torch cannot switch the CUDA allocator to expandable segments; the HF peer runs without")
+
+
+def _hf_decode_s(model: torch.nn.Module, cfg: ModelConfig, context: int, batch: int, num_steps: int) -> float:
+    """The HF peer's median decode step after a prefill of `batch` prompts of `context` tokens."""
+    ids = torch.tensor([_prompt(cfg.vocab_size, context, 7 * i + context) for i in range(batch)], device="cuda")
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    gaps = []
+    for _ in range(num_steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        token.tolist()
+        gaps.append(time.perf_counter() - start)
+    return statistics.median(gaps)
+
+
+def _out_of_memory(kind: str, context: int, batch: int, floor_s: float) -> Row:
+    """The peer's row for a shape it has no memory for (HF at 128K on an 80 GB H100: call94); the
+    allocator's cache is emptied so that the shapes after it still run."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    logger.warning("HF transformers ran out of memory at %s context %d batch %d (%.1f of %.1f GiB free after)",
+                   kind, context, batch, free / 2**30, total / 2**30)
+    return Row("hf", kind, context, batch, math.nan, floor_s, error="out of memory")
 
 
 def report(rows: list[Row], ceilings: Ceilings, out_dir: Path | None, device_name: str) -> str:
@@ -148,11 +187,15 @@ def report(rows: list[Row], ceilings: Ceilings, out_dir: Path | None, device_nam
              f"{'engine':<10} {'kind':<8} {'context':>8} {'batch':>5} {'time':>10} {'floor':>10} "
              f"{'x floor':>8} {'MFU/MBU':>8}"]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"{r.engine:<10} {r.kind:<8} {r.context:>8} {r.batch:>5} {r.error:>10} "
+                         f"{r.floor_seconds * 1e3:>8.1f}ms")
+            continue
         lines.append(f"{r.engine:<10} {r.kind:<8} {r.context:>8} {r.batch:>5} {r.seconds * 1e3:>8.1f}ms "
                      f"{r.floor_seconds * 1e3:>8.1f}ms {r.seconds / r.floor_seconds:>8.2f} {r.efficiency:>8.2f}")
     ours = {(r.kind, r.context, r.batch): r for r in rows if r.engine == "mnemosyne"}
     for r in rows:
-        if r.engine == "hf" and (r.kind, r.context, r.batch) in ours:
+        if r.engine == "hf" and r.error is None and (r.kind, r.context, r.batch) in ours:
             mine = ours[(r.kind, r.context, r.batch)]
             lines.append(f"speed-up over hf, {r.kind} context {r.context} batch {r.batch}: "
                          f"{r.seconds / mine.seconds:.2f}x")
@@ -161,10 +204,16 @@ def report(rows: list[Row], ceilings: Ceilings, out_dir: Path | None, device_nam
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "latency.json").write_text(json.dumps(
             {"device": device_name, "ceilings": asdict(ceilings),
-             "rows": [dict(asdict(r), efficiency=r.efficiency) for r in rows]}, indent=2))
+             "rows": [_json_row(r) for r in rows]}, indent=2))
         (out_dir / "latency.txt").write_text(text + "\n")
         _plot(rows, out_dir / "latency.png")
     return text
+
+
+def _json_row(row: Row) -> dict:
+    """The row with its efficiency; no time (a peer out of memory) is null, not NaN, which JSON lacks."""
+    d = dict(asdict(row), efficiency=row.efficiency)
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -178,7 +227,7 @@ def _plot(rows: list[Row], path: Path) -> None:
         scale = 1.0 if kind == "prefill" else 1e3
         for engine, style in (("mnemosyne", "o-"), ("hf", "s--")):
             pts = sorted((r.context, r.seconds * scale) for r in rows
-                         if r.engine == engine and r.kind == kind and r.batch == 1)
+                         if r.engine == engine and r.kind == kind and r.batch == 1 and r.error is None)
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=engine)
         floor = sorted({(r.context, r.floor_seconds * scale) for r in rows if r.kind == kind and r.batch == 1})
@@ -187,7 +236,8 @@ def _plot(rows: list[Row], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -200,6 +250,9 @@ def run(config: EngineConfig, prefill_lens: list[int], decode_shapes: list[tuple
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
     rows, cfg = bench_engine(config, prefill_lens, decode_shapes, num_decode_steps, ceilings)
+    device_name = torch.cuda.get_device_name(device)
     if compare_hf:
+        # The engine's figures first, to the terminal and the folder: the peer's run can still fail.
+        print(report(rows, ceilings, out_dir, device_name), flush=True)
         rows += bench_hf(config, cfg, prefill_lens, decode_shapes, num_decode_steps, ceilings)
-    return report(rows, ceilings, out_dir, torch.cuda.get_device_name(device))
+    return report(rows, ceilings, out_dir, device_name)
