@@ -55,8 +55,10 @@ def bench_engine(config: EngineConfig, prefill_lens: list[int], decode_shapes: l
     rows = []
     engine.add_request(_prompt(cfg.vocab_size, 512, 0), SamplingParams(max_tokens=4, ignore_eos=True))
     _drain(engine)  # warm-up
-    for length in prefill_lens:
-        engine.add_request(_prompt(cfg.vocab_size, length, length), SamplingParams(max_tokens=1, ignore_eos=True))
+    for i, length in enumerate(prefill_lens):
+        # a prompt of its own each time: a length timed twice would otherwise hit the prefix cache (call96)
+        engine.add_request(_prompt(cfg.vocab_size, length, length + (i << 32)),
+                           SamplingParams(max_tokens=1, ignore_eos=True))
         torch.cuda.synchronize()
         start = time.perf_counter()
         _drain(engine)
