@@ -26,3 +26,11 @@ def test_a_peer_out_of_memory_is_reported_beside_the_engines_figures(tmp_path):
     saved = json.loads((tmp_path / "latency.json").read_text())
     assert [(r["error"], r["seconds"]) for r in saved["rows"]][2:] == [(None, 1.5), ("out of memory", None)]
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_each_prefill_gets_a_prompt_of_its_own():
+    from mnemosyne.bench.latency import _prefill_prompt
+
+    first, second = _prefill_prompt(1000, 256, 0), _prefill_prompt(1000, 256, 1)
+    assert len(first) == len(second) == 256 and first != second
+    assert _prefill_prompt(1000, 256, 0) == first  # and the same one from run to run

@@ -45,6 +45,12 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
 
+def _prefill_prompt(vocab: int, length: int, index: int) -> list[int]:
+    """The index-th prefill's prompt: one of its own, so that a length timed twice does not hit the
+    prefix cache (call96-97's did; torch's CPU generator keeps 32 bits of a seed)."""
+    return _prompt(vocab, length, (length + index * 1_000_003) % 2**32)
+
+
 def bench_engine(config: EngineConfig, prefill_lens: list[int], decode_shapes: list[tuple[int, int]],
                  num_decode_steps: int, ceilings: Ceilings) -> tuple[list[Row], ModelConfig]:
     from mnemosyne.engine.llm_engine import LLMEngine
@@ -56,9 +62,7 @@ def bench_engine(config: EngineConfig, prefill_lens: list[int], decode_shapes: l
     engine.add_request(_prompt(cfg.vocab_size, 512, 0), SamplingParams(max_tokens=4, ignore_eos=True))
     _drain(engine)  # warm-up
     for i, length in enumerate(prefill_lens):
-        # a prompt of its own each time: a length timed twice would otherwise hit the prefix cache (call96)
-        engine.add_request(_prompt(cfg.vocab_size, length, length + (i << 32)),
-                           SamplingParams(max_tokens=1, ignore_eos=True))
+        engine.add_request(_prefill_prompt(cfg.vocab_size, length, i), SamplingParams(max_tokens=1, ignore_eos=True))
         torch.cuda.synchronize()
         start = time.perf_counter()
         _drain(engine)
