@@ -16,7 +16,7 @@ from typing import Any
 
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
-TBT_SLO_QUANTILE = 0.99
+TBT_SLO_QUANTILE = 0.995
 """--tbt-slo-quantile's default: why, at scheduler/feedback.py's QUANTILE."""
 
 

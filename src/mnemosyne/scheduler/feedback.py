@@ -20,12 +20,15 @@ from mnemosyne.config import TBT_SLO_QUANTILE
 WINDOW = 256
 """Recent steps whose ratios the factor is taken over."""
 QUANTILE = TBT_SLO_QUANTILE
-"""The ratio this fraction of recent steps stay under (the default of --tbt-slo-quantile, 0.99): a TBT
-SLO is judged at p99, so 99% of the steps it limits are sized to fit it. Over HTTP on an H200 (call44,
-`serve_mixed.sh 1gpu`, --rho-max 0.9), short requests' p99 TBT during long prefills was 56.1 and 56.8
-ms at 0.95 in two runs (98.6% of steps within 50 ms), and 48.4 ms at 0.99 (99.6%), for 2% more long
-TTFT. A rare stall (a kernel compiled mid-serving) still moves nothing: over a full window the factor
-is the fourth largest of 256 ratios, over the first MIN_STEPS the second largest. (call33 measured 0.99
+"""The ratio this fraction of recent steps stay under (the default of --tbt-slo-quantile, 0.995). A TBT
+SLO is judged at p99 over tokens, and the steps near the budget carry more decodes than the average
+step: with 99% of those steps sized to fit, the decodes' own p99 was 49.5-50.8 ms and the clients'
+50.6-51.3 ms in five one-GPU runs of six (call98-99, `serve_mixed.sh 1gpu`, two H200s side by side).
+At 0.995 the clients' p99 was 49.2 and 49.3 ms in two runs of two, for long prompts 15% slower
+(46.2-47.1 s against 39.5-41.3 s) and short p99 TTFT 0.109 s against 0.116-0.117 s. Earlier (call44),
+0.95 gave 56.1 and 56.8 ms and 0.99 48.4 ms. A rare stall (a kernel compiled mid-serving) still moves
+nothing: over a full window the factor is the third largest of 256 ratios, over the first MIN_STEPS
+the second largest. (call33 measured 0.99
 worse, 59.7 ms against 51.2, when the factor started at 1 and waited 100 steps: those first steps ran
 over the budget and set p99. It now starts from the profile's check.)"""
 MIN_STEPS = 16
