@@ -125,10 +125,10 @@ def bench_hf(config: EngineConfig, cfg: ModelConfig, prefill_lens: list[int], de
     rows = []
     with torch.inference_mode():
         model(torch.tensor([_prompt(cfg.vocab_size, 512, 0)], device=device), logits_to_keep=1)
-        for length in prefill_lens:
+        for i, length in enumerate(prefill_lens):
             floor_s = prefill_flops(cfg, length) / ceilings.matmul_flops_per_s
             try:
-                ids = torch.tensor([_prompt(cfg.vocab_size, length, length)], device=device)
+                ids = torch.tensor([_prefill_prompt(cfg.vocab_size, length, i)], device=device)  # the engine's prompts
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(ids, logits_to_keep=1)
