@@ -23,6 +23,16 @@ def adaptive(budget_s: float | None = BUDGET_S, max_tokens: int = 1 << 20, layou
     return AdaptiveChunking(model, budget_s, max_tokens), model
 
 
+def lars_scheduler(rho_max: float, group_boundary=None):
+    """LARS (deadlines at a 2 s TTFT SLO) with adaptive chunks against the synthetic step-time model."""
+    model = synthetic_model()
+    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
+    chunking, _ = adaptive()
+    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=rho_max)), chunking=chunking,
+                                  group_boundary=group_boundary)
+    return sched, clock, model
+
+
 def run_steps(sched, clock, model, num_steps: int):
     plans = []
     for _ in range(num_steps):
@@ -91,9 +101,7 @@ def test_a_custom_group_boundary_hook_is_honoured():
 
 
 def test_several_prefills_share_a_step_and_long_work_yields_to_short():
-    deadlines = Deadlines(synthetic_model().prefill_work_s, ttft_slo_s=2.0)
-    chunking, model = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.5)), chunking=chunking)
+    sched, clock, model = lars_scheduler(0.5)
     add(sched, "long", 200_000, 0.0, max_tokens=1)
     run_steps(sched, clock, model, 30)
     add(sched, "short", 300, clock.now_s, max_tokens=1)
@@ -107,11 +115,7 @@ def test_several_prefills_share_a_step_and_long_work_yields_to_short():
 def _chat_prompt_cut_in_two(group_boundary=None):
     """LARS: a 3,000-token prompt whose first chunk filled a step, then a 300-token prompt arriving.
     The first yields to the second (fewer tokens than its remainder)."""
-    model = synthetic_model()
-    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
-    chunking, _ = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking,
-                                  group_boundary=group_boundary)
+    sched, clock, model = lars_scheduler(0.9, group_boundary)
     first = add(sched, "first", 3000, 0.0, max_tokens=4)
     run_steps(sched, clock, model, 1)
     assert 300 < first.num_uncomputed_tokens < 3000
@@ -148,10 +152,7 @@ def test_a_yielded_budget_is_not_taken_back_to_cross_a_kvp_group_boundary():
 def test_a_long_prompt_keeps_yielding_what_it_cannot_finish_with():
     """Budget left by short work goes back only to finish a prompt: a long prompt's chunk would fill the
     step the short prompt's first token waits for."""
-    model = synthetic_model()
-    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
-    chunking, _ = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking)
+    sched, clock, model = lars_scheduler(0.9)
     add(sched, "long", 200_000, 0.0, max_tokens=1)
     run_steps(sched, clock, model, 30)
     add(sched, "short", 300, clock.now_s, max_tokens=1)
@@ -162,13 +163,10 @@ def test_a_long_prompt_keeps_yielding_what_it_cannot_finish_with():
 
 def _late_long_prefill():
     """LARS, a 200K-token prompt 30 steps into its prefill and past its deadline."""
-    model = synthetic_model()
-    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
-    chunking, _ = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking)
+    sched, clock, model = lars_scheduler(0.9)
     long = add(sched, "long", 200_000, 0.0, max_tokens=1, deadline_s=0.5)
     run_steps(sched, clock, model, 30)
-    assert deadlines.slack_s(long, clock.now_s) < 0
+    assert sched.policy.deadlines.slack_s(long, clock.now_s) < 0
     return sched, clock, model
 
 
@@ -186,10 +184,7 @@ def test_a_long_prompts_last_tokens_let_a_short_prompt_ride_along():
     """600 tokens left of a 50K-token prompt are fewer than a 1,000-token prompt's, but far more work, each
     attending over the whole prefix: the short prompt's work is under 1% of the long one's, so it rides
     along whole at once (by tokens alone the long prompt yielded nothing: call62, 0.25 s TTFTs)."""
-    model = synthetic_model()
-    deadlines = Deadlines(model.prefill_work_s, ttft_slo_s=2.0)
-    chunking, _ = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.9)), chunking=chunking)
+    sched, clock, model = lars_scheduler(0.9)
     long = add(sched, "long", 50_000, 0.0, max_tokens=1)
     while long.num_uncomputed_tokens > 600:
         run_steps(sched, clock, model, 1)
@@ -300,9 +295,7 @@ def test_long_prompts_among_short_ones_stay_one_run_of_blocks_each():
     along and leave while two long ones are prefilled. Each long prompt's blocks stay consecutive, so
     each of its chunks attends to its earlier KV as one run (one cuDNN call a layer), not as a run per
     earlier chunk."""
-    deadlines = Deadlines(synthetic_model().prefill_work_s, ttft_slo_s=2.0)
-    chunking, model = adaptive()
-    sched, clock = make_scheduler(policy=LARS(PolicyContext(deadlines, rho_max=0.5)), chunking=chunking)
+    sched, clock, model = lars_scheduler(0.5)
     longs = [add(sched, "long0", 60_000, 0.0, max_tokens=1), add(sched, "long1", 40_000, 0.0, max_tokens=1)]
     shorts, blocks, chunks_of = [], {}, {}
     for step in itertools.count():
