@@ -263,6 +263,8 @@ class Scheduler:
         for request in yielded:
             if step.is_full:
                 return
+            if request.request_id in self._preempted_ids:
+                continue  # preempted later in the loop (or by itself, short of blocks): its blocks are gone
             i = index.get(request.request_id)
             first = chunks[i] if i is not None else None
             start = request.num_computed_tokens + request.num_inflight_tokens
