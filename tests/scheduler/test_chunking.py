@@ -161,6 +161,55 @@ def test_a_long_prompt_keeps_yielding_what_it_cannot_finish_with():
     assert model.step_time_s(shapes(plan)) < 0.5 * BUDGET_S  # the 90% the long prompt yielded stays unused
 
 
+class _Scripted:
+    """A policy whose order and yield share the test sets, to reach one corner of the take-back."""
+
+    def __init__(self, first: str):
+        self.first = first
+        self.share = 0.0
+
+    def order(self, requests, now_s):
+        return sorted(requests, key=lambda r: r.request_id != self.first)
+
+    def yield_share(self, request, now_s, behind):
+        return self.share if request.request_id == self.first else 0.0
+
+    def rides_along(self, request, behind):
+        return False
+
+
+def test_a_yielder_preempted_later_in_the_step_does_not_take_its_yield_back():
+    """A running prompt that yields all its budget stays unscheduled, so a running request after it in
+    the order that arrived before it may preempt it for blocks. Its yield is then not taken back: that
+    would reserve blocks for a request that is waiting again, whose whole prompt now fits the budget
+    that shorter work left unused."""
+    chunking, model = adaptive()
+    policy = _Scripted(first="yielder")
+    # blocks of 16 tokens: the two first chunks hold 88 and 90; the earlier prompt's remainder needs
+    # 10 more, and 5 are free
+    sched, clock = make_scheduler(policy=policy, chunking=chunking, num_blocks=183)
+    earlier = add(sched, "earlier", 1600, 0.0, max_tokens=1)
+    yielder = add(sched, "yielder", 2000, 0.0, max_tokens=1)
+    policy.share = 0.5  # both admitted: the yielder takes half the budget, the earlier prompt the rest
+    plan = sched.schedule()
+    assert {c.request_id: c.num_new_tokens for c in plan.chunks} == {"yielder": 1408, "earlier": 1440}
+    clock.now_s += model.step_time_s(shapes(plan))
+    land(sched, plan)
+
+    policy.share = 0.99  # the yielder leaves its 592 tokens to the earlier prompt's 160
+    plan = sched.schedule()
+    assert [(c.request_id, c.start, c.num_new_tokens) for c in plan.chunks] == [("earlier", 1440, 160)]
+    assert yielder in sched.waiting and yielder.num_computed_tokens == 0 and not yielder.block_ids
+    assert yielder.metrics.num_preemptions == 1
+    assert model.step_time_s([(2000, 0), (160, 1440)]) < BUDGET_S  # its whole prompt would have fit
+    land(sched, plan)
+    assert earlier.num_output_tokens == 1
+
+    policy.share = 0.0
+    plan = sched.schedule()  # admitted again, from its first token
+    assert [(c.request_id, c.start) for c in plan.chunks] == [("yielder", 0)]
+
+
 def _late_long_prefill():
     """LARS, a 200K-token prompt 30 steps into its prefill and past its deadline."""
     sched, clock, model = lars_scheduler(0.9)
