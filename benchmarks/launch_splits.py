@@ -1,0 +1,71 @@
+"""A long prompt's chunk in the Triton chunk launch beside a step's decodes, which ride in the same
+launch: its time with the splits counted per chunk (the rule before: 15 decodes cut a 100K-token
+context from 17 splits to 7) and weighted by work (`ShortChunks.num_heaviest`), and the chunk alone.
+CUDA events, one layer's call; ms, and ms for 32 layers.
+
+    python benchmarks/launch_splits.py [--decodes 15] [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from mnemosyne.attention.backend import build_metadata
+from mnemosyne.attention.triton_chunk import chunk_splits, paged_chunks, short_chunks
+
+PAGE, HQ, HKV, D = 16, 32, 8, 128
+DT = torch.bfloat16
+
+
+def time_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> tuple[str, ...]:
+    requests, pages = [], 0
+    for seq_len, num_new in [(2048 + 150 * i, 1) for i in range(num_decodes)] + [(prefix + chunk, chunk)]:
+        used = -(-seq_len // PAGE)
+        requests.append((seq_len, num_new, list(range(pages, pages + used))))
+        pages += used
+    k = torch.randn(pages * PAGE, HKV, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+    meta = build_metadata(requests, PAGE, "cuda")
+    q = torch.randn(meta.query_start_loc[-1], HQ, D, device="cuda", dtype=DT)
+    mixed = short_chunks(meta, range(len(requests)))
+    per_chunk = dataclasses.replace(mixed, num_heaviest=float(len(requests)))  # the rule before
+    alone = short_chunks(meta, [len(requests) - 1])
+    row = [f"{chunk}", f"{prefix // 1024}K"]
+    for table in (per_chunk, mixed, alone):
+        splits = chunk_splits(table, HQ, HKV, sms)
+        ms = time_ms(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
+                     repeats)
+        row.append(f"{ms:.3f} ({splits}) / {32 * ms:.1f}")
+    return tuple(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decodes", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs; {args.decodes} decodes of 2-4K context ride along")
+    print("chunk | prefix | splits per chunk: ms (splits) / 32 layers | weighted by work | the chunk alone")
+    for prefix in (16384, 32768, 65536, 131072):
+        for chunk in (64, 128, 192, 256):
+            print(" | ".join(case(chunk, prefix, args.decodes, sms, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
