@@ -1,7 +1,8 @@
-"""A long prompt's chunk in the Triton chunk launch beside a step's decodes, which ride in the same
-launch: its time with the splits counted per chunk (the rule before: 15 decodes cut a 100K-token
-context from 17 splits to 7) and weighted by work (`ShortChunks.num_heaviest`), and the chunk alone.
-CUDA events, one layer's call; ms, and ms for 32 layers.
+"""A long prompt's chunk beside a step's decodes: in one Triton chunk launch with the decodes riding
+along, its splits counted per chunk (the rule before: 15 decodes cut a 100K-token context from 17
+splits to 7) and weighted by work (`ShortChunks.num_heaviest`); as `GpuBackend` runs it now (the
+decodes on their own kernel beside a chunk over a long context, `gpu.FOLD_DECODE_MAX_KEYS`); and the
+chunk alone. CUDA events, one layer's call; ms, and ms for 32 layers.
 
     python benchmarks/launch_splits.py [--decodes 15] [--repeats 50]
 """
@@ -14,6 +15,7 @@ import dataclasses
 import torch
 
 from mnemosyne.attention.backend import build_metadata
+from mnemosyne.attention.gpu import GpuBackend
 from mnemosyne.attention.triton_chunk import chunk_splits, paged_chunks, short_chunks
 
 PAGE, HQ, HKV, D = 16, 32, 8, 128
@@ -51,6 +53,9 @@ def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> t
         ms = time_ms(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
                      repeats)
         row.append(f"{ms:.3f} ({splits}) / {32 * ms:.1f}")
+    backend = GpuBackend(small_chunk_rows=8192)  # serving's split
+    ms = time_ms(lambda: backend.forward(q, k, v, meta, D ** -0.5), repeats)
+    row.insert(4, f"{ms:.3f} / {32 * ms:.1f}")
     return tuple(row)
 
 
@@ -61,7 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {sms} SMs; {args.decodes} decodes of 2-4K context ride along")
-    print("chunk | prefix | splits per chunk: ms (splits) / 32 layers | weighted by work | the chunk alone")
+    print("chunk | prefix | in one launch, splits per chunk: ms (splits) / 32 layers | weighted by work"
+          " | GpuBackend now | the chunk alone")
     for prefix in (16384, 32768, 65536, 131072):
         for chunk in (64, 128, 192, 256):
             print(" | ".join(case(chunk, prefix, args.decodes, sms, args.repeats)))
