@@ -1,8 +1,8 @@
 """A long prompt's chunk beside a step's decodes: in one Triton chunk launch with the decodes riding
-along, its splits counted per chunk (the rule before: 15 decodes cut a 100K-token context from 17
-splits to 7) and weighted by work (`ShortChunks.num_heaviest`); as `GpuBackend` runs it now (the
-decodes on their own kernel beside a chunk over a long context, `gpu.FOLD_DECODE_MAX_KEYS`); and the
-chunk alone. CUDA events, one layer's call; ms, and ms for 32 layers.
+along (splits counted per chunk: 15 decodes cut a 100K-token context from 17 splits to 7), as
+`GpuBackend` runs it (the decodes on their own kernel beside a chunk over a long context,
+`gpu.FOLD_DECODE_MAX_KEYS`), and the chunk alone. CUDA events, one layer's call; ms, and ms for 32
+layers. (Call102-103 also timed splits weighted by work; they made chat prompts' steps slower.)
 
     python benchmarks/launch_splits.py [--decodes 15] [--repeats 50]
 """
@@ -10,7 +10,6 @@ chunk alone. CUDA events, one layer's call; ms, and ms for 32 layers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
@@ -45,17 +44,16 @@ def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> t
     meta = build_metadata(requests, PAGE, "cuda")
     q = torch.randn(meta.query_start_loc[-1], HQ, D, device="cuda", dtype=DT)
     mixed = short_chunks(meta, range(len(requests)))
-    per_chunk = dataclasses.replace(mixed, num_heaviest=float(len(requests)))  # the rule before
     alone = short_chunks(meta, [len(requests) - 1])
     row = [f"{chunk}", f"{prefix // 1024}K"]
-    for table in (per_chunk, mixed, alone):
+    for table in (mixed, alone):
         splits = chunk_splits(table, HQ, HKV, sms)
         ms = time_ms(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
                      repeats)
         row.append(f"{ms:.3f} ({splits}) / {32 * ms:.1f}")
     backend = GpuBackend(small_chunk_rows=8192)  # serving's split
     ms = time_ms(lambda: backend.forward(q, k, v, meta, D ** -0.5), repeats)
-    row.insert(4, f"{ms:.3f} / {32 * ms:.1f}")
+    row.insert(3, f"{ms:.3f} / {32 * ms:.1f}")
     return tuple(row)
 
 
@@ -66,8 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {sms} SMs; {args.decodes} decodes of 2-4K context ride along")
-    print("chunk | prefix | in one launch, splits per chunk: ms (splits) / 32 layers | weighted by work"
-          " | GpuBackend now | the chunk alone")
+    print("chunk | prefix | decodes in the launch: ms (splits) / 32 layers | GpuBackend | the chunk alone")
     for prefix in (16384, 32768, 65536, 131072):
         for chunk in (64, 128, 192, 256):
             print(" | ".join(case(chunk, prefix, args.decodes, sms, args.repeats)))

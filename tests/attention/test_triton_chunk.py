@@ -80,28 +80,6 @@ def test_chunks_of_different_lengths_share_a_launch(triton_device):
     _check(out, lse, q, k, v, meta, torch.cat([torch.arange(0, 3), torch.arange(67, 68 + 33 + 7)]))
 
 
-def test_splits_follow_the_heaviest_chunk_of_a_launch():
-    """A step's decodes ride in a long prompt's chunk's launch: counted as chunks, 15 of them cut its
-    100K-token context from 17 splits to 7 (132 SMs, 32 q heads over 8 kv heads). Weighted by their
-    work they leave it the splits it has alone, and equal chunks keep theirs."""
-    from mnemosyne.attention.triton_chunk import chunk_splits, short_chunks
-
-    def splits(requests):
-        pages = 0
-        with_pages = []
-        for seq_len, num_new in requests:
-            used = -(-seq_len // PAGE)
-            with_pages.append((seq_len, num_new, list(range(pages, pages + used))))
-            pages += used
-        chunks = short_chunks(build_metadata(with_pages, PAGE, "cpu"), range(len(requests)))
-        return chunk_splits(chunks, 32, 8, num_sms=132)
-
-    long_chunk = (100_000 + 128, 128)
-    assert splits([long_chunk]) == 17
-    assert splits([(3000 + 97 * i, 1) for i in range(15)] + [long_chunk]) == 17
-    assert splits([(2048 + 64, 64)] * 16) == 3  # ceil(4 × 132 / (16 chunks × 8 kv heads × 2 row tiles))
-
-
 def test_queries_without_keys_get_zero_and_minus_inf(triton_device):
     """A KVP group's earlier shard with no keys yet: out 0, lse -inf, whatever the splits."""
     from mnemosyne.attention.triton_chunk import ShortChunks, paged_chunks

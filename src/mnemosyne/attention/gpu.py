@@ -312,10 +312,11 @@ FOLD_DECODE_MAX_KEYS = 8192
 decode's 4 query rows (at a GQA group of 4) fill a tile of up to 128 rows, so the kernel computes up
 to 32 times the decode's own work: over the contexts of chat requests that is about a microsecond a
 decode a layer on an H200, but over a long context it would cost what the decode kernel saves. A
-chunk over a long context makes the launch bound by the device, not the host, and its splits cut
-every decode's context into as many pieces: 15 decodes of 2-4K keys beside a 128-token chunk over
-64-128K took 0.75-1.35 ms a layer in the launch, against 0.49-1.01 ms for the chunk alone (an H200,
-`benchmarks/launch_splits.py`, call102). So a long prompt's chunk keeps the decodes out."""
+chunk over a long context makes the launch bound by the device, not the host, and counted as chunks
+the decodes cut its splits (15 of them: 7 instead of 17 over 100K keys). On an H200, 15 decodes of
+2-4K keys beside a 128-token chunk over 64K and 128K took 0.84 and 1.35 ms a layer in the launch, 0.55
+and 1.07 ms on their own kernel, against 0.49 and 1.01 ms for the chunk alone
+(`benchmarks/launch_splits.py`, call103). So a long prompt's chunk keeps the decodes out."""
 
 
 TUNE_TOKENS_PER_SPLIT = 2048

@@ -95,9 +95,6 @@ class ShortChunks:
     """Most new tokens of one chunk; sets the programs' tile height."""
     max_keys: int
     """Longest context of one chunk; sets the splits."""
-    num_heaviest: float = 1.0
-    """The chunks' work (new tokens × context) in units of the heaviest one's: how many of the
-    heaviest chunk the launch holds, for the splits (`chunk_splits`)."""
 
 
 def short_chunks(meta: AttentionMetadata, requests: Sequence[int]) -> ShortChunks:
@@ -113,9 +110,8 @@ def short_chunks(meta: AttentionMetadata, requests: Sequence[int]) -> ShortChunk
                      num_new, num_queries))
         num_queries += num_new
     table = to_device(torch.tensor(rows, dtype=torch.int32).reshape(-1, 6), meta.slot_mapping.device)
-    work = [r[4] * r[1] for r in rows]
     return ShortChunks(tuple(requests), table, num_queries, max((r[4] for r in rows), default=0),
-                       max((r[1] for r in rows), default=0), sum(work) / max([1, *work]))
+                       max((r[1] for r in rows), default=0))
 
 
 def _row_tiles(group: int, max_new: int) -> tuple[int, int]:
@@ -130,14 +126,9 @@ def chunk_splits(chunks: ShortChunks, num_heads: int, num_kv_heads: int, num_sms
                  programs_per_sm: int = 4) -> int:
     """Splits that give about programs_per_sm programs per SM and keep every split under
     MAX_SPLIT_TOKENS, each at least 512 keys and 8 keys per query row of its tile: a split writes
-    fp32 partials of its rows, which then stay under an eighth of the K/V it reads.
-
-    The programs counted are those of the heaviest chunk, times how many of it the launch's work
-    amounts to (`ShortChunks.num_heaviest`): a long prompt's chunk beside a step's decodes (which ride
-    in the launch) is most of the work, and counted as one chunk each, 15 decodes cut its 100K-token
-    context into 7 splits where alone it had 17, 1.7 programs per SM instead of 4."""
+    fp32 partials of its rows, which then stay under an eighth of the K/V it reads."""
     block_m, row_blocks = _row_tiles(num_heads // num_kv_heads, chunks.max_new)
-    wanted = math.ceil(programs_per_sm * num_sms / max(1.0, chunks.num_heaviest * num_kv_heads * row_blocks))
+    wanted = math.ceil(programs_per_sm * num_sms / max(1, len(chunks.requests) * num_kv_heads * row_blocks))
     wanted = max(wanted, math.ceil(chunks.max_keys / MAX_SPLIT_TOKENS))
     return max(1, min(wanted, 128, math.ceil(chunks.max_keys / max(512, 8 * block_m))))
 
