@@ -1,8 +1,8 @@
 """A long prompt's chunk beside a step's decodes: in one Triton chunk launch with the decodes riding
-along (splits counted per chunk: 15 decodes cut a 100K-token context from 17 splits to 7), as
-`GpuBackend` runs it (the decodes on their own kernel beside a chunk over a long context,
-`gpu.FOLD_DECODE_MAX_KEYS`), and the chunk alone. CUDA events, one layer's call; ms, and ms for 32
-layers. (Call102-103 also timed splits weighted by work; they made chat prompts' steps slower.)
+along (splits counted per chunk: 15 decodes cut a 100K-token context from 17 splits to 7); through
+`GpuBackend`, which folds them so (`gpu.FOLD_DECODE_MAX_KEYS`), and with the fold off, the decodes on
+their own kernel; and the chunk alone. CUDA events, one layer's call; ms, and ms for 32 layers.
+(Call102 also timed splits weighted by work; they made chat prompts' steps slower.)
 
     python benchmarks/launch_splits.py [--decodes 15] [--repeats 50]
 """
@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
+from mnemosyne.attention import gpu
 from mnemosyne.attention.backend import build_metadata
-from mnemosyne.attention.gpu import GpuBackend
 from mnemosyne.attention.triton_chunk import chunk_splits, paged_chunks, short_chunks
 
 PAGE, HQ, HKV, D = 16, 32, 8, 128
@@ -51,9 +51,13 @@ def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> t
         ms = time_ms(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
                      repeats)
         row.append(f"{ms:.3f} ({splits}) / {32 * ms:.1f}")
-    backend = GpuBackend(small_chunk_rows=8192)  # serving's split
-    ms = time_ms(lambda: backend.forward(q, k, v, meta, D ** -0.5), repeats)
-    row.insert(3, f"{ms:.3f} / {32 * ms:.1f}")
+    fold = gpu.FOLD_DECODE_MAX_KEYS
+    for i, fold_max_keys in enumerate((fold, 0)):  # folded as serving runs it, then the decodes apart
+        gpu.FOLD_DECODE_MAX_KEYS = fold_max_keys
+        backend = gpu.GpuBackend(small_chunk_rows=8192)  # serving's split
+        ms = time_ms(lambda b=backend: b.forward(q, k, v, meta, D ** -0.5), repeats)
+        row.insert(3 + i, f"{ms:.3f} / {32 * ms:.1f}")
+    gpu.FOLD_DECODE_MAX_KEYS = fold
     return tuple(row)
 
 
@@ -64,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {sms} SMs; {args.decodes} decodes of 2-4K context ride along")
-    print("chunk | prefix | decodes in the launch: ms (splits) / 32 layers | GpuBackend | the chunk alone")
+    print("chunk | prefix | decodes in the launch: ms (splits) / 32 layers | GpuBackend | GpuBackend, decodes"
+          " apart | the chunk alone")
     for prefix in (16384, 32768, 65536, 131072):
         for chunk in (64, 128, 192, 256):
             print(" | ".join(case(chunk, prefix, args.decodes, sms, args.repeats)))
