@@ -16,21 +16,10 @@ import torch
 from mnemosyne.attention import gpu
 from mnemosyne.attention.backend import build_metadata
 from mnemosyne.attention.triton_chunk import chunk_splits, paged_chunks, short_chunks
+from mnemosyne.bench.floors import time_s
 
 PAGE, HQ, HKV, D = 16, 32, 8, 128
 DT = torch.bfloat16
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> tuple[str, ...]:
@@ -48,14 +37,14 @@ def case(chunk: int, prefix: int, num_decodes: int, sms: int, repeats: int) -> t
     row = [f"{chunk}", f"{prefix // 1024}K"]
     for table in (mixed, alone):
         splits = chunk_splits(table, HQ, HKV, sms)
-        ms = time_ms(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
-                     repeats)
+        ms = 1e3 * time_s(lambda t=table, s=splits: paged_chunks(q, k, v, meta.block_tables, t, PAGE, D ** -0.5, s),
+                          repeats)
         row.append(f"{ms:.3f} ({splits}) / {32 * ms:.1f}")
     fold = gpu.FOLD_DECODE_MAX_KEYS
     for i, fold_max_keys in enumerate((fold, 0)):  # folded as serving runs it, then the decodes apart
         gpu.FOLD_DECODE_MAX_KEYS = fold_max_keys
         backend = gpu.GpuBackend(small_chunk_rows=8192)  # serving's split
-        ms = time_ms(lambda b=backend: b.forward(q, k, v, meta, D ** -0.5), repeats)
+        ms = 1e3 * time_s(lambda b=backend: b.forward(q, k, v, meta, D ** -0.5), repeats)
         row.insert(3 + i, f"{ms:.3f} / {32 * ms:.1f}")
     gpu.FOLD_DECODE_MAX_KEYS = fold
     return tuple(row)

@@ -17,13 +17,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from mnemosyne.bench.serve_report import percentile
+
 LONG_TOKENS = 32768
 """Prompts of at least this many tokens are the long ones (`bench serve --long-threshold`'s default)."""
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
 
 
 def main() -> None:
@@ -73,8 +70,8 @@ def main() -> None:
     print(f"{len(rows)} short requests arrived during a long prefill (clock offset {offset:.3f} s)")
     for key in ("ttft_ms", "wait_ms", "own_ms"):
         values = [r[key] for r in rows]
-        print(f"{key:8} p50 {quantile(values, 0.5):6.1f}  p90 {quantile(values, 0.9):6.1f}  "
-              f"p99 {quantile(values, 0.99):6.1f}  max {max(values):6.1f}")
+        print(f"{key:8} p50 {percentile(values, 50):6.1f}  p90 {percentile(values, 90):6.1f}  "
+              f"p99 {percentile(values, 99):6.1f}  max {max(values):6.1f}")  # as bench serve takes them
     print("slowest: TTFT ms, wait ms, own steps' ms, prompt tokens, own steps, steps landed while it waited"
           " (a long prompt's among them)")
     for r in sorted(rows, key=lambda r: r["ttft_ms"])[-args.top:]:
