@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mnemosyne.bench.serve import GpuEnergy, run_configs
+from mnemosyne.bench.serve import GpuEnergy, run_configs, solo_specs
 from mnemosyne.cli import build_parser, main
 from mnemosyne.sim.cli import trace_from_args
 from tests.server.harness import Server, children_of, start_server
@@ -68,6 +68,20 @@ def test_gpu_energy_is_read_where_nvml_is():
     assert first is not None and first >= 0 and meter.joules() >= first
 
 
+def test_solo_requests_spread_over_the_short_prompts_lengths():
+    """The solo p99 is compared with short*'s, whose tail is the longest chat prompts: the solo set
+    reaches the longest short prompt whatever the trace's order."""
+    from mnemosyne.sim.trace import TraceRequest
+
+    short = [TraceRequest(0.1 * i, n, 8) for i, n in enumerate([500, 100, 400, 200, 300])]
+    lengths = lambda n: [t.num_prompt_tokens for t in solo_specs(short, n)]  # noqa: E731
+    assert lengths(1) == [500]
+    assert lengths(2) == [300, 500]
+    assert lengths(5) == [100, 200, 300, 400, 500]
+    assert lengths(7) == [100, 200, 300, 300, 400, 500, 500]
+    assert lengths(0) == []
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     log_path = tmp_path_factory.mktemp("bench") / "server.log"
@@ -102,7 +116,9 @@ def test_replay_against_a_running_server(tiny_server: Server, tmp_path):
     num_output = after["mnemosyne_generation_tokens_total"] - before["mnemosyne_generation_tokens_total"]
     assert num_output == sum(s["num_output_tokens"] for s in trace) + 5 * 2
     short = [s["num_prompt_tokens"] for s in trace if s["num_prompt_tokens"] < 1024]  # warm-up and solo draw these
-    assert num_prompt == sum(s["num_prompt_tokens"] for s in trace) + short[0] + short[1] + sum(short[:3])
+    solo = [t["num_prompt_tokens"] for t in run["solo"]]  # spread over the short prompts' lengths
+    assert solo == sorted(solo) and set(solo) <= set(short) and solo[-1] == max(short)
+    assert num_prompt == sum(s["num_prompt_tokens"] for s in trace) + short[0] + short[1] + sum(solo)
     summary = run["summary"]
     assert summary["long"]["num_requests"] == 1 and summary["short"]["num_requests"] == 10
     assert summary["solo"]["num_requests"] == 3 and summary["solo"]["ttft_s"]["p50"] > 0

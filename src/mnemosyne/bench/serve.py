@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -64,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     slo.add_argument("--tbt-slo-ms", type=float, default=50.0,
                      help="SLO of every request's p99 time between tokens (default: 50)")
     slo.add_argument("--solo-requests", type=int, default=16,
-                     help="short requests of the trace first sent one at a time, for the solo TTFT (default: 16)")
+                     help="short requests of the trace first sent one at a time, for the solo TTFT, spread over "
+                          "the short prompts' lengths up to the longest (default: 16)")
     slo.add_argument("-o", "--output", help="folder for serve.json, serve.txt, serve.png and server logs")
     p.set_defaults(func=run)
 
@@ -218,8 +220,7 @@ async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int,
             if warmup.error is not None:
                 raise RuntimeError(f"a warm-up request to {url} failed: {warmup.error}")
         solo = []
-        for i in range(num_solo):  # each on a clock of its own, starting at 0 when it is sent
-            spec = short[i % len(short)]
+        for i, spec in enumerate(solo_specs(short, num_solo)):  # each on a clock of its own, from 0 when sent
             solo.append(await _stream(client, _body(model, spec, (nonce, 1, i), SOLO_OUTPUT_TOKENS), time.monotonic(),
                                       _timing_sent_now(spec, SOLO_OUTPUT_TOKENS)))
         bodies = [_body(model, spec, (nonce, 0, i)) for i, spec in enumerate(trace)]
@@ -235,6 +236,16 @@ async def measure(url: str, api_key: str | None, trace: Sequence, num_solo: int,
         server = {name: {le: n - histograms_before.get(name, {}).get(le, 0.0) for le, n in buckets.items()}
                   for name, buckets in histograms_after.items()}
     return RunResult(model, max_model_len, timings, solo, duration_s, energy_j, server)
+
+
+def solo_specs(short: Sequence, n: int) -> list:
+    """The n short requests sent alone: at the quantiles 1/n, 2/n, …, 1 of the short prompts' lengths,
+    so that the solo p99 covers the same range of prompts as the p99 it is compared with (`short*`'s,
+    whose tail is the longest chat prompts). The first n of the trace, as before the twenty-second
+    session, left that to chance: in the 1gpu trace of `benchmarks/serve_mixed.sh` the longest of its
+    first 16 had 1,853 tokens, while its short prompts reach 2,046."""
+    ordered = sorted(short, key=lambda t: t.num_prompt_tokens)
+    return [ordered[math.ceil(k * len(ordered) / n) - 1] for k in range(1, n + 1)]
 
 
 SERVER_HISTOGRAMS = {"step": "mnemosyne_step_duration_seconds", "tbt": "mnemosyne_time_between_tokens_seconds"}
