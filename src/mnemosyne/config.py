@@ -296,6 +296,10 @@ class EngineConfig:
     """A request's TTFT deadline is at least this many times its predicted prefill time."""
     rho_max: float = 0.9
     """Largest share of a step's budget a prefill with slack yields to shorter work (budget yielding)."""
+    live_yield: float = 0.0
+    """Under --tbt-slo-ms: share of the budget left that a long prompt's chunk (a prefill of more than 8
+    budgets) leaves unused in a step that holds other requests' work, whether or not any wait, so that a
+    request arriving while it runs waits less for its first step; 0: such steps fill the budget."""
     latency_profile: str | None = None
     """Step-time profile written by `mnemosyne profile`; None: a roofline of --roofline-device."""
     roofline_device: str = "auto"
@@ -416,6 +420,8 @@ def _check_scheduling(cfg: EngineConfig) -> None:
         raise ValueError(f"--tbt-slo-quantile must be in [0.5, 1), got {cfg.tbt_slo_quantile}")
     if not 0 <= cfg.rho_max < 1:
         raise ValueError(f"--rho-max must be in [0, 1), got {cfg.rho_max}")
+    if not 0 <= cfg.live_yield < 1:
+        raise ValueError(f"--live-yield must be in [0, 1), got {cfg.live_yield}")
     if cfg.roofline_device != "auto" and cfg.roofline_device not in DEVICES:
         raise ValueError(f"--roofline-device must be auto or one of {sorted(DEVICES)}, got {cfg.roofline_device!r}")
 

@@ -360,3 +360,49 @@ def test_long_prompts_among_short_ones_stay_one_run_of_blocks_each():
     assert sum(chunks_of.get(r.request_id, 0) > 1 for r in shorts) > 5  # shorts of several chunks too
     for ids in blocks.values():
         assert ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+def _first_step_beside_decodes(live_yield: float, prompt_len: int, num_decodes: int = 8):
+    """The step planned once a prompt of prompt_len tokens arrives among num_decodes decoding chats (FCFS:
+    nothing yields on its own), with its predicted time and the time of its decodes alone."""
+    model = synthetic_model()
+    sched, clock = make_scheduler(chunking=AdaptiveChunking(model, BUDGET_S, 1 << 20, live_yield=live_yield))
+    for i in range(num_decodes):
+        add(sched, f"chat{i}", 200, 0.0, max_tokens=400)
+    run_steps(sched, clock, model, 2)  # the chats are decoding now
+    add(sched, "prompt", prompt_len, clock.now_s, max_tokens=1)
+    plan = sched.schedule()
+    chunk = next(c for c in plan.chunks if c.request_id == "prompt")
+    est = model.estimate()
+    for c in plan.chunks:
+        if c.num_new_tokens == 1:
+            est.add(1, c.start)
+    return chunk.num_new_tokens, model.step_time_s(shapes(plan)), est.time_s
+
+
+def test_a_long_prompt_beside_other_work_leaves_its_live_yield_of_the_budget():
+    """--live-yield 0.4: beside decodes, a long prompt's chunk takes at most 60% of what the decodes leave of
+    the budget (the step ends sooner for whoever arrives meanwhile); without it, the step fills the budget."""
+    full, full_s, decodes_s = _first_step_beside_decodes(0.0, 200_000)
+    part, part_s, _ = _first_step_beside_decodes(0.4, 200_000)
+    assert BUDGET_S - 0.002 < full_s <= BUDGET_S
+    assert decodes_s + 0.6 * (BUDGET_S - decodes_s) - 0.002 < part_s <= decodes_s + 0.6 * (BUDGET_S - decodes_s)
+    assert part < full
+
+
+def test_live_yield_spares_short_prompts_and_a_long_prompt_alone():
+    # a 2,000-token prompt is about one budget of work: its chunk is the same either way
+    assert _first_step_beside_decodes(0.4, 2000)[0] == _first_step_beside_decodes(0.0, 2000)[0] == 2000
+    # alone in its step, a long prompt fills the budget whatever --live-yield says
+    assert _first_step_beside_decodes(0.4, 200_000, num_decodes=0)[:2] == \
+        _first_step_beside_decodes(0.0, 200_000, num_decodes=0)[:2]
+
+
+def test_live_yield_reaches_the_chunking_from_the_config():
+    from mnemosyne.models.loaders.dummy import PRESETS
+    from mnemosyne.scheduler.factory import build_scheduler
+
+    config = EngineConfig(model="dummy:tiny", tbt_slo_ms=50, live_yield=0.25)
+    assert build_scheduler(config, PRESETS["tiny"], 1024, 4096, synthetic_model()).chunking.new_step().live_yield == 0.25
+    with pytest.raises(ValueError, match="--live-yield"):
+        EngineConfig(model="dummy:tiny", live_yield=1.0)

@@ -26,6 +26,8 @@ from mnemosyne.scheduler.latency_model import LatencyModel, StepEstimate
 
 GRANULARITY = 32
 """Adaptive chunk sizes are multiples of this (or a request's whole remainder)."""
+LONG_PROMPT_BUDGETS = 8
+"""A prompt whose prefill left is predicted at more than this many step budgets is long (--live-yield)."""
 
 
 class StepBudget(Protocol):
@@ -97,12 +99,17 @@ class TimeBudget(TokenBudget):
     remainder) whose predicted step time fits. A one-token chunk is never refused, since leaving it
     out cannot help its request's TBT; and when the step is already over budget, or a minimal chunk
     could not fit even alone, the step's first multi-token chunk still gets GRANULARITY tokens so that
-    an infeasible SLO slows prefills down instead of starving them."""
+    an infeasible SLO slows prefills down instead of starving them.
 
-    def __init__(self, num_tokens: int, estimate: StepEstimate, budget_s: float):
+    A long prompt's chunk in a step that already holds other requests' work yields `live_yield` of the
+    budget left (at least), whether or not shorter work waits: the step ends sooner, and so does the
+    wait of a request that arrives while it runs."""
+
+    def __init__(self, num_tokens: int, estimate: StepEstimate, budget_s: float, live_yield: float = 0.0):
         super().__init__(num_tokens, estimate)
         self._est = estimate
         self.budget_s = budget_s
+        self.live_yield = live_yield
         self._has_multi_token_chunk = False
 
     def fit(self, num_prefix: int, max_new: int, yield_share: float) -> int:
@@ -110,6 +117,8 @@ class TimeBudget(TokenBudget):
         est = self._est
         if cap <= 1:
             return cap
+        if self.live_yield > yield_share and est.num_seqs and self._is_long(num_prefix, max_new):
+            yield_share = self.live_yield
         limit_s = self.budget_s - yield_share * max(0.0, self.budget_s - est.time_s)
         if est.time_with_s(cap, num_prefix) <= limit_s:
             return cap
@@ -117,6 +126,9 @@ class TimeBudget(TokenBudget):
         if size == 0 and not self._has_multi_token_chunk and self._is_infeasible(num_prefix, cap):
             return min(GRANULARITY, cap)
         return size
+
+    def _is_long(self, num_prefix: int, max_new: int) -> bool:
+        return self._est.model.prefill_work_s(num_prefix, num_prefix + max_new) > LONG_PROMPT_BUDGETS * self.budget_s
 
     def _is_infeasible(self, num_prefix: int, cap: int) -> bool:
         alone = self._est.model.estimate()
@@ -186,9 +198,10 @@ class AdaptiveChunking:
     spp_stages > 1 stages, the chunks that take a long prompt through the pipeline soonest."""
 
     def __init__(self, model: LatencyModel, budget_s: float | None, max_num_tokens: int, spp_stages: int = 1,
-                 dispatch_s: float = 0.0, slo_quantile: float = QUANTILE):
+                 dispatch_s: float = 0.0, slo_quantile: float = QUANTILE, live_yield: float = 0.0):
         self.model = model
         self.budget_s = budget_s
+        self.live_yield = live_yield
         self.max_num_tokens = max_num_tokens
         self.spp_stages = spp_stages
         # h of PipelineBudget: a minimal chunk on one stage, plus the host time stage 0 waits for each
@@ -202,7 +215,8 @@ class AdaptiveChunking:
 
     def new_step(self) -> TokenBudget:
         if self.budget_s is not None:
-            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s / self.feedback.factor)
+            return TimeBudget(self.max_num_tokens, self.model.estimate(), self.budget_s / self.feedback.factor,
+                              self.live_yield)
         if self._tapers:
             return PipelineBudget(self.max_num_tokens, self.model.estimate(), self.spp_stages,
                                   self._stage_overhead_s)
@@ -233,6 +247,8 @@ class ChunkingArgs:
     """Stage 0's wait for each plan beyond the model's step times."""
     slo_quantile: float = QUANTILE
     """Share of budget-limited steps meant to fit the budget (--tbt-slo-quantile)."""
+    live_yield: float = 0.0
+    """Share of the budget left that a long prompt's chunk leaves unused beside other work (--live-yield)."""
 
 
 ChunkingFactory = Callable[[ChunkingArgs], Chunking]
@@ -256,7 +272,8 @@ def _fixed(a: ChunkingArgs) -> Chunking:
 @register_chunking("adaptive")
 @register_chunking("pipeline")
 def _adaptive(a: ChunkingArgs) -> Chunking:
-    return AdaptiveChunking(a.model, a.budget_s, a.max_num_tokens, a.spp_stages, a.dispatch_s, a.slo_quantile)
+    return AdaptiveChunking(a.model, a.budget_s, a.max_num_tokens, a.spp_stages, a.dispatch_s, a.slo_quantile,
+                            a.live_yield)
 
 
 def parse_chunking(spec: str) -> tuple[str, int]:
@@ -270,8 +287,9 @@ def parse_chunking(spec: str) -> tuple[str, int]:
 
 
 def make_chunking(spec: str, model: LatencyModel, budget_s: float | None, max_num_tokens: int,
-                  spp_stages: int = 1, dispatch_s: float = 0.0, slo_quantile: float = QUANTILE) -> Chunking:
+                  spp_stages: int = 1, dispatch_s: float = 0.0, slo_quantile: float = QUANTILE,
+                  live_yield: float = 0.0) -> Chunking:
     """The policy `spec` names (`ChunkingArgs` says what the rest mean)."""
     name, num_tokens = parse_chunking(spec)
     return _CHUNKINGS[name](ChunkingArgs(num_tokens, model, budget_s, max_num_tokens, spp_stages, dispatch_s,
-                                         slo_quantile))
+                                         slo_quantile, live_yield))

@@ -41,7 +41,7 @@ def build_scheduler(config: EngineConfig, model: ModelConfig, num_kv_blocks: int
     deadlines = Deadlines(latency.prefill_work_s, ttft_slo_s, config.deadline_work_factor)
     policy = make_policy(config.scheduler, PolicyContext(deadlines, config.rho_max))
     chunking = make_chunking(config.chunking, latency, tbt_slo_s, config.max_num_batched_tokens, config.spp_stages,
-                             slo_quantile=config.tbt_slo_quantile)
+                             slo_quantile=config.tbt_slo_quantile, live_yield=config.live_yield)
     placement = KvpPlacement(config.kv_parallel_size, num_kv_blocks, config.block_size, config.kvp_group_max_tokens,
                              config.enable_prefix_caching)
     boundary = kvp_group_boundary(placement.group_max_tokens) if placement.num_groups > 1 else None
