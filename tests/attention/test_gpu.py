@@ -40,10 +40,11 @@ def test_gpu_backend_matches_reference(dtype):
     (8192, 128, 0),  # decodes and every chunk in one Triton launch
     (8192, 30, 0),  # decodes in the launch with the 7- and 3-token chunks; the 10-token one on cuDNN
     (10, 128, 1),  # a decode context (19 keys) over the cap: the decodes keep their own kernel
+    (20, 128, 1),  # a chunk's context (22 keys) over the cap: the same
 ])
 def test_decodes_ride_in_the_short_chunk_launch(monkeypatch, fold_max_keys, small_chunk_rows, decode_launches):
     """A mixed step's decodes join its short chunks' launch (one launch a layer instead of two, and no
-    concatenation when every request is in it), unless a decode's context is over the cap; the output
+    concatenation when every request is in it), unless a context in it is over the cap; the output
     stays in batch order and matches the reference either way."""
     from mnemosyne.attention import gpu
 

@@ -295,23 +295,28 @@ class GpuBackend:
 
     def _short_chunks(self, meta: AttentionMetadata, group: int) -> ShortChunks:
         """The step's short chunks, built once per step (one host-to-device copy), and its decodes in the
-        same launch when there is one and their contexts are at most FOLD_DECODE_MAX_KEYS: the decode
+        same launch when there is one and every context in it is at most FOLD_DECODE_MAX_KEYS: the decode
         kernel's launch, its split merge and the concatenation of both outputs, each layer, cost host
         time that a mixed step is bound by (`benchmarks/mixed_step_host.py`)."""
         if self._short is None or self._short[0] is not meta:
             nd = meta.num_decodes
             requests = [i for i in range(nd, meta.num_requests) if self._is_short(meta, i, group)]
-            if requests and nd and max(meta.seq_lens[:nd]) <= FOLD_DECODE_MAX_KEYS:
+            if requests and nd and max(meta.seq_lens[i] for i in (*range(nd), *requests)) <= FOLD_DECODE_MAX_KEYS:
                 requests = list(range(nd)) + requests
             self._short = (meta, short_chunks(meta, requests))
         return self._short[1]
 
 
 FOLD_DECODE_MAX_KEYS = 8192
-"""Longest decode context that rides in a step's short-chunk launch. There a decode's 4 query rows (at
-a GQA group of 4) fill a tile of up to 128 rows, so the kernel computes up to 32 times the decode's
-own work: over the contexts of chat requests that is about a microsecond a decode a layer on an
-H200, but over a long context it would cost what the decode kernel saves."""
+"""Longest context of any request in a step's short-chunk launch for its decodes to ride in it. There a
+decode's 4 query rows (at a GQA group of 4) fill a tile of up to 128 rows, so the kernel computes up
+to 32 times the decode's own work: over the contexts of chat requests that is about a microsecond a
+decode a layer on an H200, but over a long context it would cost what the decode kernel saves. A
+chunk over a long context makes the launch bound by the device, not the host, and counted as chunks
+the decodes cut its splits (15 of them: 7 instead of 17 over 100K keys). On an H200, 15 decodes of
+2-4K keys beside a 128-token chunk over 64K and 128K took 0.84 and 1.35 ms a layer in the launch, 0.55
+and 1.07 ms on their own kernel, against 0.49 and 1.01 ms for the chunk alone
+(`benchmarks/launch_splits.py`, call103). So a long prompt's chunk keeps the decodes out."""
 
 
 TUNE_TOKENS_PER_SPLIT = 2048
