@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from mnemosyne.bench.serve import NUM_WARMUP
 from mnemosyne.bench.serve_report import percentile
 
 LONG_TOKENS = 32768
@@ -46,7 +47,9 @@ def main() -> None:
         found.sort()
 
     timings = sorted(run["timings"], key=lambda t: t["arrival_s"])
-    seen: dict[int, int] = defaultdict(int)
+    # the server saw the warm-up requests (the trace's first short prompts) and the solo ones first
+    short = [t["num_prompt_tokens"] for t in timings if t["num_prompt_tokens"] < LONG_TOKENS]
+    seen: dict[int, int] = Counter(short[:NUM_WARMUP] + [t["num_prompt_tokens"] for t in run["solo"]])
     pairs = []
     for t in timings:
         n = t["num_prompt_tokens"]
