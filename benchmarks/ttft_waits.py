@@ -6,12 +6,13 @@ The step log names requests by the server's ids and the bench by arrival, so req
 prompt length in order of arrival, and the two clocks by the median offset between a request's first
 token at the client and the landing of its last prompt step.
 
-    python benchmarks/ttft_waits.py out/serve-1gpu/serve.json out/steps.jsonl [--top 6]
+    python benchmarks/ttft_waits.py out/serve-1gpu/serve.json out/steps.jsonl [--top 6]   (either may be gzipped)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from collections import Counter, defaultdict
@@ -31,8 +32,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6, help="the slowest requests to list")
     args = parser.parse_args()
 
-    steps = [json.loads(line) for line in args.step_log.read_text().splitlines() if line.strip()]
-    run = next(iter(json.loads(args.serve_json.read_text())["runs"].values()))
+    steps = [json.loads(line) for line in _text(args.step_log).splitlines() if line.strip()]
+    run = next(iter(json.loads(_text(args.serve_json))["runs"].values()))
     longs = {c[0] for s in steps for c in s["chunks"] if c[1] + c[2] >= LONG_TOKENS}
     chunks = defaultdict(list)  # request id -> indices of its prompt steps
     for i, step in enumerate(steps):
@@ -80,6 +81,11 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: r["ttft_ms"])[-args.top:]:
         print(f"  {r['ttft_ms']:6.1f} {r['wait_ms']:6.1f} {r['own_ms']:6.1f} {r['tokens']:6d} {r['own_steps']:3d} "
               f"{r['waited_steps']:3d} ({r['waited_long']})")
+
+
+def _text(path: Path) -> str:
+    """A file's text, gzipped (as in benchmarks/results/) or not."""
+    return gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
 
 
 if __name__ == "__main__":
