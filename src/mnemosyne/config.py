@@ -300,9 +300,9 @@ class EngineConfig:
     """Under --tbt-slo-ms: share of the budget left that a long prompt's chunk (a prefill of more than 8
     budgets) leaves unused in a step that holds other requests' work, whether or not any wait, so that a
     request arriving while it runs waits less for its first step; 0: such steps fill the budget. On one
-    H200 serving chat beside 144-162K-token prompts (benchmarks/RESULTS.md, call105), 0.3 took short
-    requests' p99 TTFT from 0.118-0.120 s to 0.106-0.109 s and p99 TBT from 48.7-50.0 to 45.4-45.7 ms,
-    with the long prompts as fast (45.4-49.4 s against 46.1-48.3 s)."""
+    H200 serving chat beside 144-162K-token prompts (benchmarks/RESULTS.md, call105-108), 0.3 kept short
+    requests' p99 TTFT at 1.59-1.82x solo and p99 TBT at 43.8-45.7 ms in seven runs, against 1.84x twice
+    and 48.7-50.0 ms without it, with the long prompts as fast (43-49 s against 46-48 s)."""
     latency_profile: str | None = None
     """Step-time profile written by `mnemosyne profile`; None: a roofline of --roofline-device."""
     roofline_device: str = "auto"
