@@ -155,19 +155,19 @@ class Scheduler:
             behind = shortest_after[i + 1]
             if is_running:
                 start = request.num_computed_tokens + request.num_inflight_tokens
-                num_new = self._fit(step, request, start, behind, now)
-                if self._cut_short(request, start, num_new, behind, now):
+                num_new, cut_short = self._fit(step, request, start, behind, now)
+                if cut_short:
                     yielded.append(request)
                 if num_new == 0 or not self._reserve(request, num_new, scheduled):
                     continue
             else:
-                admitted = self._admit(step, request, behind, now)
+                admitted, cut_short = self._admit(step, request, behind, now)
                 if admitted is None:
                     is_admitting = False  # a less urgent request must not overtake one blocked on memory
                 if not admitted:
                     continue
                 num_new = admitted
-                if self._cut_short(request, request.num_computed_tokens, num_new, behind, now):
+                if cut_short:
                     yielded.append(request)
             step.add(num_new, request.num_computed_tokens + request.num_inflight_tokens)
             chunks.append(self._chunk(request, num_new, new_requests))
@@ -221,14 +221,18 @@ class Scheduler:
         ordered.sort(key=lambda r: not (r.num_uncomputed_tokens == 1 or (ahead and r.num_uncomputed_tokens == 0)))
         return ordered
 
-    def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None, now_s: float) -> int:
+    def _fit(self, step: StepBudget, request: Request, start: int, behind: Request | None,
+             now_s: float) -> tuple[int, bool]:
         """The request's chunk from token `start` on: the chunking policy's choice, clipped at its next
         KVP group boundary. It yields part of the budget only when shorter work waits behind it
-        (`behind`, the request with the fewest tokens to compute after it in the order)."""
+        (`behind`, the request with the fewest tokens to compute after it in the order). Also whether
+        the chunk left some of the prompt to a later step while it yielded (see `_take_back`)."""
         max_new = self._max_chunk(request, start)
         if max_new <= 0:
-            return 0
-        return step.fit(start, max_new, self._yield_share(request, max_new, behind, now_s))
+            return 0, False
+        share = self._yield_share(request, max_new, behind, now_s)
+        num_new = step.fit(start, max_new, share)
+        return num_new, num_new < max_new and share > 0
 
     def _max_chunk(self, request: Request, start: int) -> int:
         """The request's tokens from `start` on, up to its next KVP group boundary."""
@@ -243,12 +247,6 @@ class Scheduler:
         is_shorter = behind is not None and (_tokens_to_compute(behind) < max_new
                                              or self.policy.rides_along(request, behind))
         return self.policy.yield_share(request, now_s, behind) if is_shorter else 0.0
-
-    def _cut_short(self, request: Request, start: int, num_new: int, behind: Request | None, now_s: float) -> bool:
-        """Whether a chunk of num_new tokens from `start` left some of the request's prompt to a later step
-        while it yielded budget to shorter work behind it."""
-        max_new = self._max_chunk(request, start)
-        return num_new < max_new and self._yield_share(request, max_new, behind, now_s) > 0
 
     def _take_back(self, step: StepBudget, yielded: list[Request], chunks: list[ScheduledChunk],
                    new_requests: list[NewRequest], scheduled: set[str]) -> None:
@@ -335,10 +333,11 @@ class Scheduler:
             return None
         return request
 
-    def _admit(self, step: StepBudget, request: Request, behind: Request | None, now_s: float) -> int | None:
+    def _admit(self, step: StepBudget, request: Request, behind: Request | None,
+               now_s: float) -> tuple[int | None, bool]:
         """Move a waiting request to running with blocks for its first chunk, if they are free, and
         return the chunk's size: 0 if the budget has no room for it (it stays waiting), None if the
-        blocks are short. The longest cached prefix is reused and counts as computed; if its KVP
+        blocks are short; with it, whether the chunk was cut short while yielding (`_fit`). The longest cached prefix is reused and counts as computed; if its KVP
         groups cannot take the request now, it is tried without it. A request spanning several KVP
         groups reserves all it can ever need in each of them."""
         final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
@@ -347,17 +346,17 @@ class Scheduler:
             # tokens computed before admission: 0, unless the caller wrote the prompt's KV by other means
             # (the benchmarks' random-KV mode, which times a 1M-token decode without its prefill)
             num_computed = max(attempt.num_tokens, request.num_computed_tokens)
-            num_new = self._fit(step, request, num_computed, behind, now_s)
+            num_new, cut_short = self._fit(step, request, num_computed, behind, now_s)
             if num_new == 0:
-                return 0
+                return 0, False
             if self.pool.admit(request, num_computed + num_new, final_len, attempt):
                 request.num_computed_tokens = num_computed
                 request.num_cached_tokens = min(attempt.num_tokens, request.num_prompt_tokens)
                 self.waiting.remove(request)
                 self.running.append(request)
                 self._running_ids.add(request.request_id)
-                return num_new
-        return None
+                return num_new, cut_short
+        return None, False
 
     def _reserve(self, request: Request, num_new: int, scheduled: set[str]) -> bool:
         """Give a running request blocks for num_new more tokens, preempting unscheduled requests that
