@@ -88,7 +88,7 @@ class Worker:
         stalls they are."""
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(model_config, tp_group, layer_range, config.tp_reduce_float32,
-                                          config.triton_gemv)
+                                          config.triton_gemv, config.fused_swiglu)
         names = stage_weight_names(model_config, self.model)
         weights = loader.iter_weights(self.device, self.dtype, frozenset(names), lazy=True)
         self._profiler = StepProfiler(world_group.rank, self.device)

@@ -50,29 +50,39 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True, one_row_gemv: bool = False):
+    """down(silu(gate(x)) * up(x)). With fused_swiglu, inputs of at least FUSED_SWIGLU_MIN_ROWS rows on a
+    GPU that has TMA take the gate/up GEMM with SiLU × up in its epilogue (`layers/triton_swiglu.py`)."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True, one_row_gemv: bool = False,
+                 fused_swiglu: bool = False):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group,
                                                  one_row_gemv=one_row_gemv)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, reduce_float32,
                                            one_row_gemv)
+        self.fused_swiglu = fused_swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda:
+        if x.is_cuda:
+            from mnemosyne.layers import triton_swiglu
             from mnemosyne.layers.triton_ops import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            weight = self.gate_up_proj.weight
+            if (self.fused_swiglu and x.shape[0] >= triton_swiglu.FUSED_SWIGLU_MIN_ROWS
+                    and triton_swiglu.supported(x, weight)):
+                return self.down_proj(triton_swiglu.gate_up_silu(x, weight))
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, group: Group, reduce_float32: bool = True,
-                 one_row_gemv: bool = False):
+                 one_row_gemv: bool = False, fused_swiglu: bool = False):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, group, reduce_float32, one_row_gemv)
-        self.mlp = LlamaMLP(cfg, group, reduce_float32, one_row_gemv)
+        self.mlp = LlamaMLP(cfg, group, reduce_float32, one_row_gemv, fused_swiglu)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -108,11 +118,12 @@ _FUSED = {
 class LlamaForCausalLM(nn.Module):
     """Layers [layer_start, layer_end) of the model; the first stage embeds, the last one has
     the final norm and LM head (pipeline stages hold a slice, a single process holds all).
-    one_row_gemv: the layers' linears send a one-row input (batch-1 decode) to the Triton GEMV."""
+    one_row_gemv: the layers' linears send a one-row input (batch-1 decode) to the Triton GEMV;
+    fused_swiglu: long inputs take the MLP's gate/up GEMM with SiLU × up fused (`LlamaMLP`)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group = SINGLE,
                  layer_range: tuple[int, int] | None = None, tp_reduce_float32: bool = True,
-                 one_row_gemv: bool = False):
+                 one_row_gemv: bool = False, fused_swiglu: bool = False):
         super().__init__()
         self.config = cfg
         self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
@@ -121,7 +132,8 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group) \
             if self.is_first_pp_stage else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group, tp_reduce_float32, one_row_gemv)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp_group, tp_reduce_float32, one_row_gemv,
+                                                      fused_swiglu)
                                     for _ in range(self.layer_start, self.layer_end))
         if self.is_last_pp_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
