@@ -39,6 +39,63 @@ def configs() -> dict[str, object]:
     return table
 
 
+def single_dot():
+    """Triton's own ceiling here: one dot per k-step over a [2 * BLOCK_N, BLOCK_K] weight tile, the weight's
+    gate and up rows interleaved in blocks of BLOCK_N so that a tile holds both halves of its outputs.
+    FUSE: silu(gate) * up from the tile's halves; else the plain GEMM (the whole tile stored)."""
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from mnemosyne.layers.triton_swiglu import _tile
+
+    @triton.jit(do_not_specialize=["M"])
+    def kernel(x_desc, w_desc, out_desc, M, N2, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FUSE: tl.constexpr):
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N2, 2 * BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        dtype = out_desc.dtype
+        tile_out = start - NUM_SMS
+        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for kk in range(k_tiles):
+                acc = tl.dot(x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K]),
+                             w_desc.load([pid_n * 2 * BLOCK_N, kk * BLOCK_K]).T, acc)
+            tile_out += NUM_SMS
+            pid_m, pid_n = _tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
+            if FUSE:
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+                g = gate.to(dtype).to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+                out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (act * up.to(dtype).to(tl.float32)).to(dtype))
+            else:
+                out_desc.store([pid_m * BLOCK_M, pid_n * 2 * BLOCK_N], acc.to(dtype))
+
+    def run(x, w_il, fuse: bool, bm=128, bn=128, bk=64, stages=3, warps=8, group=8):
+        rows, k = x.shape
+        n2 = w_il.shape[0]
+        out = torch.empty(rows, n2 // 2 if fuse else n2, dtype=x.dtype, device=x.device)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        tiles = triton.cdiv(rows, bm) * triton.cdiv(n2, 2 * bn)
+        kernel[(min(sms, tiles),)](TensorDescriptor.from_tensor(x, [bm, bk]),
+                                   TensorDescriptor.from_tensor(w_il, [2 * bn, bk]),
+                                   TensorDescriptor.from_tensor(out, [bm, bn if fuse else 2 * bn]),
+                                   rows, n2, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, NUM_SMS=sms,
+                                   FUSE=fuse, num_stages=stages, num_warps=warps)
+        return out
+
+    return run
+
+
+def interleave(w: torch.Tensor, block: int) -> torch.Tensor:
+    """[gate; up] -> blocks of `block` gate rows, then the same rows of up, and so on."""
+    inter = w.shape[0] // 2
+    return w.view(2, inter // block, block, -1).transpose(0, 1).reshape(2 * inter, -1).contiguous()
+
+
 def unfused(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from mnemosyne.layers.triton_ops import silu_and_mul
 
@@ -89,6 +146,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32768)
     p.add_argument("--seconds", type=float, default=1.5)
+    p.add_argument("--single-dot-only", action="store_true",
+                   help="skip the numerics, the two-accumulator configs and the rows sweep")
     p.add_argument("-o", "--output")
     args = p.parse_args()
     from mnemosyne.layers.triton_ops import silu_and_mul
@@ -99,8 +158,10 @@ def main() -> None:
           f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (burst, as every bench measures them)")
     w = torch.randn(2 * INTER, HIDDEN, device="cuda", dtype=DT) / HIDDEN ** 0.5
     table = configs()
+    if args.single_dot_only:
+        table = {}
     result = {"device": torch.cuda.get_device_name(), "matmul_tflops": ceilings.matmul_flops_per_s / 1e12,
-              "numerics": numerics(w, table)}
+              "numerics": numerics(w, table) if table else []}
 
     sampler = ClockSampler()
     x = torch.randn(args.rows, HIDDEN, device="cuda", dtype=DT)
@@ -130,6 +191,17 @@ def main() -> None:
         run(name, lambda config=config: gate_up_silu(x, w, config))
         if i % 3 == 2:
             run("unfused (cuBLAS + kernel)", lambda: unfused(x, w))
+    run("unfused (cuBLAS + kernel)", lambda: unfused(x, w))
+    sd = single_dot()
+    for bn, stages in ((128, 3), (128, 4), (64, 4)):
+        w_il = interleave(w, bn)
+        check = sd(x[:4096], w_il, True, bn=bn, stages=stages)
+        err = (check.float() - unfused(x[:4096], w).float()).abs().max().item()
+        run(f"single dot, plain GEMM, n{2 * bn} s{stages}", lambda w_il=w_il, bn=bn, stages=stages:
+            sd(x, w_il, False, bn=bn, stages=stages))
+        run(f"single dot, fused, n{2 * bn} s{stages} (err {err:.0e})", lambda w_il=w_il, bn=bn, stages=stages:
+            sd(x, w_il, True, bn=bn, stages=stages))
+        del w_il
     run("unfused (cuBLAS + kernel)", lambda: unfused(x, w))
     best = min((n for n in table if n in timings), key=lambda n: min(t["ms"] for t in timings[n]), default=None)
     base_ms = sorted(t["ms"] for t in timings["unfused (cuBLAS + kernel)"])
