@@ -279,9 +279,11 @@ class EngineConfig:
     triton_gemv: bool = True
     """GPU: the linears of one-token steps (batch-1 decode) run layers/triton_gemv.py instead of cuBLAS
     (faster at every Llama-3-8B projection and tp shard on an H200; 128K decode 9.0 -> 8.7 ms)."""
-    fused_swiglu: bool = False
+    fused_swiglu: bool = True
     """GPU with TMA (H100, H200): steps of many tokens compute the MLP's gate/up GEMM with SiLU × up in its
-    epilogue (layers/triton_swiglu.py), instead of cuBLAS writing both halves for a second kernel to read."""
+    epilogue (layers/triton_swiglu.py), instead of cuBLAS writing both halves for a second kernel to read
+    (at 32K tokens on an H100, 11.2 ms against 11.9-12.3 ms a layer); the gate/up weight is then laid out
+    for it."""
     scheduler: str = "lars"
     """Scheduling policy: lars (length-aware relative slack), lrs (least slack), edf (earliest deadline) or fcfs."""
     chunking: str = "adaptive"

@@ -84,6 +84,32 @@ def test_column_ranks_hold_their_slice_of_each_part(tp_size: int) -> None:
     torch.testing.assert_close(torch.cat(up_outs, -1), F.linear(x, up, up_b))
 
 
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_column_interleave_alternates_the_parts_in_blocks(tp_size: int) -> None:
+    """interleave=4: a rank's gate and up shards alternate four rows at a time, whatever the load order."""
+    gate, up = _randn(16, HIDDEN, seed=1), _randn(16, HIDDEN, seed=2)
+    gate_b, up_b = _randn(16, seed=3), _randn(16, seed=4)
+    shard = 16 // tp_size
+    for rank in range(tp_size):
+        layer = ColumnParallelLinear(HIDDEN, [16, 16], bias=True, group=Group(rank=rank, size=tp_size), interleave=4)
+        _load(layer.weight, up, 1)
+        _load(layer.weight, gate, 0)
+        _load(layer.bias, gate_b, 0)
+        _load(layer.bias, up_b, 1)
+        mine = slice(rank * shard, (rank + 1) * shard)
+        for block in range(shard // 4):
+            rows = slice(block * 4, (block + 1) * 4)
+            assert torch.equal(layer.weight[8 * block:8 * block + 4], gate[mine][rows])
+            assert torch.equal(layer.weight[8 * block + 4:8 * block + 8], up[mine][rows])
+            assert torch.equal(layer.bias[8 * block + 4:8 * block + 8], up_b[mine][rows])
+
+
+def test_column_interleave_needs_equal_parts_in_whole_blocks() -> None:
+    for sizes, tp_size in (([16, 8], 1), ([10, 10], 1), ([16, 16], 8)):
+        with pytest.raises(ValueError, match="cannot interleave"):
+            ColumnParallelLinear(HIDDEN, sizes, group=Group(rank=0, size=tp_size), interleave=4)
+
+
 def test_column_rejects_indivisible_output() -> None:
     with pytest.raises(ValueError, match="output features"):
         ColumnParallelLinear(HIDDEN, [24, 30], group=Group(rank=0, size=4))

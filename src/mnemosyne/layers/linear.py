@@ -50,23 +50,31 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b), W split by rows (output features) across the tp group; no communication.
 
     `output_sizes` lists the fused parts (e.g. gate and up); each is sharded on its own so a rank
-    holds [gate_shard; up_shard].
+    holds [gate_shard; up_shard]. With `interleave` B (parts of one size, a multiple of B per rank), the
+    rank's parts alternate in blocks of B rows instead: [gate 0:B; up 0:B; gate B:2B; up B:2B; …], so
+    that a GEMM tile of 2B output features holds both parts of B of them (`layers/triton_swiglu.py`).
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False, group: Group = SINGLE,
-                 one_row_gemv: bool = False):
+                 one_row_gemv: bool = False, interleave: int | None = None):
         super().__init__()
         self.group = group
         self.one_row_gemv = one_row_gemv
         self.shard_sizes = [_divide(n, group.size, "output features") for n in output_sizes]
+        if interleave is not None and (len(set(self.shard_sizes)) != 1 or self.shard_sizes[0] % interleave):
+            raise ValueError(f"cannot interleave parts of {self.shard_sizes} rows in blocks of {interleave}")
+        self.interleave = interleave
         self.weight = _param((sum(self.shard_sizes), input_size), self._load)
         self.bias = _param((sum(self.shard_sizes),), self._load) if bias else None
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         size = self.shard_sizes[shard_id]
-        offset = sum(self.shard_sizes[:shard_id])
         rows = loaded.narrow(0, self.group.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(rows)
+        if self.interleave is None:
+            param.data.narrow(0, sum(self.shard_sizes[:shard_id]), size).copy_(rows)
+            return
+        block, parts = self.interleave, len(self.shard_sizes)
+        param.data.view(-1, parts, block, *param.shape[1:])[:, shard_id].copy_(rows.reshape(-1, block, *rows.shape[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, one_row_gemv=self.one_row_gemv)

@@ -40,24 +40,25 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, block, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    gate_cols = (cols // block) * 2 * block + cols % block
+    gate = tl.load(x_ptr + row * 2 * n_cols + gate_cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * 2 * n_cols + gate_cols + block, mask=mask, other=0.0).to(tl.float32)
     # round SiLU to the model dtype before the product, as F.silu(gate) * up does
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate then up) -> silu(gate) * up [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """[T, 2I] -> silu(gate) * up [T, I]: gate then up, or alternating in blocks of `block` columns."""
     n_rows, width = gate_up.shape
     n_cols = width // 2
     out = torch.empty(n_rows, n_cols, dtype=gate_up.dtype, device=gate_up.device)
-    block = 1024
-    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](gate_up, out, n_cols, BLOCK=block)
+    tile = 1024
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, tile))](gate_up, out, n_cols, block or n_cols, BLOCK=tile)
     return out
 
 

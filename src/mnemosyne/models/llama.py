@@ -49,18 +49,25 @@ class LlamaAttention(nn.Module):
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 
+FUSED_SWIGLU_BLOCK = 128
+"""`layers/triton_swiglu.py`'s BLOCK_N: with --fused-swiglu, the gate/up weight's gate and up rows alternate
+in blocks of this many (where a rank's shard is a multiple of it), a GEMM tile's worth of each."""
+
+
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)). With fused_swiglu, inputs of at least FUSED_SWIGLU_MIN_ROWS rows on a
-    GPU that has TMA take the gate/up GEMM with SiLU × up in its epilogue (`layers/triton_swiglu.py`)."""
+    """down(silu(gate(x)) * up(x)). With fused_swiglu, the gate/up weight is laid out for the fused
+    kernel, which inputs of at least FUSED_SWIGLU_MIN_ROWS rows take on a GPU with TMA."""
 
     def __init__(self, cfg: ModelConfig, group: Group, reduce_float32: bool = True, one_row_gemv: bool = False,
                  fused_swiglu: bool = False):
         super().__init__()
+        shard = cfg.intermediate_size // group.size
+        self.fused_swiglu = fused_swiglu
+        self.interleave = FUSED_SWIGLU_BLOCK if fused_swiglu and shard % FUSED_SWIGLU_BLOCK == 0 else None
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group,
-                                                 one_row_gemv=one_row_gemv)
+                                                 one_row_gemv=one_row_gemv, interleave=self.interleave)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, reduce_float32,
                                            one_row_gemv)
-        self.fused_swiglu = fused_swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -68,13 +75,13 @@ class LlamaMLP(nn.Module):
             from mnemosyne.layers.triton_ops import silu_and_mul
 
             weight = self.gate_up_proj.weight
-            if (self.fused_swiglu and x.shape[0] >= triton_swiglu.FUSED_SWIGLU_MIN_ROWS
+            if (self.interleave and x.shape[0] >= triton_swiglu.FUSED_SWIGLU_MIN_ROWS
                     and triton_swiglu.supported(x, weight)):
                 return self.down_proj(triton_swiglu.gate_up_silu(x, weight))
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.interleave))
         gate_up = self.gate_up_proj(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        blocks = gate_up.view(gate_up.shape[0], -1, 2, self.interleave or gate_up.shape[1] // 2)
+        return self.down_proj((F.silu(blocks[:, :, 0]) * blocks[:, :, 1]).reshape(gate_up.shape[0], -1))
 
 
 class LlamaDecoderLayer(nn.Module):
