@@ -57,11 +57,14 @@ def step_logits(worker: Worker, plan: StepPlan) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def plans(page_size: int) -> list[StepPlan]:
-    """Two requests: 70- and 33-token prompts prefilled in chunks of 32, then 5 decode steps."""
+def plans(page_size: int, lengths: tuple[int, int] = (70, 33), chunk: int = 32) -> list[StepPlan]:
+    """Two requests: 70- and 33-token prompts (or `lengths`) prefilled in chunks of 32 (or `chunk`), then
+    5 decode steps."""
     gen = torch.Generator().manual_seed(0)
-    prompts = {r: torch.randint(3, 500, (n,), generator=gen).tolist() for r, n in (("a", 70), ("b", 33))}
-    pages = {"a": list(range(0, 10)), "b": list(range(20, 30))}  # a's pages contiguous: one prefix run
+    prompts = {r: torch.randint(3, 500, (n,), generator=gen).tolist() for r, n in zip("ab", lengths, strict=True)}
+    a_pages = -(-(lengths[0] + 5) // page_size)
+    # a's pages contiguous: one prefix run
+    pages = {"a": list(range(a_pages)), "b": list(range(a_pages + 10, a_pages + 10 + -(-(lengths[1] + 5) // page_size)))}
     params = SamplingParams(max_tokens=8)
     out = [StepPlan(1, tuple(NewRequest(r, array("i", p), params, 0) for r, p in prompts.items()), (), ())]
     done = {r: 0 for r in prompts}
@@ -69,7 +72,7 @@ def plans(page_size: int) -> list[StepPlan]:
     while any(done[r] < len(p) for r, p in prompts.items()):
         chunks = []
         for r, p in prompts.items():
-            n = min(32, len(p) - done[r])
+            n = min(chunk, len(p) - done[r])
             if n:
                 need = -(-(done[r] + n) // page_size) - -(-done[r] // page_size)
                 first = -(-done[r] // page_size)
@@ -104,6 +107,30 @@ def test_bf16_gpu_logits_match_float32_cpu(eager):
             torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
             compared += want.shape[0]
     assert compared == 2 + 2 * 5  # each prompt's last chunk, then 5 decodes of 2 requests
+
+
+def test_long_chunks_through_the_fused_mlp_match_float32_cpu(monkeypatch):
+    """Chunks of 1,200 tokens and more take the MLP's fused gate/up GEMM (--fused-swiglu, the default)
+    on a GPU with TMA; against the float32 CPU reference as above."""
+    from mnemosyne.layers import triton_swiglu
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused kernel needs TMA (compute capability 9.0 or later)")
+    cpu = make_worker("cpu", "float32", eager=True)
+    gpu = make_worker("cuda", "bfloat16", eager=True)
+    rows = []
+    fused = triton_swiglu.gate_up_silu
+    monkeypatch.setattr(triton_swiglu, "gate_up_silu", lambda x, w: rows.append(x.shape[0]) or fused(x, w))
+    compared = 0
+    for plan in plans(cpu.config.block_size, lengths=(1500, 1300), chunk=1200):
+        want, got = step_logits(cpu, plan), step_logits(gpu, plan)
+        if want.numel():
+            torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+            compared += want.shape[0]
+    assert compared == 2 + 2 * 5
+    # the first step's two 1,200-token chunks, then 300 + 100 tokens, in every layer
+    layers = len(gpu.model.layers)
+    assert rows[:layers] == [2400] * layers and len(rows) == layers
 
 
 def test_every_decode_graph_variant_matches_the_eager_step():
