@@ -5,8 +5,8 @@ Llama-3-8B), reads it back and writes [T, I]: 0.96 ms a layer at 32K tokens on a
 11 ms GEMM. Here the weight's gate and up rows alternate in blocks of BLOCK_N (`ColumnParallelLinear`'s
 `interleave`), so one output tile of 2 × BLOCK_N columns holds gate and up for the same BLOCK_N
 features, and only silu(gate) * up is stored. The rounding is the unfused path's: gate and up rounded
-to the model dtype as the GEMM's output would be, SiLU rounded before the product (on an H100, call110:
-the same bits as cuBLAS and the separate kernel, at 4,096 rows).
+to the model dtype as the GEMM's output would be, SiLU rounded before the product (on an H100, call111:
+the same bits as cuBLAS and the separate kernel, at 1,000, 4,096 and 16,384 rows).
 
 A persistent kernel over TMA descriptors: one program per SM walks the output tiles in grouped order
 (GROUP_M rows of tiles share their weight tiles in L2). One dot per k-step over the whole 2 × BLOCK_N
