@@ -23,15 +23,21 @@ import torch.nn.functional as F
 from benchmarks.gpu_kernels import ClockSampler, sustained
 
 from mnemosyne.bench.floors import measure_ceilings
+from mnemosyne.layers.linear import ColumnParallelLinear
 
 HIDDEN, INTER = 4096, 14336
 DT = torch.bfloat16
 
 
-def interleave(w: torch.Tensor, block: int) -> torch.Tensor:
-    """[gate; up] -> gate and up rows alternating in blocks of `block` (ColumnParallelLinear's interleave)."""
+def engine_layout(w: torch.Tensor, block: int) -> torch.Tensor:
+    """[gate; up] as the worker lays it out with --fused-swiglu: loaded through ColumnParallelLinear with
+    `interleave`, gate and up rows alternating in blocks of `block`."""
     inter = w.shape[0] // 2
-    return w.view(2, inter // block, block, -1).transpose(0, 1).reshape(2 * inter, -1).contiguous()
+    with torch.device(w.device):
+        layer = ColumnParallelLinear(w.shape[1], [inter, inter], interleave=block).to(w.dtype)
+    for part, rows in enumerate(w.chunk(2)):
+        layer.weight.weight_loader(layer.weight, rows, part)
+    return layer.weight.data
 
 
 def unfused(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s, "
           f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (burst, as every bench measures them)")
     w = torch.randn(2 * INTER, HIDDEN, device="cuda", dtype=DT) / HIDDEN ** 0.5
-    w_il = interleave(w, BLOCK_N)
+    w_il = engine_layout(w, BLOCK_N)
     result = {"device": torch.cuda.get_device_name(), "matmul_tflops": ceilings.matmul_flops_per_s / 1e12,
               "numerics": numerics(w, w_il)}
 

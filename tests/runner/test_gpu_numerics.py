@@ -62,9 +62,9 @@ def plans(page_size: int, lengths: tuple[int, int] = (70, 33), chunk: int = 32) 
     5 decode steps."""
     gen = torch.Generator().manual_seed(0)
     prompts = {r: torch.randint(3, 500, (n,), generator=gen).tolist() for r, n in zip("ab", lengths, strict=True)}
-    a_pages = -(-(lengths[0] + 5) // page_size)
+    num_pages = [-(-(n + 5) // page_size) for n in lengths]  # the prompt and its 5 decodes
     # a's pages contiguous: one prefix run
-    pages = {"a": list(range(a_pages)), "b": list(range(a_pages + 10, a_pages + 10 + -(-(lengths[1] + 5) // page_size)))}
+    pages = {"a": list(range(num_pages[0])), "b": list(range(num_pages[0] + 10, num_pages[0] + 10 + num_pages[1]))}
     params = SamplingParams(max_tokens=8)
     out = [StepPlan(1, tuple(NewRequest(r, array("i", p), params, 0) for r, p in prompts.items()), (), ())]
     done = {r: 0 for r in prompts}

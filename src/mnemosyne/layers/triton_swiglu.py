@@ -34,13 +34,19 @@ FUSED_SWIGLU_MIN_ROWS = 1024
 
 
 @functools.cache
-def _has_tma(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+def _device(index: int) -> tuple[bool, int]:
+    """(whether the device has TMA: compute capability 9.0 or later, its SM count)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major >= 9, props.multi_processor_count
+
+
+def _index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """TMA needs compute capability 9.0+, 16-byte aligned rows and contiguous operands."""
-    return (x.is_cuda and _has_tma(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return (x.is_cuda and _device(_index(x))[0]
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.dim() == 2 and x.is_contiguous() and weight.is_contiguous()
             and (x.shape[1] * x.element_size()) % 16 == 0 and weight.shape[0] % (2 * BLOCK_N) == 0)
@@ -80,9 +86,6 @@ def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, BLOCK_M: tl.constex
         out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (act * up.to(dtype).to(tl.float32)).to(dtype))
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, K] and the gate/up weight [2I, K], its gate and up rows alternating in blocks of BLOCK_N ->
     silu(x Wg^T) * (x Wu^T) [T, I]."""
@@ -91,10 +94,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_rows, n2 // 2, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    num_sms = _NUM_SMS[device]
+    num_sms = _device(_index(x))[1]
     tiles = triton.cdiv(num_rows, BLOCK_M) * (n2 // (2 * BLOCK_N))
     _gate_up_silu_kernel[(min(num_sms, tiles),)](
         TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K]), TensorDescriptor.from_tensor(weight, [2 * BLOCK_N, BLOCK_K]),

@@ -62,7 +62,6 @@ class LlamaMLP(nn.Module):
                  fused_swiglu: bool = False):
         super().__init__()
         shard = cfg.intermediate_size // group.size
-        self.fused_swiglu = fused_swiglu
         self.interleave = FUSED_SWIGLU_BLOCK if fused_swiglu and shard % FUSED_SWIGLU_BLOCK == 0 else None
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, group=group,
                                                  one_row_gemv=one_row_gemv, interleave=self.interleave)

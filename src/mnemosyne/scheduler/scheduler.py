@@ -337,9 +337,10 @@ class Scheduler:
                now_s: float) -> tuple[int | None, bool]:
         """Move a waiting request to running with blocks for its first chunk, if they are free, and
         return the chunk's size: 0 if the budget has no room for it (it stays waiting), None if the
-        blocks are short; with it, whether the chunk was cut short while yielding (`_fit`). The longest cached prefix is reused and counts as computed; if its KVP
-        groups cannot take the request now, it is tried without it. A request spanning several KVP
-        groups reserves all it can ever need in each of them."""
+        blocks are short; with it, whether the chunk was cut short while yielding (`_fit`). The longest
+        cached prefix is reused and counts as computed; if its KVP groups cannot take the request now,
+        it is tried without it. A request spanning several KVP groups reserves all it can ever need in
+        each of them."""
         final_len = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
         hit = self.pool.lookup(request)
         for attempt in (hit, NO_HIT) if hit.num_tokens else (hit,):
